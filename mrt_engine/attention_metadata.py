@@ -1,0 +1,50 @@
+"""Per-step attention metadata: built once per step by model_runner.py, read by every layer.
+
+Shape letters: N new tokens in the step, P prefill/extend sequences, D decode sequences,
+G decode sharing groups, Bmax padded blocks per table, bs block size, Hkv KV heads, Dh head dim.
+The paged cache of one layer is a pair (k_cache, v_cache), each [num_blocks, bs, Hkv, Dh].
+
+Token order in a step: the new tokens of the P prefill/extend sequences first (sequence after
+sequence, each a contiguous run), then one token per decode sequence, in decode-row order.
+
+Decode sharing (the cascade structure, DESIGN.md §2): decode rows are partitioned into groups; the
+rows of group g are `group_rows[group_ptr[g]:group_ptr[g+1]]` and all of them share the first
+`group_num_shared[g]` blocks of their block tables (identical block ids, all full). Attention of a
+row = LSE-merge(attention over the group's shared blocks, attention over the row's remaining
+tokens). Reading the shared blocks once per group instead of once per row is the point. A group of
+one row, or num_shared = 0, degenerates to plain paged attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class PrefillSeq:
+    token_start: int        # index of its first new token in the step's N tokens
+    num_new: int            # new tokens this step (a chunk of the prompt, a fork suffix, ...)
+    context_len: int        # tokens in cache after this step (cached prefix + num_new)
+    block_table: torch.Tensor  # [ceil(context_len / bs)] int64, on the model's device
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor          # [N] int64: block * bs + offset where each new K/V goes
+    positions: torch.Tensor             # [N] int64: RoPE position of each new token
+    num_prefill_tokens: int             # tokens [0, num_prefill_tokens) belong to prefill seqs
+    prefill_seqs: list[PrefillSeq] = field(default_factory=list)
+    # decode part (D rows; tensors empty when D == 0)
+    decode_block_tables: torch.Tensor | None = None  # [D, Bmax] int64, padded with 0
+    decode_context_lens: torch.Tensor | None = None  # [D] int64, including this step's token
+    group_ptr: torch.Tensor | None = None            # [G + 1] int64 (CSR over group_rows)
+    group_rows: torch.Tensor | None = None           # [D] int64: decode rows ordered by group
+    group_num_shared: torch.Tensor | None = None     # [G] int64: shared leading full blocks
+    # host copies of the small CSR arrays, so the torch backend can loop over groups without syncs
+    group_ptr_host: list[int] = field(default_factory=list)
+    group_num_shared_host: list[int] = field(default_factory=list)
+
+    @property
+    def num_decode(self) -> int:
+        return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])
