@@ -44,6 +44,9 @@ class AttentionMetadata:
     # host copies of the small CSR arrays, so the torch backend can loop over groups without syncs
     group_ptr_host: list[int] = field(default_factory=list)
     group_num_shared_host: list[int] = field(default_factory=list)
+    # per-step derived tensors a backend builds on its first layer and reuses for the others
+    # (e.g. the torch backend's padded gather plan); the model runner leaves it empty
+    backend_cache: dict = field(default_factory=dict)
 
     @property
     def num_decode(self) -> int:
