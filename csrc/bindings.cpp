@@ -1,0 +1,76 @@
+// Python bindings of the torch-free core: registration only. Method names, argument names and
+// defaults match the pure-Python twins (mrt_engine/kv_core_py.py, mrt_engine/step_plan_py.py).
+// std::invalid_argument surfaces as ValueError (pybind11's default); mrt::OutOfBlocks as the
+// Python class mrt_engine.errors.OutOfBlocks itself, so one `except` catches both backends.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "block_pool.h"
+#include "kv_cache_manager.h"
+#include "step_plan.h"
+
+namespace py = pybind11;
+using mrt::BlockPool;
+using mrt::KVCacheManager;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mrt-engine C++ core: KV block pool, block tables with fork, prefix cache, step plan";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const mrt::OutOfBlocks& e) {
+      // imported per raise: it is rare, and this avoids holding a Python object past finalization
+      py::object cls = py::module_::import("mrt_engine.errors").attr("OutOfBlocks");
+      py::set_error(cls, e.what());
+    }
+  });
+
+  py::class_<BlockPool>(m, "BlockPool", "Reference-counted fixed pool of block ids 0..num_blocks-1.")
+      .def(py::init<int64_t>(), py::arg("num_blocks"))
+      .def_property_readonly("num_blocks", &BlockPool::num_blocks)
+      .def("num_free", &BlockPool::num_free)
+      .def("ref_count", &BlockPool::ref_count, py::arg("block"))
+      .def("allocate", &BlockPool::allocate)
+      .def("incref", &BlockPool::incref, py::arg("block"))
+      .def("decref", &BlockPool::decref, py::arg("block"),
+           "Drop one reference; returns the remaining count. The caller decides where a 0 goes.")
+      .def("free", &BlockPool::free, py::arg("block"),
+           "decref; a block reaching 0 returns to the free stack.");
+
+  py::class_<KVCacheManager>(m, "KVCacheManager",
+                             "Block tables, fork with copy-on-write, and a versioned prefix cache.")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def_property_readonly("num_blocks", &KVCacheManager::num_blocks)
+      .def_property_readonly("block_size", &KVCacheManager::block_size)
+      .def("num_free_blocks", &KVCacheManager::num_free_blocks)
+      .def("num_cached_blocks", &KVCacheManager::num_cached_blocks)
+      .def("num_available_blocks", &KVCacheManager::num_available_blocks)
+      .def("num_shared_blocks", &KVCacheManager::num_shared_blocks)
+      .def("ref_count", &KVCacheManager::ref_count, py::arg("block"))
+      .def("has_sequence", &KVCacheManager::has_sequence, py::arg("seq_id"))
+      .def("sequence_ids", &KVCacheManager::sequence_ids)
+      .def("block_table", &KVCacheManager::block_table, py::arg("seq_id"))
+      .def("num_tokens", &KVCacheManager::num_tokens, py::arg("seq_id"))
+      .def("token_ids", &KVCacheManager::token_ids, py::arg("seq_id"))
+      .def("blocks_needed", &KVCacheManager::blocks_needed, py::arg("seq_id"), py::arg("n"))
+      .def("add_sequence", &KVCacheManager::add_sequence, py::arg("seq_id"), py::arg("token_ids"),
+           py::arg("version") = 0, py::arg("use_prefix_cache") = true)
+      .def("match_prefix", &KVCacheManager::match_prefix, py::arg("token_ids"),
+           py::arg("version") = 0)
+      .def("append_tokens", &KVCacheManager::append_tokens, py::arg("seq_id"), py::arg("token_ids"))
+      .def("append_decode", &KVCacheManager::append_decode, py::arg("seq_ids"),
+           py::arg("token_ids"))
+      .def("fork", &KVCacheManager::fork, py::arg("parent_id"), py::arg("child_id"), py::arg("at"))
+      .def("free_sequence", &KVCacheManager::free_sequence, py::arg("seq_id"))
+      .def("take_copies", &KVCacheManager::take_copies)
+      .def("cache_sequence", &KVCacheManager::cache_sequence, py::arg("seq_id"))
+      .def("drop_version", &KVCacheManager::drop_version, py::arg("version"))
+      .def("clear_prefix_cache", &KVCacheManager::clear_prefix_cache)
+      .def("cached_versions", &KVCacheManager::cached_versions);
+
+  m.def("plan_decode_groups", &mrt::plan_decode_groups, py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("block_size"), py::arg("min_shared_blocks") = 1,
+        "CSR partition of decode rows into groups sharing leading full blocks: "
+        "(group_ptr, group_rows, group_num_shared).");
+}
