@@ -1,0 +1,343 @@
+"""LLM: the public, vLLM-shaped facade of the engine.
+
+    llm = LLM(model_dir)
+    outs = llm.generate(prompts, SamplingParams(...), keep=True)
+    branches = llm.fork(outs[0].outputs[0].handle, at=[100, 200], suffix=" Answer:", n=8)
+    llm.release(handle); llm.update_weights(state_dict); llm.kv_stats()
+
+Everything a call receives is validated before the engine state changes, so a bad input raises
+ValueError/TypeError and the engine keeps working. A call that fails mid-way (e.g. all blocks
+pinned by kept handles) frees what it allocated before re-raising.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import warnings
+
+import torch
+
+from mrt_engine.config import EngineConfig
+from mrt_engine.kv_cache import KVCacheManager
+from mrt_engine.model_runner import ModelRunner
+from mrt_engine.outputs import CompletionOutput, RequestOutput
+from mrt_engine.sampling import SamplingParams
+from mrt_engine.scheduler import Scheduler
+from mrt_engine.sequence import Fork, Request, Sequence, SequenceHandle, StopChecker, final_text
+
+
+class LLM:
+    def __init__(self, model_dir, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+                 num_blocks: int | None = None, max_model_len: int | None = None, seed: int = 0,
+                 attention_backend: str = "auto", max_num_batched_tokens: int = 4096,
+                 max_num_seqs: int = 256, kv_cache_memory_gb: float = 2.0,
+                 gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True):
+        from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
+        from mrt_engine.models import resolve_dtype
+
+        cfg = EngineConfig(model_dir, dtype, device, block_size, num_blocks, max_model_len, seed,
+                           attention_backend, max_num_batched_tokens, max_num_seqs, kv_cache_memory_gb,
+                           gpu_memory_utilization, enable_prefix_caching)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
+        # 1. model (config and weights are checked by the loader: FileNotFoundError / ValueError)
+        hf_config = load_config(cfg.model)
+        torch_dtype = resolve_dtype(cfg.dtype, hf_config)
+        if cfg.dtype == "auto" and cfg.device == "cpu" and torch_dtype == torch.float16:
+            torch_dtype = torch.float32   # fp16 matmuls are slow or missing on CPU
+        self.model, self.hf_config = load_model(cfg.model, torch_dtype, cfg.device, cfg.attention_backend)
+        self.dtype = torch_dtype
+        self.vocab_size = self.model.vocab_size
+
+        # 2. lengths and KV cache size
+        max_pos = getattr(hf_config, "max_position_embeddings", None)
+        if cfg.max_model_len is None:
+            cfg.max_model_len = int(max_pos) if max_pos else 4096
+        elif max_pos and cfg.max_model_len > max_pos:
+            raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {max_pos}")
+        self.bytes_per_block = kv_cache_bytes_per_block(self.model, cfg.block_size)
+        if cfg.num_blocks is None:
+            cfg.num_blocks = self._auto_num_blocks(cfg)
+        self.config = cfg
+        self.kv_caches = allocate_kv_caches(self.model, cfg.num_blocks, cfg.block_size)
+        self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size)
+
+        # 3. tokenizer (optional: token-id prompts work without one) and stop rules
+        self.tokenizer = self._load_tokenizer(cfg.model)
+        self.eos_token_ids = self._eos_ids(cfg.model, hf_config, self.tokenizer)
+        self._stop = StopChecker(self.tokenizer, self.eos_token_ids, cfg.max_model_len)
+
+        self.scheduler = Scheduler(self.kv, cfg.block_size, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                   cfg.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.kv_caches, cfg.block_size, cfg.device)
+        self._rng = random.Random(cfg.seed)
+        self._handles: dict[int, SequenceHandle] = {}
+        self._num_requests = 0
+
+    # ---- construction helpers -----------------------------------------------------------------
+    def _auto_num_blocks(self, cfg) -> int:
+        if cfg.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+            budget = free * cfg.gpu_memory_utilization - 2 * 2**30   # headroom for activations
+        else:
+            budget = cfg.kv_cache_memory_gb * 2**30
+        blocks = int(budget // self.bytes_per_block)
+        # no more than a full batch of max-length sequences twice over (cache + kept handles)
+        cap = 2 * cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
+        blocks = min(blocks, cap)
+        if blocks < 1:
+            raise ValueError(f"no memory for the KV cache ({budget / 2**30:.2f} GiB budget, "
+                             f"{self.bytes_per_block} bytes per block); pass num_blocks")
+        return blocks
+
+    @staticmethod
+    def _load_tokenizer(model_dir):
+        has_tok = any(os.path.isfile(os.path.join(model_dir, f))
+                      for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+        if not has_tok:
+            warnings.warn(f"no tokenizer in {model_dir!r}: only token-id prompts work, outputs have no text")
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # transformers raises many types for a broken tokenizer
+            raise ValueError(f"cannot load the tokenizer in {model_dir!r}: {exc}") from exc
+
+    @staticmethod
+    def _eos_ids(model_dir, hf_config, tokenizer) -> set[int]:
+        ids = set()
+
+        def add(v):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(x for x in v if isinstance(x, int))
+
+        add(getattr(hf_config, "eos_token_id", None))
+        gen_path = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(gen_path):
+            import json
+
+            try:
+                with open(gen_path) as f:
+                    add(json.load(f).get("eos_token_id"))
+            except ValueError:
+                pass
+        if tokenizer is not None:
+            add(tokenizer.eos_token_id)
+        return ids
+
+    # ---- public API ----------------------------------------------------------------------------
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 keep: bool = False, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids or Fork); outputs come in input order."""
+        if not isinstance(keep, bool):
+            raise TypeError(f"keep must be a bool, got {keep!r}")
+        items = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(items)
+        elif isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(items):
+                raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(items)} prompts; "
+                                 "pass one, or one per prompt")
+            params = list(sampling_params)
+            for p in params:
+                if not isinstance(p, SamplingParams):
+                    raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        else:
+            raise TypeError(f"sampling_params must be SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
+        reqs = [self._make_request(i, item, p, keep) for i, (item, p) in enumerate(zip(items, params))]
+        base, self._num_requests = self._num_requests, self._num_requests + len(reqs)
+        return self._run(reqs, use_tqdm, base)
+
+    def fork(self, handle: SequenceHandle, at, n: int = 1, suffix=None, params: SamplingParams | None = None,
+             keep: bool = False, use_tqdm: bool = False) -> list[RequestOutput]:
+        """K=n branches from each position of `at` (an int or a list): one RequestOutput per position."""
+        positions = [at] if isinstance(at, int) and not isinstance(at, bool) else at
+        if not isinstance(positions, (list, tuple)):
+            raise TypeError(f"at must be an int or a list of ints, got {type(at).__name__}")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if n != params.n:
+            params = dataclasses.replace(params, n=n)
+        return self.generate([Fork(handle, t, suffix) for t in positions], params, keep=keep, use_tqdm=use_tqdm)
+
+    def release(self, handle: SequenceHandle) -> None:
+        """Unpin a kept sequence's KV. Releasing twice (or a foreign handle) is a ValueError."""
+        self._check_handle(handle)
+        del self._handles[handle.seq_id]
+        handle.released = True
+        self.kv.free_sequence(handle.seq_id)
+
+    def release_all(self) -> None:
+        for h in list(self._handles.values()):
+            self.release(h)
+
+    def update_weights(self, state_dict) -> None:
+        """Load new weights (Hugging Face names, any subset) in place; the prefix cache of the old
+        weights is dropped, so no KV computed with them is reused by new requests."""
+        if not hasattr(state_dict, "items"):
+            state_dict = dict(state_dict)
+        self.model.load_weights(state_dict)
+        old = self.scheduler.version
+        self.scheduler.version = old + 1
+        self.kv.drop_version(old)
+
+    @property
+    def weight_version(self) -> int:
+        return self.scheduler.version
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.clear_prefix_cache()
+
+    def kv_stats(self) -> dict:
+        kv = self.kv
+        total, free, cached = kv.num_blocks, kv.num_free_blocks(), kv.num_cached_blocks()
+        st = dict(self.scheduler.stats)
+        st.update(total_blocks=total, free_blocks=free, cached_blocks=cached, used_blocks=total - free - cached,
+                  shared_blocks=kv.num_shared_blocks(), kept_handles=len(self._handles),
+                  block_size=self.config.block_size, bytes_per_block=self.bytes_per_block,
+                  weight_version=self.scheduler.version)
+        return st
+
+    def reset_stats(self) -> None:
+        for k in self.scheduler.stats:
+            self.scheduler.stats[k] = 0
+
+    # ---- input checking ------------------------------------------------------------------------
+    def _normalize_prompts(self, prompts) -> list:
+        if isinstance(prompts, (str, Fork)):
+            return [prompts]
+        if isinstance(prompts, tuple):
+            prompts = list(prompts)
+        if not isinstance(prompts, list):
+            raise TypeError("prompts must be a str, a list of str, a list of token-id lists, or Fork items; "
+                            f"got {type(prompts).__name__}")
+        if prompts and all(isinstance(x, int) and not isinstance(x, bool) for x in prompts):
+            return [prompts]   # one token-id prompt
+        return prompts
+
+    def _check_tokens(self, ids, what) -> list[int]:
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"{what} must be a str or a list of token ids, got {type(ids).__name__}")
+        out = []
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"{what} must hold ints, got {t!r}")
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} in {what} is outside the vocabulary [0, {self.vocab_size})")
+            out.append(t)
+        return out
+
+    def _encode(self, text, what, special: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} is text but the model folder has no tokenizer; pass token ids")
+        return list(self.tokenizer(text, add_special_tokens=special).input_ids)
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, SequenceHandle):
+            raise TypeError(f"expected a SequenceHandle (CompletionOutput.handle with keep=True), "
+                            f"got {type(handle).__name__}")
+        if handle._owner != id(self):
+            raise ValueError("this handle belongs to another LLM instance")
+        if handle.released or handle.seq_id not in self._handles:
+            raise ValueError(f"handle of sequence {handle.seq_id} was already released")
+
+    def _make_request(self, index, item, params, keep) -> Request:
+        fork_source, fork_at, prompt = None, 0, None
+        if isinstance(item, Fork):
+            self._check_handle(item.handle)
+            h = item.handle
+            if h.version != self.scheduler.version:
+                raise ValueError(f"handle of sequence {h.seq_id} holds KV of weight version {h.version}, "
+                                 f"the model is now at {self.scheduler.version}; fork before update_weights")
+            if isinstance(item.at, bool) or not isinstance(item.at, int) or not 1 <= item.at <= len(h):
+                raise ValueError(f"fork position must be an int in [1, {len(h)}] (the kept sequence's "
+                                 f"length), got {item.at!r}")
+            if item.suffix is None:
+                suffix = []
+            elif isinstance(item.suffix, str):
+                suffix = self._encode(item.suffix, "fork suffix", special=False) if item.suffix else []
+            else:
+                suffix = self._check_tokens(item.suffix, "fork suffix")
+            ids = list(h.token_ids[:item.at]) + suffix
+            if item.at >= 2:
+                # the first at-1 tokens have KV; token at-1 is re-fed so its logits exist
+                fork_source, fork_at = h.seq_id, item.at - 1
+        elif isinstance(item, str):
+            if not item:
+                raise ValueError(f"prompt {index} is empty")
+            prompt = item
+            ids = self._encode(item, f"prompt {index}", special=True)
+        else:
+            ids = self._check_tokens(item, f"prompt {index}")
+        if not ids:
+            raise ValueError(f"prompt {index} is empty (it must hold at least one token)")
+        max_len = self.config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len is {max_len}, which "
+                             "leaves no room to generate")
+        total = min(len(ids) + params.max_tokens, max_len)
+        need = -(-total // self.config.block_size)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"prompt {index} needs up to {need} KV blocks ({total} tokens) but the cache has "
+                             f"{self.kv.num_blocks}; lower max_tokens or raise num_blocks")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
+        return Request(index, prompt, ids, params, seed, keep, fork_source, fork_at)
+
+    # ---- the generation loop -------------------------------------------------------------------
+    def _run(self, reqs: list[Request], use_tqdm: bool, base: int) -> list[RequestOutput]:
+        sched = self.scheduler
+        for r in reqs:
+            leader = Sequence(sched.new_seq_id(), r, 0, r.prompt_token_ids, spawn=r.params.n)
+            r.seqs[0] = leader
+            sched.add(leader)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(reqs), desc="generate", unit="req")
+        remaining = sum(1 for r in reqs if not r.finished)
+        try:
+            while remaining:
+                batch = sched.schedule()
+                rows = sched.sample_rows(batch)
+                tokens, logprobs = self.runner.execute(batch, rows)
+                for s in sched.update(batch, tokens, logprobs, self._stop):
+                    if s.request.finished:
+                        remaining -= 1
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            sched.abort([s for r in reqs for s in r.seqs if s is not None])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        assert not sched.has_unfinished(), "a generate call left sequences behind"
+        return [self._output(r, str(base + r.index)) for r in reqs]
+
+    def _output(self, r: Request, request_id: str) -> RequestOutput:
+        outs = []
+        for s in r.seqs:
+            handle = None
+            if r.keep:
+                handle = SequenceHandle(s.seq_id, s.token_ids, s.num_prompt_tokens, self.scheduler.version, id(self))
+                self._handles[s.seq_id] = handle
+            outs.append(CompletionOutput(
+                index=s.sample_index, text=final_text(self.tokenizer, s), token_ids=s.output_token_ids,
+                logprobs=list(s.logprobs) if r.params.logprobs else None, finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason, handle=handle))
+        return RequestOutput(request_id=request_id, prompt=r.prompt,
+                             prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
+                             num_cached_tokens=r.num_cached_tokens)

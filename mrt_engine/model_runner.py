@@ -1,0 +1,144 @@
+"""ModelRunner: the only place that turns a scheduled step into tensors, runs the model and samples.
+
+Per step:
+1. pending KV block copies (fork tails, copy-on-write) run on every layer's cache;
+2. all integer step inputs (token ids, positions, slots, block tables, context lengths, decode
+   sharing groups, logits rows) go into one flat int64 list -> one tensor -> one host-to-device
+   copy, then views; every layer reuses the same AttentionMetadata;
+3. forward, logits for only the rows that sample, the batched sampler, one device-to-host read.
+"""
+from __future__ import annotations
+
+import torch
+
+from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
+from mrt_engine.sampling import Sampler, SamplingTensors
+from mrt_engine.step_plan import plan_decode_groups
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches, block_size: int, device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.sampler = Sampler()
+
+    # 1. KV block copies ------------------------------------------------------------------------
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        srcs = [a for a, _ in copies]
+        dsts = [b for _, b in copies]
+        if len(set(dsts)) == len(dsts) and not set(srcs) & set(dsts):
+            src = torch.tensor(srcs, dtype=torch.int64).to(self.device)
+            dst = torch.tensor(dsts, dtype=torch.int64).to(self.device)
+            for k_cache, v_cache in self.kv_caches:
+                k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
+                v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+            return
+        for a, b in copies:   # a chain (a copy reading an earlier copy's target): keep the order
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[b].copy_(k_cache[a])
+                v_cache[b].copy_(v_cache[a])
+
+    # 2. step tensors -------------------------------------------------------------------------
+    def build(self, batch) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """-> (input_ids [N], metadata, logits_rows [M]) from a ScheduledBatch."""
+        ids, pos, slots, logit_rows = [], [], [], []
+        prefill_tables = []
+        for s, start, n, sl, table in batch.prefills:
+            a = len(ids)
+            ids.extend(s.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(sl)
+            prefill_tables.append((a, n, start + n, table))
+            if start + n == len(s.token_ids):
+                logit_rows.append(a + n - 1)
+        num_prefill = len(ids)
+        decodes = batch.decodes
+        d = len(decodes)
+        ctx = [len(s.token_ids) for s in decodes]
+        ids.extend(s.token_ids[-1] for s in decodes)
+        pos.extend(c - 1 for c in ctx)
+        slots.extend(batch.decode_slots)
+        logit_rows.extend(range(num_prefill, num_prefill + d))
+        n_tok = len(ids)
+
+        # one flat buffer: [ids | pos | slots | logit_rows | ctx | gptr | grows | gshared | tables...]
+        flat = ids + pos + slots + logit_rows + ctx
+        gptr = grows = gshared = []
+        bmax = 0
+        if d:
+            tables = batch.decode_block_tables
+            gptr, grows, gshared = plan_decode_groups(tables, ctx, self.block_size)
+            flat += gptr
+            flat += grows
+            flat += gshared
+            bmax = max(len(t) for t in tables)
+            for t in tables:
+                flat += t
+                if len(t) < bmax:
+                    flat += [0] * (bmax - len(t))
+        tables_off = len(flat)
+        for _, _, _, t in prefill_tables:
+            flat += t
+        host = torch.tensor(flat, dtype=torch.int64)
+        dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+
+        off = 0
+
+        def take(k):
+            nonlocal off
+            v = dev.narrow(0, off, k)
+            off += k
+            return v
+
+        input_ids, positions, slot_mapping = take(n_tok), take(n_tok), take(n_tok)
+        logits_idx = take(len(logit_rows))
+        context_lens = take(d)
+        meta = AttentionMetadata(slot_mapping=slot_mapping, positions=positions, num_prefill_tokens=num_prefill)
+        if d:
+            meta.decode_context_lens = context_lens
+            meta.group_ptr = take(len(gptr))
+            meta.group_rows = take(len(grows))
+            meta.group_num_shared = take(len(gshared))
+            meta.decode_block_tables = take(d * bmax).view(d, bmax)
+            meta.group_ptr_host = gptr
+            meta.group_num_shared_host = gshared
+        assert off == tables_off
+        for a, n, c, t in prefill_tables:
+            meta.prefill_seqs.append(PrefillSeq(token_start=a, num_new=n, context_len=c, block_table=take(len(t))))
+        return input_ids, meta, logits_idx
+
+    # 3. forward + sample -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch, sample_rows, want_logprobs: bool = True):
+        """Runs one step; returns (tokens, logprobs) lists, one entry per sample, in the order of
+        sample_rows [(seq, k)]: k samples from that sequence's logits row."""
+        self.copy_blocks(batch.copies)
+        input_ids, meta, logits_idx = self.build(batch)
+        hidden = self.model.forward(input_ids, meta, self.kv_caches)
+        if not sample_rows:
+            return [], []
+        logits = self.model.compute_logits(hidden.index_select(0, logits_idx))   # [M, V] fp32
+
+        rows, params, seeds, sample_idx, steps = [], [], [], [], []
+        for m, (s, k) in enumerate(sample_rows):
+            req = s.request
+            if k == 1:
+                rows.append(m)
+                params.append(req.params)
+                seeds.append(req.seed)
+                sample_idx.append(s.sample_index)
+                steps.append(s.num_output)
+            else:   # a leader at its prompt end: the request's n samples share this row
+                rows.extend([m] * k)
+                params.extend([req.params] * k)
+                seeds.extend([req.seed] * k)
+                sample_idx.extend(range(k))
+                steps.extend([0] * k)
+        st = SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
+                                   sample_idx, steps, self.device)
+        tokens, logprobs = self.sampler(logits, st)
+        return tokens.tolist(), (logprobs.tolist() if want_logprobs else None)

@@ -1,0 +1,32 @@
+"""What `LLM.generate` returns (vLLM's names): one RequestOutput per prompt, n CompletionOutputs each."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int                          # sample index within the request, 0..n-1
+    text: str                           # generated text (cut before a matched stop string)
+    token_ids: list[int]                # generated tokens (a matched stop/eos token included)
+    logprobs: list[float] | None        # log_softmax(logits / T) of each sampled token (T=1 if greedy)
+    finish_reason: str | None           # "stop" | "length"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    handle: object | None = None        # SequenceHandle with keep=True: pins prompt + generated KV
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else float(sum(self.logprobs))
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None                  # the text prompt (None for token-id prompts and forks)
+    prompt_token_ids: list[int]         # for a fork: the parent's first `at` tokens + the suffix
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = True
+    num_cached_tokens: int = 0          # prompt tokens whose KV was reused (prefix cache or fork)

@@ -1,0 +1,198 @@
+"""SamplingParams (vLLM names) and the batched sampler.
+
+The sampler works on a whole step at once, [R, V] rows, with no Python loop over rows or vocab:
+temperature (0 = greedy), top-k, top-p, min-p, then inverse-CDF sampling with one uniform per row.
+The uniform of a row is a counter-based hash of (seed, sample index, step), so a seeded request
+draws the same tokens whatever else shares its batch, and recompute after preemption re-draws the
+same tokens. The returned logprob is log_softmax(logits / T) of the sampled token (T = 1 when
+greedy) before any truncation: what a GRPO trainer recomputes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_U64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    max_tokens: int = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: bool = True
+
+    def __post_init__(self):
+        def num(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name} must be a number, got {v!r}")
+            return float(v)
+
+        def integer(name, v):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {v!r}")
+            return v
+
+        if integer("n", self.n) < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        self.temperature = num("temperature", self.temperature)
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        self.top_p = num("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if integer("top_k", self.top_k) == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        self.min_p = num("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if integer("max_tokens", self.max_tokens) < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.seed is not None:
+            integer("seed", self.seed)
+        if isinstance(self.logprobs, bool):
+            pass
+        elif isinstance(self.logprobs, int) and self.logprobs >= 0:
+            self.logprobs = bool(self.logprobs)   # vLLM passes a count; only the sampled token's is returned
+        else:
+            raise TypeError(f"logprobs must be a bool, got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# ---- counter-based uniforms ------------------------------------------------------------------
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seeds: list[int], sample_indices: list[int], steps: list[int]) -> np.ndarray:
+    """One uniform in [0, 1) per row, a pure function of (seed, sample index, step).
+
+    23 random bits, so u * total stays strictly below total in float32 (see Sampler)."""
+    s = np.array([x & _U64 for x in seeds], dtype=np.uint64)
+    h = _splitmix64(s)
+    h = _splitmix64(h ^ np.array(sample_indices, dtype=np.uint64))
+    h = _splitmix64(h ^ np.array(steps, dtype=np.uint64))
+    return (h >> np.uint64(41)).astype(np.float64) * (1.0 / (1 << 23))
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling inputs for one step, all [R] on the logits' device."""
+    logit_rows: torch.Tensor | None   # int64 rows of the logits to sample from (None: identity)
+    temperature: torch.Tensor         # float32, 0 = greedy
+    top_p: torch.Tensor               # float32
+    top_k: torch.Tensor               # int64, -1 = off
+    min_p: torch.Tensor               # float32
+    uniform: torch.Tensor             # float32 in [0, 1)
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+
+    @classmethod
+    def build(cls, rows, params, seeds, sample_indices, steps, device) -> "SamplingTensors":
+        """rows: logits row per sample row (None when row i samples logits row i); params: one
+        SamplingParams per row."""
+        temps = [p.temperature for p in params]
+        all_greedy = all(t == 0.0 for t in temps)
+        top_k = [p.top_k for p in params]
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if all_greedy:
+            uniform = torch.zeros(len(params))
+        else:
+            uniform = torch.from_numpy(counter_uniforms(seeds, sample_indices, steps)).float()
+        nb = device != "cpu" and str(device) != "cpu"
+        return cls(
+            logit_rows=None if rows is None else torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=nb),
+            temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=nb),
+            top_p=torch.tensor(top_p, dtype=torch.float32).to(device, non_blocking=nb),
+            top_k=torch.tensor(top_k, dtype=torch.int64).to(device, non_blocking=nb),
+            min_p=torch.tensor(min_p, dtype=torch.float32).to(device, non_blocking=nb),
+            uniform=uniform.to(device, non_blocking=nb),
+            all_greedy=all_greedy,
+            any_top_k=not all_greedy and any(k != -1 for k in top_k),
+            any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
+            any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
+        )
+
+
+class Sampler:
+    """logits [M, V] float32 -> (tokens [R] int64, logprobs [R] float32)."""
+
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        x = logits if st.logit_rows is None else logits.index_select(0, st.logit_rows)
+        x = x.float()
+        if st.all_greedy:
+            tokens = x.argmax(dim=-1)
+            logprobs = x.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+            return tokens, logprobs
+        greedy = st.temperature == 0
+        x = x / torch.where(greedy, torch.ones_like(st.temperature), st.temperature)[:, None]
+        lse = torch.logsumexp(x, dim=-1)                               # [R]
+        probs = torch.exp(x - lse[:, None])                            # [R, V]
+        sampled = self._sample(probs, st)
+        tokens = torch.where(greedy, x.argmax(dim=-1), sampled)
+        logprobs = x.gather(1, tokens[:, None])[:, 0] - lse
+        return tokens, logprobs
+
+    @staticmethod
+    def _sample(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        V = probs.shape[-1]
+        if st.any_top_k or st.any_top_p:
+            # 1. sort once; top-k, then top-p on the top-k mass, then min-p, all as masks
+            sp, si = probs.sort(dim=-1, descending=True)                # [R, V]
+            rank = torch.arange(V, device=probs.device)
+            k = torch.where(st.top_k < 0, torch.full_like(st.top_k, V), st.top_k.clamp(max=V))
+            sp = sp.masked_fill(rank[None, :] >= k[:, None], 0.0)
+            if st.any_top_p:
+                cum = sp.cumsum(dim=-1)
+                # keep a token while the mass before it is under top_p; the first always stays
+                sp = sp.masked_fill(cum - sp >= st.top_p[:, None] * cum[:, -1:], 0.0)
+            if st.any_min_p:
+                sp = sp.masked_fill(sp < (st.min_p * sp[:, 0])[:, None], 0.0)
+            idx = Sampler._inverse_cdf(sp, st.uniform)
+            return si.gather(1, idx[:, None])[:, 0]
+        if st.any_min_p:
+            pmax = probs.max(dim=-1).values
+            probs = probs.masked_fill(probs < (st.min_p * pmax)[:, None], 0.0)
+        return Sampler._inverse_cdf(probs, st.uniform)
+
+    @staticmethod
+    def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Index i with cum[i-1] <= u * total < cum[i]: never a zero-weight entry."""
+        cum = weights.cumsum(dim=-1)
+        target = (u * cum[:, -1])[:, None].contiguous()
+        idx = torch.searchsorted(cum, target, right=True)[:, 0]
+        return idx.clamp_(max=weights.shape[-1] - 1)
