@@ -1,0 +1,210 @@
+"""cascade_decode: decode rows that share a token range read that range once per group.
+
+Kernel -> launcher -> public function. Groups come in CSR form (group_ptr, group_rows), each with
+a token range [range_start, range_end) of the block table of its first row (the engine passes
+[0, num_shared * bs): the shared full blocks). Program (group, kv_head x query tile, chunk)
+packs (query row, GQA head) pairs of the group into the rows of one tl.dot tile, so each K/V tile
+loaded from the shared range serves every branch of the group at once (Hydragen / FlashInfer
+cascade); long ranges split into equal chunks so one big group still spreads over the SMs.
+Each chunk writes an fp32 partial (o, lse) per row; `merge` combines them with the rows' own parts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_partials,
+                                       check_query, dot_rows, is_interpreted)
+
+LOG2E = 1.4426950408889634
+MAX_TILE_ROWS = 64          # query rows (row x head pairs) per program; more rows -> more query tiles
+TARGET_PROGRAMS = 264       # about two waves on a 132-SM Hopper
+MIN_CHUNK = 256
+
+
+@triton.jit
+def cascade_decode_kernel(
+    q_ptr,                      # [D, Hq, Dh]
+    k_cache_ptr, v_cache_ptr,   # [num_blocks, bs, Hkv, Dh]
+    block_tables_ptr,           # [D, Bmax] int64
+    group_ptr_ptr,              # [G + 1] int64
+    group_rows_ptr,             # [>= group_ptr[G]] int64
+    range_start_ptr, range_end_ptr,  # [G] int64 token range per group
+    o_ptr,                      # [D, Hq, C, Dh] fp32
+    lse_ptr,                    # [D, Hq, C] fp32
+    scale_log2,
+    chunk_size,                 # tokens per chunk (multiples of BLOCK_N load best)
+    num_q_tiles,                # query tiles per KV head (grid axis 1 = Hkv * num_q_tiles)
+    stride_qr, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_btr,
+    stride_or, stride_oh, stride_os,
+    stride_lr, stride_lh, stride_ls,
+    block_size,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ABSOLUTE: tl.constexpr,     # chunk c is tokens [c*chunk, (c+1)*chunk) rather than relative to the start
+    DOT_FP32: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1) // num_q_tiles
+    q_tile = tl.program_id(1) % num_q_tiles
+    chunk = tl.program_id(2)
+
+    p0 = tl.load(group_ptr_ptr + g)
+    n_rows = tl.load(group_ptr_ptr + g + 1) - p0
+    start = tl.load(range_start_ptr + g)
+    end = tl.load(range_end_ptr + g)
+    # rows of this program's tile; 0 when the tile is past the group's rows or, in absolute mode,
+    # when the chunk lies wholly before the range (another launch owns that slot)
+    n_active = tl.where(q_tile * BLOCK_M < n_rows * GROUP, n_rows, 0)
+    if ABSOLUTE:
+        lo = tl.maximum(chunk * chunk_size, start)
+        hi = tl.minimum((chunk + 1) * chunk_size, end)
+        n_active = tl.where((chunk + 1) * chunk_size > start, n_active, 0)
+    else:
+        lo = start + chunk * chunk_size
+        hi = tl.minimum(lo + chunk_size, end)
+    hi = tl.where(n_active > 0, hi, lo)
+
+    f = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)               # [BLOCK_M] flat (row, head) index
+    j = f // GROUP
+    # (block < scalar) masks only: the interpreter mis-types (block bool) & (scalar bool)
+    rmask = j < n_active
+    rows = tl.load(group_rows_ptr + p0 + j, mask=rmask, other=0)
+    head = kv_head * GROUP + f % GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + (rows * stride_qr + head * stride_qh)[:, None] + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)   # [BLOCK_M, BLOCK_D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    first_row = tl.load(group_rows_ptr + p0, mask=n_rows > 0, other=0)
+    table = block_tables_ptr + first_row * stride_btr
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        tmask = tok < hi
+        blk = tl.load(table + tok // block_size, mask=tmask, other=0)
+        off = tok % block_size
+        kmask = tmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + (blk * stride_kb + off * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
+                    mask=kmask, other=0.0)                      # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + (blk * stride_vb + off * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
+                    mask=kmask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2   # [BLOCK_M, BLOCK_N]
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        p_lo = p.to(v.dtype)
+        if DOT_FP32:
+            pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_lo, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    nonempty = l > 0.0
+    o = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(o_ptr + (rows * stride_or + head * stride_oh + chunk * stride_os)[:, None] + d[None, :], o,
+             mask=rmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + rows * stride_lr + head * stride_lh + chunk * stride_ls, lse, mask=rmask)
+
+
+def cascade_decode_config(dtype: torch.dtype, head_dim: int, group: int, max_group_rows: int, *,
+                          absolute: bool = False, interpreted: bool = False) -> dict:
+    """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
+    block_m = min(dot_rows(max_group_rows * group), max(MAX_TILE_ROWS, dot_rows(group)))
+    block_n = 32 if dtype == torch.float32 else 64
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_N=block_n, ABSOLUTE=absolute, DOT_FP32=interpreted)
+
+
+def choose_chunk_size(max_span: int, parallel: int, block_n: int) -> int:
+    """Equal chunks (a multiple of block_n) so that about TARGET_PROGRAMS programs run."""
+    chunks = max(1, min(cdiv(TARGET_PROGRAMS, max(parallel, 1)), cdiv(max_span, MIN_CHUNK)))
+    return max(block_n, cdiv(cdiv(max(max_span, 1), chunks), block_n) * block_n)
+
+
+def _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, scale,
+            chunk_size, num_chunks, absolute, max_group_rows, out, block_m):
+    bs, hkv, dh = check_cache(k_cache, v_cache)
+    group = check_query(q, k_cache)
+    d, hq = q.shape[0], q.shape[1]
+    dev = k_cache.device
+    check_index("block_tables", block_tables, 2, dev)
+    for name, t in (("group_ptr", group_ptr), ("group_rows", group_rows), ("range_start", range_start),
+                    ("range_end", range_end)):
+        check_index(name, t, 1, dev)
+    if block_tables.shape[0] != d or block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables must be [D={d}, Bmax] and contiguous in Bmax, got {tuple(block_tables.shape)}")
+    num_groups = group_ptr.shape[0] - 1
+    if num_groups < 0 or range_start.shape[0] != num_groups or range_end.shape[0] != num_groups:
+        raise ValueError(f"group_ptr [G+1], range_start [G], range_end [G] disagree: {tuple(group_ptr.shape)}, "
+                         f"{tuple(range_start.shape)}, {tuple(range_end.shape)}")
+    if max_group_rows is None or num_chunks is None or chunk_size is None:
+        # host copies of the small CSR arrays: one sync; the engine passes all three and skips it
+        ptr = group_ptr.tolist()
+        sizes = [b - a for a, b in zip(ptr[:-1], ptr[1:])]
+        spans = (range_end - (0 if absolute else range_start)).clamp(min=0).tolist()
+        if max_group_rows is None:
+            max_group_rows = max(sizes, default=0)
+    cfg = cascade_decode_config(q.dtype, dh, group, max(max_group_rows, 1), absolute=absolute,
+                                interpreted=is_interpreted(cascade_decode_kernel))
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    num_q_tiles = max(1, cdiv(max_group_rows * group, cfg["BLOCK_M"]))
+    if chunk_size is None:
+        chunk_size = choose_chunk_size(max(spans, default=0), num_groups * hkv * num_q_tiles, cfg["BLOCK_N"])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if num_chunks is None:
+        num_chunks = max(1, cdiv(max(spans, default=0), chunk_size))
+    if out is None:
+        out = (torch.zeros(d, hq, num_chunks, dh, dtype=torch.float32, device=dev),
+               torch.full((d, hq, num_chunks), float("-inf"), dtype=torch.float32, device=dev))
+    check_partials(out, d, hq, num_chunks, dh, dev)
+    o, lse = out
+    if num_groups == 0 or num_chunks == 0 or max_group_rows == 0:
+        return out
+    check_launchable(cascade_decode_kernel, q, k_cache)
+    cascade_decode_kernel[(num_groups, hkv * num_q_tiles, num_chunks)](
+        q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, o, lse,
+        scale * LOG2E, chunk_size, num_q_tiles,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        bs, **cfg, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                   group_ptr: torch.Tensor, group_rows: torch.Tensor, range_start: torch.Tensor,
+                   range_end: torch.Tensor, scale: float, *, chunk_size: int | None = None,
+                   num_chunks: int | None = None, absolute: bool = False, max_group_rows: int | None = None,
+                   out=None, block_m: int | None = None):
+    """Grouped decode over shared token ranges (see the module docstring and reference.cascade_decode).
+
+    q [D, Hq, Dh]; block_tables [D, Bmax]; CSR group_ptr [G+1], group_rows; range_start/end [G] in
+    tokens. Chunk c of group g goes to slot c of each of its rows; `absolute` aligns chunks to
+    multiples of chunk_size and skips chunks wholly before the range start (deterministic mode).
+    Passing chunk_size, num_chunks and max_group_rows avoids a host sync. `block_m` overrides the
+    query-tile rows (deterministic mode pins it so every launch uses one compiled tile shape).
+    Returns (o [D, Hq, C, Dh] fp32, lse [D, Hq, C] fp32); rows in no group keep `out`'s values.
+    """
+    return _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, scale,
+                   chunk_size, num_chunks, absolute, max_group_rows, out, block_m)

@@ -1,0 +1,147 @@
+"""extend: prefill/extend attention of new tokens over a cached paged prefix, causal over themselves.
+
+Kernel -> launcher -> public function. The step's new K/V are stored in the cache first (kv_store),
+so one loop over the sequence's block table covers both the cached prefix and the new tokens;
+only the tiles that reach the new tokens need the causal mask. Program (sequence, query tile,
+query head) holds BLOCK_M new tokens of one head.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_query,
+                                       check_tensor, is_interpreted)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def extend_kernel(
+    q_ptr,                      # [N, Hq, Dh]
+    k_cache_ptr, v_cache_ptr,   # [num_blocks, bs, Hkv, Dh]
+    o_ptr,                      # [N, Hq, Dh]
+    block_tables_ptr,           # [P, Bmax] int64
+    q_start_ptr, num_new_ptr, context_lens_ptr,   # [P] int64
+    scale_log2,
+    stride_qn, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_on, stride_oh,
+    stride_btp,
+    block_size,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    m_tile = tl.program_id(1)
+    head = tl.program_id(2)
+    kv_head = head // GROUP
+
+    q0 = tl.load(q_start_ptr + seq)
+    n_new = tl.load(num_new_ptr + seq)
+    ctx = tl.load(context_lens_ptr + seq)
+    prefix = ctx - n_new
+    qi = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)              # [BLOCK_M] index among the new tokens
+    qmask = qi < n_new
+    qpos = prefix + qi                                           # absolute position of each query
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + ((q0 + qi) * stride_qn + head * stride_qh)[:, None] + d[None, :],
+                mask=qmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    # keys up to the tile's last query; a tile past the sequence's new tokens reads nothing
+    hi = tl.where(m_tile * BLOCK_M < n_new, tl.minimum(prefix + (m_tile + 1) * BLOCK_M, ctx), 0)
+    table = block_tables_ptr + seq * stride_btp
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    for t0 in range(0, hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        tmask = tok < hi
+        blk = tl.load(table + tok // block_size, mask=tmask, other=0)
+        off = tok % block_size
+        kmask = tmask[:, None] & dmask[None, :]
+        k = tl.load(k_cache_ptr + (blk * stride_kb + off * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
+                    mask=kmask, other=0.0)
+        v = tl.load(v_cache_ptr + (blk * stride_vb + off * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
+                    mask=kmask, other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2   # [BLOCK_M, BLOCK_N]
+        s = tl.where(tmask[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet stay empty
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        p_lo = p.to(v.dtype)
+        if DOT_FP32:
+            pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_lo, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    tl.store(o_ptr + ((q0 + qi) * stride_on + head * stride_oh)[:, None] + d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])
+
+
+def extend_config(dtype: torch.dtype, head_dim: int, group: int, *, interpreted: bool = False) -> dict:
+    """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block = 32 if (dtype == torch.float32 or block_d > 128) else 64
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_D=block_d, BLOCK_N=block, DOT_FP32=interpreted)
+
+
+def _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, scale, max_num_new, out):
+    bs, hkv, dh = check_cache(k_cache, v_cache)
+    group = check_query(q, k_cache)
+    hq = q.shape[1]
+    dev = k_cache.device
+    check_index("block_tables", block_tables, 2, dev)
+    p = block_tables.shape[0]
+    for name, t in (("q_start", q_start), ("num_new", num_new), ("context_lens", context_lens)):
+        check_index(name, t, 1, dev)
+        if t.shape[0] != p:
+            raise ValueError(f"{name} must have P={p} entries (one per block table row), got {t.shape[0]}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along its last dim")
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, 3, (q.dtype,), dev)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} and contiguous in Dh, got {tuple(out.shape)}")
+    if max_num_new is None:
+        max_num_new = int(num_new.max()) if p else 0   # one host sync; the engine passes it
+    if p == 0 or max_num_new == 0:
+        return out
+    cfg = extend_config(q.dtype, dh, group, interpreted=is_interpreted(extend_kernel))
+    check_launchable(extend_kernel, q, k_cache)
+    extend_kernel[(p, cdiv(max_num_new, cfg["BLOCK_M"]), hq)](
+        q, k_cache, v_cache, out, block_tables, q_start, num_new, context_lens,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        bs, **cfg, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           q_start: torch.Tensor, num_new: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
+           max_num_new: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of new tokens q [N, Hq, Dh] (sequence p's at rows q_start[p] .. + num_new[p]) over
+    tokens [0, context_lens[p]) of block_tables [P, Bmax], causal: new token i sits at position
+    context_lens[p] - num_new[p] + i. The new K/V must already be in the cache. Returns o [N, Hq, Dh]
+    in q's dtype; rows outside every sequence are left as they were in `out`.
+    """
+    return _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, scale, max_num_new, out)
