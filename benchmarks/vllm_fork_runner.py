@@ -1,0 +1,135 @@
+"""Baseline (d): the fork phase on vLLM's CPU build, run under vLLM's own Python.
+
+    <vllm-python> vllm_fork_runner.py JOB.json RESULT.json
+
+JOB.json (written by bench_branched.py): model_dir, dtype, traces (token ids), positions,
+branches K, answer_len A, suffixes (one forced suffix per timed repetition), warmup_suffix, seed.
+Only the standard library and vllm are imported: this runs in a venv without mrt_engine.
+
+What runs, per repetition: reset the prefix cache, prefill the traces (untimed, max_tokens=1) so
+their blocks are cached, then time one generate() with every fork prompt (trace[:t] + suffix) and
+SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0). Prefix caching is vLLM's
+way to share a prefix: each of the K children finds the prompt's full blocks in the cache.
+Prefill tokens computed and cache hits come from vLLM's own counters (deltas around the timed
+call). Peak KV comes from an extra untimed pass that polls vLLM's kv_cache_usage gauge, so polling
+never perturbs a timed run; it counts blocks held by requests (shared blocks once).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+
+def metric_totals(llm) -> dict:
+    """Sum of each counter/gauge over label sets, by name (prometheus snapshot)."""
+    totals: dict = {}
+    for m in llm.get_metrics():
+        value = getattr(m, "value", None)
+        if isinstance(value, (int, float)):
+            key = m.name
+            if m.name == "vllm:prompt_tokens_by_source":
+                key = f"{m.name}:{m.labels.get('source')}"
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def main() -> int:
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    traces, positions, K, A = job["traces"], job["positions"], job["branches"], job["answer_len"]
+    longest = max(len(t) for t in traces) + len(job["warmup_suffix"]) + A
+    n_branches = len(traces) * len(positions) * K
+    t0 = time.perf_counter()
+    llm = LLM(model=job["model_dir"], dtype=job["dtype"], enable_prefix_caching=True,
+              skip_tokenizer_init=True, max_model_len=longest + 16, seed=job["seed"],
+              max_num_seqs=max(256, n_branches), disable_log_stats=False)
+    startup = time.perf_counter() - t0
+    cache_cfg = llm.llm_engine.vllm_config.cache_config
+    block_size, num_blocks = cache_cfg.block_size, cache_cfg.num_gpu_blocks
+
+    def fork_prompts(suffix):
+        return [TokensPrompt(prompt_token_ids=tr[:t] + suffix) for tr in traces for t in positions]
+
+    def prefill_traces():
+        llm.generate([TokensPrompt(prompt_token_ids=tr) for tr in traces],
+                     SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
+
+    fork_params = SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0, top_p=1.0,
+                                 top_k=-1, detokenize=False)
+
+    # warm-up: same shapes of work, a different suffix (its blocks are dropped by the reset below)
+    prefill_traces()
+    llm.generate(fork_prompts(job["warmup_suffix"]), fork_params, use_tqdm=False)
+    walls, gen, counts = [], None, []
+    for suffix in job["suffixes"]:
+        llm.reset_prefix_cache()
+        prefill_traces()
+        before = metric_totals(llm)
+        t0 = time.perf_counter()
+        outs = llm.generate(fork_prompts(suffix), fork_params, use_tqdm=False)
+        walls.append(time.perf_counter() - t0)
+        after = metric_totals(llm)
+        counts.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
+        lens = [len(c.token_ids) for o in outs for c in o.outputs]
+        if len(lens) != n_branches or set(lens) != {A}:
+            raise RuntimeError(f"vLLM returned {len(lens)} branches of lengths {sorted(set(lens))}, "
+                               f"expected {n_branches} of {A}")
+        gen = sum(lens)
+
+    # untimed pass for peak KV: poll the usage gauge while the fork call runs
+    llm.reset_prefix_cache()
+    prefill_traces()
+    peak = [0.0]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            usage = metric_totals(llm).get("vllm:kv_cache_usage_perc")
+            if usage is not None:
+                peak[0] = max(peak[0], usage)
+            time.sleep(0.005)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    llm.generate(fork_prompts(job["suffixes"][0]), fork_params, use_tqdm=False)
+    done.set()
+    poller.join()
+
+    c = counts[len(counts) // 2]
+    hf_cfg = llm.llm_engine.vllm_config.model_config.hf_config
+    heads = hf_cfg.num_attention_heads
+    head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads
+    elem = torch.empty((), dtype=llm.llm_engine.vllm_config.model_config.dtype).element_size()
+    block_bytes = block_size * 2 * hf_cfg.num_hidden_layers * hf_cfg.num_key_value_heads * head_dim * elem
+    peak_blocks = round(peak[0] * num_blocks) if peak[0] and num_blocks else None
+    result = {
+        "walls_s": walls, "gen_tokens": gen,
+        "prefill_tokens": int(c.get("vllm:prompt_tokens_by_source:local_compute", 0)) or None,
+        "prompt_tokens": int(c.get("vllm:prompt_tokens", 0)) or None,
+        "prefix_cache_hit_tokens": int(c.get("vllm:prefix_cache_hits", 0)),
+        "peak_kv_bytes": peak_blocks * block_bytes if peak_blocks else None,
+        "peak_kv_blocks": peak_blocks, "block_size": block_size, "num_blocks": num_blocks,
+        "vllm": vllm.__version__, "torch": torch.__version__,
+        "engine_startup_s": round(startup, 2),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k == "VLLM_TARGET_DEVICE"},
+    }
+    with open(sys.argv[2], "w") as f:
+        json.dump(result, f)
+    print(json.dumps({"walls_s": walls, "median_s": statistics.median(walls), "gen_tokens": gen}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
