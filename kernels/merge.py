@@ -2,9 +2,9 @@
 
 Kernel -> launcher -> public function. Program (row, head) walks the S slots in order, twice: once
 for the max lse, once for the weighted sum. The fixed sequential order makes the result independent
-of S beyond the non-empty slots: an empty slot (lse = -inf) adds an exact 0.0, so trailing or
-interleaved empty slots never change a bit (deterministic mode relies on this). All-empty gives
-o = 0, lse = -inf.
+of S beyond the non-empty slots: an empty slot (lse = -inf) adds an exact 0.0 and its o is not
+read, so trailing or interleaved empty slots never change a bit (deterministic mode relies on
+this). All-empty gives o = 0, lse = -inf.
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def merge_kernel(
     acc = tl.full([BLOCK_D], 0.0, tl.float32)
     for s in range(num_slots):
         w = tl.exp(tl.load(lse_row + s * stride_ls + tl.arange(0, 1)) - m_safe)   # exp(-inf) = 0 exactly
-        acc += w * tl.load(o_row + s * stride_ps + d, mask=dmask, other=0.0)
+        # an empty slot's o is never read, so callers only need to set its lse to -inf
+        o_s = tl.load(o_row + s * stride_ps + d, mask=dmask & (w > 0.0), other=0.0)
+        acc += w * o_s
         den += w
     nonempty = den > 0.0
     o = acc / tl.where(nonempty, den, 1.0)

@@ -154,7 +154,7 @@ def merge(o_parts, lse_parts, *, out_dtype=torch.float32, out=None):
     """
     lse = torch.logsumexp(lse_parts, dim=-1)                            # [R, H]
     w = torch.exp(lse_parts - lse[..., None]).nan_to_num_(0.0)         # all -inf -> 0/0 -> 0
-    o = (w[..., None] * o_parts).sum(dim=-2)
+    o = torch.where(w[..., None] > 0, w[..., None] * o_parts, 0.0).sum(dim=-2)   # empty slots' o unread
     if out is not None:
         out.copy_(o)
         return out, lse
