@@ -8,10 +8,11 @@
     vLLM without prefix caching do); `fork` submits each prompt once with n=K (the K samples of
     one request still share its prompt).
 
-Measured, not taken from the engine's word: prefill tokens are counted by a hook on the model's
-token embedding (tokens fed minus one decode token per branch and step), and peak KV is the
-blocks held by sequences right after the fork call (forks kept alive with keep=True, all at full
-length since ignore_eos), times bytes per block: shared blocks count once.
+Prefill tokens are measured, not taken from the engine's word: a hook on the model's token
+embedding counts the tokens fed, minus the A-1 decode tokens of every branch (the engine's own
+counter is reported beside it). Peak KV is the engine's peak of blocks held by sequences during
+the call (`peak_used_blocks`; shared blocks count once) times bytes per block; the forks are
+kept (keep=True) until the call returns, so the peak is the full fork tree.
 """
 from __future__ import annotations
 
@@ -68,27 +69,30 @@ def _find_module(root, cls, depth: int = 4):
 
 def blocks_in_use(stats: dict) -> int:
     """Blocks held by sequences: every block that is neither free nor only cached (evictable)."""
-    cached = stats.get("cached_blocks", stats.get("num_cached_blocks", 0))
-    return stats["total_blocks"] - stats["free_blocks"] - cached
+    if "used_blocks" in stats:
+        return stats["used_blocks"]
+    return stats["total_blocks"] - stats["free_blocks"] - stats.get("cached_blocks", 0)
 
 
 def predicted_blocks(w: Workload, bs: int, sharing: bool, branch_mode: str) -> int:
-    """Blocks the sharing model predicts right after the fork call (DESIGN.md §5). A sequence of
-    n tokens whose last token was sampled, not fed, holds KV for n - 1 tokens."""
+    """Blocks the sharing model predicts right after the fork call (DESIGN.md §5), with the
+    engine's fork rule: a fork at t >= 2 shares the parent's KV of tokens [0, t-1) (full blocks
+    by reference, the partial one copied) and re-feeds token t-1 for its logits. A sequence of n
+    tokens whose last token was sampled, not fed, holds KV for n - 1 tokens."""
     ceil = lambda n: -(-n // bs)  # noqa: E731
     F, K, A = w.suffix_len, w.branches, w.answer_len
     if not sharing:
-        per_prompt = [ceil(t + F + A - 1) for t in w.fork_positions()]
         if branch_mode == "branch":
-            return w.traces * K * sum(per_prompt)
-        # one request per fork: full prompt blocks shared by its K samples, tails private
+            return w.traces * K * sum(ceil(t + F + A - 1) for t in w.fork_positions())
+        # one request per fork: its prompt's full blocks shared by the K samples, tails private
         return w.traces * sum((t + F) // bs + K * (ceil(t + F + A - 1) - (t + F) // bs)
                               for t in w.fork_positions())
     total = w.traces * ceil(w.trace_len - 1)          # kept traces
     for t in w.fork_positions():
-        shared_new = (t + F) // bs - t // bs          # suffix blocks filled once per fork
-        tail = ceil(t + F + A - 1) - (t + F) // bs    # each branch's private blocks (partial copy incl.)
-        total += w.traces * (shared_new + K * tail)
+        shared_from = (t - 1) // bs if t >= 2 else 0  # full parent blocks taken by reference
+        prompt_full = (t + F) // bs - shared_from     # copied partial + suffix blocks, once per fork
+        tail = ceil(t + F + A - 1) - (t + F) // bs    # each branch's private blocks
+        total += w.traces * (prompt_full + K * tail)
     return total
 
 
@@ -96,8 +100,9 @@ def _fork_call(llm, handles, w: Workload, suffix, seed):
     from mrt_engine import Fork, SamplingParams
 
     forks = [Fork(h, at=t, suffix=suffix) for h in handles for t in w.fork_positions()]
-    params = SamplingParams(n=w.branches, temperature=1.0, max_tokens=w.answer_len, ignore_eos=True,
-                            seed=seed)
+    # a seed per fork: one shared seed would give every fork the same uniforms
+    params = [SamplingParams(n=w.branches, temperature=1.0, max_tokens=w.answer_len, ignore_eos=True,
+                             seed=seed + i) for i in range(len(forks))]
     return llm.generate(forks, params, keep=True)
 
 
@@ -134,28 +139,35 @@ def _time_forks(llm, w, reps, kv_block_bytes, run_call):
     counter = EmbeddingCounter(llm)
     vocab = llm_vocab(llm)
     _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1), w)       # warm-up
-    walls, peaks, prefills, distinct = [], [], [], 0
+    runs = []
     for rep in range(reps):
         gc.collect()
         counter.count = 0
+        llm.reset_stats()
         t0 = time.perf_counter()
         outs = run_call(suffix_ids(w, vocab, rep), rep)
-        walls.append(time.perf_counter() - t0)
-        fed = counter.count
+        wall = time.perf_counter() - t0
         stats = llm.kv_stats()
-        peaks.append(blocks_in_use(stats))
+        fed = counter.count
         gen, distinct = _check_and_release(llm, outs, w)
         n_seq = w.fork_tokens() * w.branches
-        prefills.append(fed - n_seq * (w.answer_len - 1) if counter.module is not None else None)
+        runs.append({"wall": wall, "stats": stats, "gen": gen, "distinct": distinct,
+                     # every branch feeds A-1 decode tokens; the rest of what was fed is prefill
+                     "prefill": fed - n_seq * (w.answer_len - 1) if counter.module is not None else None})
     counter.close()
-    mid = sorted(range(reps), key=lambda i: walls[i])[reps // 2]
-    return {"walls_s": walls, "gen_tokens": gen, "prefill_tokens": prefills[mid],
-            "peak_kv_blocks": max(peaks), "peak_kv_bytes": max(peaks) * kv_block_bytes,
-            "distinct_branches": distinct, "kv_stats_after": stats}
+    med = sorted(runs, key=lambda r: r["wall"])[reps // 2]
+    st = med["stats"]
+    peak = max(r["stats"].get("peak_used_blocks", blocks_in_use(r["stats"])) for r in runs)
+    return {"walls_s": [r["wall"] for r in runs], "gen_tokens": med["gen"],
+            "prefill_tokens": med["prefill"], "engine_prefill_tokens": st.get("prefill_tokens"),
+            "prefix_cache_hit_tokens": st.get("prefix_cache_hit_tokens"),
+            "preemptions": st.get("num_preemptions"), "steps": st.get("num_steps"),
+            "peak_kv_blocks": peak, "peak_kv_bytes": peak * kv_block_bytes,
+            "kv_blocks_after_call": blocks_in_use(st), "distinct_branches": med["distinct"]}
 
 
 def llm_vocab(llm) -> int:
-    for path in (("model_config", "vocab_size"), ("hf_config", "vocab_size"), ("config", "vocab_size")):
+    for path in (("vocab_size",), ("model_config", "vocab_size"), ("hf_config", "vocab_size"), ("config", "vocab_size")):
         obj = llm
         for p in path:
             obj = getattr(obj, p, None)
@@ -172,7 +184,7 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
     kv_block_bytes = bs * kv_bytes_token
     # one pool size for both engines: room for the no-sharing case plus the traces
     need = predicted_blocks(w, bs, False, "branch") + w.traces * (-(-(w.trace_len + 1) // bs))
-    num_blocks = int(need * 1.25) + 64
+    num_blocks = int(need * 1.5) + 64
     common = dict(dtype=args.dtype, device="cpu", block_size=bs, num_blocks=num_blocks, seed=w.seed,
                   max_num_seqs=max(256, w.fork_tokens() * w.branches))
     results = {}
@@ -180,10 +192,14 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
     # (a) traces with keep=True, then forks
     llm = LLM(model_dir, **common)
     vocab = llm_vocab(llm)
+    if getattr(llm, "bytes_per_block", kv_block_bytes) != kv_block_bytes:
+        raise RuntimeError(f"engine says {llm.bytes_per_block} bytes per KV block, config.json gives "
+                           f"{kv_block_bytes}")
     t0 = time.perf_counter()
     outs = llm.generate(trace_prompts(w, vocab),
-                        SamplingParams(n=1, temperature=1.0, max_tokens=w.trace_len - w.prompt_len,
-                                       ignore_eos=True, seed=w.seed), keep=True)
+                        [SamplingParams(n=1, temperature=1.0, max_tokens=w.trace_len - w.prompt_len,
+                                        ignore_eos=True, seed=w.seed + i) for i in range(w.traces)],
+                        keep=True)
     trace_s = time.perf_counter() - t0
     handles = [o.outputs[0].handle for o in outs]
     traces = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
@@ -197,7 +213,8 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
                         lambda suffix, rep: _fork_call(llm, handles, w, suffix, w.seed + 1000 + rep))
         r.update(trace_phase_s=round(trace_s, 3),
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
-                 expected_prefill_tokens=w.fork_tokens() * w.suffix_len)
+                 # the suffix, plus the fork point's last token re-fed for its logits
+                 expected_prefill_tokens=w.fork_tokens() * (w.suffix_len + 1))
         results["mrt_engine"] = r
     for h in handles:
         llm.release(h)

@@ -1,0 +1,126 @@
+"""The headline benchmark (benchmarks/bench_branched.py) in --quick mode: it runs end to end, writes
+its JSON and chart, and ends with the headline line. Counters that do not depend on timing are
+checked against what the workload implies (prefill tokens, branch counts, the KV blocks sharing
+predicts); timings are never asserted."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import bench_branched  # noqa: E402
+import engine_forks  # noqa: E402
+import hf_baseline  # noqa: E402
+from workload import Workload  # noqa: E402
+
+HEADLINE = re.compile(r"^fork-phase speedup vs transformers: ([0-9]+(?:\.[0-9]+)?)x$")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cache = tmp_path_factory.mktemp("models")
+    env = dict(os.environ, MRT_BENCH_CACHE=str(cache))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_branched.py"), "--quick",
+                           "--out-dir", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "branched.json") as f:
+        report = json.load(f)
+    return proc.stdout, report, out
+
+
+def test_quick_run_prints_workload_machine_and_headline(quick_run):
+    stdout, report, _ = quick_run
+    lines = stdout.strip().splitlines()
+    assert lines[0].startswith("workload:") and lines[1].startswith("machine:")
+    m = HEADLINE.match(lines[-1])
+    assert m, f"last line is {lines[-1]!r}"
+    assert float(m.group(1)) == report["speedup_vs_transformers"]
+
+
+def test_quick_report_fields(quick_run):
+    _, report, out = quick_run
+    w = report["workload"]
+    for key in ("traces", "trace_len", "positions", "suffix_len", "branches", "answer_len", "dtype",
+                "fork_positions", "generated_tokens", "kv_bytes_per_token"):
+        assert key in w
+    for key in ("cpu", "logical_cores", "torch", "torch_threads"):
+        assert key in report["machine"]
+    res = report["results"]
+    assert set(res) == {"mrt_engine", "mrt_engine_no_sharing", "transformers"}
+    for name, r in res.items():
+        for key in ("label", "wall_s", "all_walls_s", "gen_tokens", "gen_tok_s", "prefill_tokens",
+                    "peak_kv_bytes", "peak_kv_mib", "speedup_vs_transformers"):
+            assert key in r, (name, key)
+        assert r["gen_tokens"] == w["generated_tokens"], name
+        assert r["wall_s"] > 0 and r["peak_kv_bytes"] > 0
+    hf = res["transformers"]
+    assert hf["speedup_vs_transformers"] == 1.0
+    assert res["mrt_engine"]["speedup_vs_transformers"] == pytest.approx(
+        hf["wall_s"] / res["mrt_engine"]["wall_s"], rel=0.01, abs=0.01)
+    with open(out / "branched.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_counters_match_the_workload(quick_run):
+    """Sharing on prefills only the suffixes (plus the re-fed fork token) and holds the blocks the
+    sharing model predicts; sharing off and transformers re-prefill every branch's prefix."""
+    _, report, _ = quick_run
+    w, res = report["workload"], report["results"]
+    a, b, hf = res["mrt_engine"], res["mrt_engine_no_sharing"], res["transformers"]
+    forks = w["traces"] * w["positions"]
+    assert a["prefill_tokens"] == a["engine_prefill_tokens"] == forks * (w["suffix_len"] + 1)
+    assert a["peak_kv_blocks"] == a["predicted_kv_blocks"]
+    assert a["peak_kv_bytes"] == a["peak_kv_blocks"] * w["block_size"] * w["kv_bytes_per_token"]
+    every_branch = w["branches"] * w["traces"] * sum(t + w["suffix_len"] for t in w["fork_positions"])
+    assert b["prefill_tokens"] == b["engine_prefill_tokens"] == hf["prefill_tokens"] == every_branch
+    assert b["peak_kv_blocks"] == b["predicted_kv_blocks"] > a["peak_kv_blocks"]
+    assert a["distinct_branches"] > 1 and a["preemptions"] == 0
+
+
+def test_predicted_blocks_by_hand():
+    # bs 16, one trace of 64, forks at 32 and 64, F=16, K=4, A=8
+    w = Workload(traces=1, trace_len=64, prompt_len=8, positions=2, suffix_len=16, branches=4, answer_len=8)
+    # trace: 63 tokens of KV -> 4 blocks. Fork at 32: parent blocks [0,31) -> 1 full by reference,
+    # prompt 48 tokens = 3 full blocks -> 2 new; each branch 55 tokens -> 1 private tail block.
+    # Fork at 64: 3 by reference, prompt 80 = 5 full -> 2 new; branch 87 tokens -> 1 tail block.
+    assert engine_forks.predicted_blocks(w, 16, True, "branch") == 4 + (2 + 4) + (2 + 4)
+    # no sharing, a request per branch: 4 x (ceil(55/16) + ceil(87/16)) = 4 x (4 + 6)
+    assert engine_forks.predicted_blocks(w, 16, False, "branch") == 40
+    # no sharing, a request per fork: 3 + 4 x 1 and 5 + 4 x 1
+    assert engine_forks.predicted_blocks(w, 16, False, "fork") == 7 + 9
+
+
+def test_hf_batches_group_equal_lengths_within_max_rows():
+    prompts = [[1] * n for n in (5, 3, 5, 3, 5, 7)]
+    plan = hf_baseline.batches(prompts, branches=2, max_rows=4)   # at most 2 prompts per call
+    assert sorted(i for call in plan for i in call) == list(range(6))
+    for call in plan:
+        assert len(call) <= 2 and len({len(prompts[i]) for i in call}) == 1
+    assert [len(prompts[c[0]]) for c in plan] == [3, 5, 5, 7]
+    with pytest.raises(ValueError, match="max_rows"):
+        hf_baseline.batches(prompts, branches=8, max_rows=4)
+
+
+def test_cli_rejects_bad_flags():
+    with pytest.raises(SystemExit):
+        bench_branched.parse_args(["--engines", "vllm"])            # needs --vllm-python
+    with pytest.raises(SystemExit):
+        bench_branched.parse_args(["--engines", "nonsense"])
+    with pytest.raises(SystemExit):
+        bench_branched.parse_args(["--reps", "0"])
+    with pytest.raises(ValueError, match="prompt_len"):
+        Workload(trace_len=16, prompt_len=16).validate(vocab=100, max_positions=1000)
+    with pytest.raises(ValueError, match="max_position"):
+        Workload().validate(vocab=8192, max_positions=512)
+    args = bench_branched.parse_args(["--quick"])
+    assert args.reps == 1 and args.traces == bench_branched.QUICK.traces
+    assert args.engines == ["mrt_engine", "mrt_engine_no_sharing", "transformers"]
