@@ -15,6 +15,10 @@ import os
 
 import pytest
 
+# Triton kernels run on CPU only under the interpreter, which must be switched on before anything
+# imports triton (transformers does); importing the kernels package does that when CUDA is absent.
+import mrt_engine.kernels  # noqa: F401,E402
+
 # Byte-level vocabulary: every byte is a token, so any text round-trips; specials follow the bytes.
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 TINY_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)

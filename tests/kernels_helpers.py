@@ -1,0 +1,53 @@
+"""Shared pieces of the kernel tests: interpreter switch, random paged caches, tolerances, NaN poison.
+
+Importing mrt_engine.kernels first turns the Triton interpreter on when CUDA is absent (it must be on
+before triton is imported; tests/conftest.py imports the package for that reason).
+"""
+from __future__ import annotations
+
+import math
+
+import mrt_engine.kernels  # noqa: F401  (interpreter switch, before triton is imported)
+import torch
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+LSE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+NAN = float("nan")
+
+
+def assert_close(actual, expected, dtype, *, lse=False):
+    """One tolerance rule for every kernel test: tight for fp32, loose for 16-bit; -inf must match."""
+    tol = (LSE_TOL if lse else TOL)[dtype]
+    actual, expected = actual.float(), expected.float()
+    assert not torch.isnan(actual).any(), "kernel left NaN (unwritten memory?)"
+    inf_a, inf_e = torch.isinf(actual), torch.isinf(expected)
+    assert torch.equal(inf_a, inf_e), "empty (-inf) entries differ"
+    torch.testing.assert_close(actual[~inf_a], expected[~inf_e], rtol=tol, atol=tol)
+
+
+def random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def random_tables(lengths, block_size, num_blocks, seed=0, shared=None):
+    """Block tables [R, Bmax] int64 with distinct random blocks per row; `shared` = (rows, n) makes
+    those rows share their first n blocks. Padding is block 0."""
+    g = torch.Generator().manual_seed(seed)
+    need = [math.ceil(n / block_size) for n in lengths]
+    width = max(need + [1])
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    assert sum(need) <= num_blocks, "test needs more blocks"
+    tables = torch.zeros(len(lengths), width, dtype=torch.int64)
+    for r, nb in enumerate(need):
+        tables[r, :nb] = torch.tensor(perm[:nb], dtype=torch.int64)
+        perm = perm[nb:]
+    for rows, n in (shared or []):
+        for r in rows[1:]:
+            tables[r, :n] = tables[rows[0], :n]
+    return tables
+
+
+def poisoned(*shape, dtype=torch.float32):
+    return torch.full(shape, NAN, dtype=dtype)
