@@ -313,11 +313,11 @@ class LLM:
                 batch = sched.schedule()
                 rows = sched.sample_rows(batch)
                 tokens, logprobs = self.runner.execute(batch, rows)
-                for s in sched.update(batch, tokens, logprobs, self._stop):
-                    if s.request.finished:
-                        remaining -= 1
-                        if bar is not None:
-                            bar.update(1)
+                finished = sched.update(batch, tokens, logprobs, self._stop)
+                done = len({id(s.request) for s in finished if s.request.finished})
+                remaining -= done
+                if bar is not None and done:
+                    bar.update(done)
         except BaseException:
             sched.abort([s for r in reqs for s in r.seqs if s is not None])
             raise
