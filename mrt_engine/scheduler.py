@@ -4,7 +4,8 @@ Each step (`schedule`):
 1. every running sequence with one uncomputed token decodes (one new token each);
 2. running sequences mid-prompt continue their chunked prefill within the token budget;
 3. waiting sequences are admitted in FIFO order: a prefix-cache match (`add_sequence`) or, for
-   forks, a share of the kept parent's blocks (`fork`), then a first prefill chunk.
+   forks, a share of the kept parent's blocks (`fork`), then a first prefill chunk; a sequence is
+   admitted only when the blocks for the rest of its prompt are available.
 When the blocks for the decode rows are missing, the newest running sequence is preempted: its KV
 is freed and it waits to be recomputed (its sampled tokens are kept, so nothing is lost). When a
 step could schedule nothing at all, the newest running sequence is preempted and the step retried.
@@ -127,8 +128,10 @@ class Scheduler:
             if not self._admit(s):
                 break
             avail = kv.num_available_blocks()
+            # admit only when the whole rest of the prompt fits: a sequence that could only take a
+            # first chunk would be preempted and re-admitted forever
             n, need = self._fit(s, budget, avail)
-            if n == 0:
+            if n == 0 or self._blocks_for(s, s.num_uncomputed) > avail:
                 kv.free_sequence(s.seq_id)
                 s.num_computed = 0
                 break
@@ -159,14 +162,8 @@ class Scheduler:
 
     def _fit(self, s: Sequence, budget: int, avail: int) -> tuple[int, int]:
         """Largest prefill chunk of s within budget and avail blocks -> (tokens, blocks)."""
-        kv = self.kv
         want = min(s.num_uncomputed, budget)
-
-        def need(n):
-            blocks = kv.blocks_needed(s.seq_id, n)
-            if n == s.num_uncomputed and s.spawn > 1 and len(s.token_ids) % self.block_size:
-                blocks += s.spawn - 1   # tail copies of the samples forked in update()
-            return blocks
+        need = lambda n: self._blocks_for(s, n)  # noqa: E731
 
         if need(want) <= avail:
             return want, need(want)
@@ -178,6 +175,12 @@ class Scheduler:
             else:
                 hi = mid - 1
         return lo, need(lo)
+
+    def _blocks_for(self, s: Sequence, n: int) -> int:
+        blocks = self.kv.blocks_needed(s.seq_id, n)
+        if n == s.num_uncomputed and s.spawn > 1 and len(s.token_ids) % self.block_size:
+            blocks += s.spawn - 1   # tail copies of the samples forked in update()
+        return blocks
 
     def _schedule_prefill(self, batch: ScheduledBatch, s: Sequence, n: int) -> None:
         start = s.num_computed
