@@ -1,0 +1,116 @@
+"""Ahead-of-time compile of every kernel for real GPUs, with no GPU present.
+
+`triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cap, 32))` runs the
+whole compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas), so code that the interpreter
+accepts but a GPU compile rejects (dot shapes, layouts, shared memory, unsupported ops) fails here.
+Configurations are the ones the engine launches (the launchers' *_config functions), for the
+dtypes, head dims and GQA groups of the models we serve (Llama-8B: bf16, Dh 128, group 4).
+
+Must run WITHOUT the interpreter: `TRITON_INTERPRET=0 python -m mrt_engine.kernels.aot [caps...]`
+prints one JSON line per compile and exits non-zero if any failed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(kernel, pointers: dict, floats=(), constexprs: dict = None) -> dict:
+    """Every parameter's type: pointers as given, floats fp32, other runtime ints i32, constexprs marked."""
+    sig = {}
+    for name, is_const in zip(kernel.arg_names, (p.is_constexpr for p in kernel.params)):
+        if is_const:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def configurations():
+    """(label, kernel, signature, constexprs) for every compile."""
+    from mrt_engine.kernels.cascade_decode import cascade_decode_config, cascade_decode_kernel
+    from mrt_engine.kernels.extend import extend_config, extend_kernel
+    from mrt_engine.kernels.kv_store import kv_store_config, kv_store_kernel
+    from mrt_engine.kernels.merge import merge_config, merge_kernel
+    from mrt_engine.kernels.paged_decode import paged_decode_config, paged_decode_kernel
+
+    i64, f32 = "*i64", "*fp32"
+    # (dtype, head_dim, GQA group, Hkv, kernels): the Llama-8B serving shape gets everything; the
+    # other shapes cover fp16, head_dim 64, group 8, and the fp32 (FMA, no tensor core) paths
+    shapes = [(torch.bfloat16, 128, 4, 8, ("kv_store", "paged_decode", "cascade_decode", "extend", "merge")),
+              (torch.float16, 64, 8, 2, ("paged_decode", "cascade_decode", "extend")),
+              (torch.float32, 64, 1, 2, ("paged_decode", "cascade_decode", "extend"))]
+    out = {}
+    for dtype, dh, group, hkv, names in shapes:
+        t = "*" + TL_TYPE[dtype]
+        tag = f"{TL_TYPE[dtype]}-d{dh}-g{group}"
+        if "kv_store" in names:
+            out[f"kv_store-{tag}"] = (kv_store_kernel, _signature(kv_store_kernel, dict(
+                k_ptr=t, v_ptr=t, k_cache_ptr=t, v_cache_ptr=t, slot_ptr=i64)), kv_store_config(hkv, dh))
+        out[f"paged_decode-{tag}"] = (paged_decode_kernel, _signature(paged_decode_kernel, dict(
+            q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, block_tables_ptr=i64, kv_start_ptr=i64, kv_end_ptr=i64,
+            o_ptr=f32, lse_ptr=f32), floats=("scale_log2",)), paged_decode_config(dtype, dh, group))
+        casc_sig = _signature(cascade_decode_kernel, dict(
+            q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, block_tables_ptr=i64, group_ptr_ptr=i64, group_rows_ptr=i64,
+            range_start_ptr=i64, range_end_ptr=i64, o_ptr=f32, lse_ptr=f32), floats=("scale_log2",))
+        # query tiles: a group's smallest (16 rows), a full 64-row tile (16 branches x group 4), deterministic mode
+        for rows, absolute in ((1, False), (16, False), (16, True)):
+            cfg = cascade_decode_config(dtype, dh, group, rows, absolute=absolute)
+            out[f"cascade_decode-{tag}-m{cfg['BLOCK_M']}{'-abs' if absolute else ''}"] = (
+                cascade_decode_kernel, casc_sig, cfg)
+        out[f"extend-{tag}"] = (extend_kernel, _signature(extend_kernel, dict(
+            q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, o_ptr=t, block_tables_ptr=i64, q_start_ptr=i64,
+            num_new_ptr=i64, context_lens_ptr=i64), floats=("scale_log2",)), extend_config(dtype, dh, group))
+        if "merge" in names:
+            out[f"merge-{tag}"] = (merge_kernel, _signature(merge_kernel, dict(
+                o_parts_ptr=f32, lse_parts_ptr=f32, out_ptr=t, out_lse_ptr=f32)), merge_config(dh))
+    return [(label, *rest) for label, rest in out.items()]
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, cap: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                          options=dict(num_warps=4 if "decode" in kernel.__name__ or "extend" in kernel.__name__
+                                       else 1, num_stages=2))
+
+
+def main(argv) -> int:
+    from triton.runtime.jit import JITFunction
+
+    caps = [int(a) for a in argv] or [80, 90]
+    failed = 0
+    for label, kernel, sig, consts in configurations():
+        if not isinstance(kernel, JITFunction):
+            print(json.dumps({"error": "kernels are interpreted: run with TRITON_INTERPRET=0"}))
+            return 2
+        for cap in caps:
+            t0 = time.time()
+            rec = {"kernel": label, "cap": cap}
+            try:
+                compiled = compile_one(kernel, sig, consts, cap)
+                ptx = compiled.asm["ptx"]
+                rec.update(ok=True, seconds=round(time.time() - t0, 2), cubin_bytes=len(compiled.asm["cubin"]),
+                           mma="wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none"),
+                           shared=compiled.metadata.shared)
+            except Exception as exc:   # report every failure, then fail at the end
+                failed += 1
+                rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
+            print(json.dumps(rec), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
