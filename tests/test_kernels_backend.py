@@ -1,0 +1,72 @@
+"""TritonAttentionBackend (under the interpreter) vs the torch backend, its oracle, on random steps.
+
+Steps mix prefill/extend sequences and decode rows; decode rows come in sharing groups (wide forks,
+groups of one, groups with no shared blocks). Both modes (fast and deterministic) are checked, and
+the new K/V must land in the cache exactly as the torch backend puts them.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernels_helpers import TOL
+from test_attention_torch import StepBuilder
+
+from mrt_engine.attention import TorchAttentionBackend, get_attention_backend
+from mrt_engine.attention_triton import TritonAttentionBackend
+
+
+def _compare(prefills, groups, *, bs, hkv, grp, dh, dtype=torch.float32, deterministic=False, seed=0):
+    torch.manual_seed(seed)
+    need = sum(-(-(c + n) // bs) for c, n in prefills) + sum(ns + sum(-(-o // bs) for o in own)
+                                                             for ns, own in groups)
+    metas = [StepBuilder(need + 2, bs, seed).build(prefills, groups)[0] for _ in range(2)]
+    n = metas[0].slot_mapping.shape[0]
+    k_cache = torch.randn(need + 2, bs, hkv, dh).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(n, hkv * grp, dh).to(dtype)
+    k, v = torch.randn(n, hkv, dh).to(dtype), torch.randn(n, hkv, dh).to(dtype)
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    triton_be = TritonAttentionBackend(deterministic=deterministic, det_chunk=32)
+    out = triton_be.forward(q, k, v, *caches[0], metas[0], dh ** -0.5)
+    want = TorchAttentionBackend().forward(q, k, v, *caches[1], metas[1], dh ** -0.5)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
+    torch.testing.assert_close(out.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    return metas[0]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_mixed_step(deterministic):
+    bs = 16
+    prefills = [(0, 23), (2 * bs + 3, 7), (bs, 1)]
+    groups = [(5, [1, 4, bs + 2, 9]), (1, [bs]), (0, [17, 3]), (3, [2, 2, 2])]
+    meta = _compare(prefills, groups, bs=bs, hkv=2, grp=4, dh=64, deterministic=deterministic)
+    plan = meta.backend_cache["triton_plan_det" if deterministic else "triton_plan"]
+    assert plan.shared is not None and plan.shared.group_ptr.numel() == 3   # the 4-row and 3-row groups
+
+
+def test_odd_shapes_bf16_gqa8_block32():
+    _compare([(40, 9)], [(2, [5, 33]), (0, [1])], bs=32, hkv=1, grp=8, dh=128, dtype=torch.bfloat16, seed=1)
+
+
+def test_non_power_of_two_head_dim_and_block_size():
+    _compare([(0, 11)], [(3, [2, 7, 1])], bs=5, hkv=3, grp=1, dh=12, seed=2)
+
+
+def test_decode_only_without_sharing_info():
+    builder = StepBuilder(30, 16, seed=4)
+    meta, _ = builder.build([], [(2, [3, 8]), (0, [40])])
+    ref_meta, _ = StepBuilder(30, 16, seed=4).build([], [(2, [3, 8]), (0, [40])])
+    for m in (meta, ref_meta):
+        m.group_ptr_host, m.group_num_shared_host = [], []
+        m.group_ptr = m.group_rows = m.group_num_shared = None
+    kc, vc = torch.randn(30, 16, 2, 64), torch.randn(30, 16, 2, 64)
+    q, k, v = torch.randn(3, 4, 64), torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+    out = TritonAttentionBackend().forward(q, k, v, kc.clone(), vc.clone(), meta, 0.1)
+    want = TorchAttentionBackend().forward(q, k, v, kc.clone(), vc.clone(), ref_meta, 0.1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_get_attention_backend_returns_triton(monkeypatch):
+    monkeypatch.delenv("MRT_ENGINE_ATTENTION_BACKEND", raising=False)
+    assert isinstance(get_attention_backend("triton", "cpu"), TritonAttentionBackend)
