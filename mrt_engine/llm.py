@@ -159,16 +159,18 @@ class LLM:
         base, self._num_requests = self._num_requests, self._num_requests + len(reqs)
         return self._run(reqs, use_tqdm, base)
 
-    def fork(self, handle: SequenceHandle, at, n: int = 1, suffix=None, params: SamplingParams | None = None,
-             keep: bool = False, use_tqdm: bool = False) -> list[RequestOutput]:
-        """K=n branches from each position of `at` (an int or a list): one RequestOutput per position."""
+    def fork(self, handle: SequenceHandle, at, n: int | None = None, suffix=None,
+             params: SamplingParams | None = None, keep: bool = False,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """n branches from each position of `at` (an int or a list): one RequestOutput per position.
+        n defaults to params.n; when both are given, n wins."""
         positions = [at] if isinstance(at, int) and not isinstance(at, bool) else at
         if not isinstance(positions, (list, tuple)):
             raise TypeError(f"at must be an int or a list of ints, got {type(at).__name__}")
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        if n != params.n:
+        if n is not None and n != params.n:
             params = dataclasses.replace(params, n=n)
         return self.generate([Fork(handle, t, suffix) for t in positions], params, keep=keep, use_tqdm=use_tqdm)
 

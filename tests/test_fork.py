@@ -1,0 +1,141 @@
+"""Token-level fork: a fork of a kept sequence at t with a suffix must equal generating from scratch
+on prefix + suffix, prefill only the suffix (plus one re-fed token), and give every block back."""
+import random
+
+import pytest
+import torch
+
+from mrt_engine import LLM, Fork, SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama_dir):
+    shared = LLM(tiny_llama_dir, dtype="float32", num_blocks=1024, block_size=8)
+    # the oracle: no prefix cache, so nothing it computes is shared
+    scratch = LLM(tiny_llama_dir, dtype="float32", num_blocks=256, block_size=8, enable_prefix_caching=False)
+    return shared, scratch
+
+
+def _trace(llm, seed, plen=29, gen=50):
+    rng = random.Random(seed)
+    prompt = [rng.randrange(256) for _ in range(plen)]
+    out = llm.generate([prompt], SamplingParams(max_tokens=gen, **GREEDY), keep=True)[0].outputs[0]
+    return out.handle, prompt + out.token_ids
+
+
+def _same(a, b):
+    assert a.token_ids == b.token_ids
+    torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
+
+
+def test_forks_at_many_positions_equal_scratch(engines):
+    llm, scratch = engines
+    h, full = _trace(llm, 0)
+    suffix = [11, 12, 13, 14, 15]
+    positions = [1, 2, 7, 8, 9, 16, 29, 30, 47, 64, 78, 79]      # block size 8: edges and interiors
+    before = llm.kv_stats()["prefill_tokens"]
+    outs = llm.generate([Fork(h, at=t, suffix=suffix) for t in positions],
+                        SamplingParams(n=2, max_tokens=12, **GREEDY))
+    computed = llm.kv_stats()["prefill_tokens"] - before
+    # fork at t >= 2 re-feeds one token and the suffix; at t = 1 there is nothing to share
+    assert computed == sum(1 + len(suffix) if t >= 2 else t + len(suffix) for t in positions)
+    ref = scratch.generate([full[:t] + suffix for t in positions], SamplingParams(max_tokens=12, **GREEDY))
+    for t, o, r in zip(positions, outs, ref):
+        assert o.prompt_token_ids == full[:t] + suffix
+        assert len(o.outputs) == 2
+        for c in o.outputs:
+            _same(c, r.outputs[0])
+    llm.release(h)
+
+
+def test_fork_at_end_continues_the_trace(engines):
+    llm, _ = engines
+    rng = random.Random(5)
+    prompt = [rng.randrange(256) for _ in range(21)]
+    long = llm.generate([prompt], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0]
+    short = llm.generate([prompt], SamplingParams(max_tokens=25, **GREEDY), keep=True)[0].outputs[0]
+    cont = llm.fork(short.handle, at=len(short.handle), n=1, params=SamplingParams(max_tokens=15, **GREEDY))
+    assert short.token_ids + cont[0].outputs[0].token_ids == long.token_ids
+    llm.release(short.handle)
+
+
+def test_many_handles_text_suffix_and_nested_forks(engines):
+    llm, scratch = engines
+    tok = llm.get_tokenizer()
+    handles = [_trace(llm, s, plen=10 + 7 * s, gen=30) for s in range(3)]
+    suffix_text = " Answer:"
+    suffix = tok(suffix_text, add_special_tokens=False).input_ids
+    items = [Fork(h, at=t, suffix=suffix_text) for h, full in handles for t in (5, 17, len(full))]
+    outs = llm.generate(items, SamplingParams(n=3, max_tokens=6, **GREEDY), keep=True)
+    refs = scratch.generate([full[:t] + suffix for _, full in handles for t in (5, 17, len(full))],
+                            SamplingParams(max_tokens=6, **GREEDY))
+    for o, r in zip(outs, refs):
+        for c in o.outputs:
+            _same(c, r.outputs[0])
+    # a fork of a fork: its prompt is the child's prompt + generated tokens
+    child = outs[1].outputs[2]
+    child_full = outs[1].prompt_token_ids + child.token_ids
+    nested = llm.fork(child.handle, at=[len(child_full) - 2], suffix=[3, 4], n=1,
+                      params=SamplingParams(max_tokens=5, **GREEDY))
+    ref = scratch.generate([child_full[:-2] + [3, 4]], SamplingParams(max_tokens=5, **GREEDY))
+    _same(nested[0].outputs[0], ref[0].outputs[0])
+    for o in outs:
+        for c in o.outputs:
+            llm.release(c.handle)
+    for h, _ in handles:
+        llm.release(h)
+
+
+def test_seeded_forks_sample_like_scratch(engines):
+    llm, scratch = engines
+    h, full = _trace(llm, 9)
+    sp = SamplingParams(n=4, temperature=1.0, top_k=20, max_tokens=8, seed=123)
+    forked = llm.fork(h, at=[33], suffix=[1, 2], params=sp)[0]
+    ref = scratch.generate([full[:33] + [1, 2]], sp)[0]
+    assert [c.token_ids for c in forked.outputs] == [c.token_ids for c in ref.outputs]
+    assert len({tuple(c.token_ids) for c in forked.outputs}) > 1    # the n samples differ
+    llm.release(h)
+
+
+def test_fork_shares_blocks_instead_of_copying(engines):
+    llm, _ = engines
+    h, full = _trace(llm, 11, plen=40, gen=40)                       # 80 tokens, 10 blocks of 8
+    used0 = llm.kv_stats()["used_blocks"]
+    outs = llm.generate([Fork(h, at=65)], SamplingParams(n=4, max_tokens=3, **GREEDY), keep=True)
+    st = llm.kv_stats()
+    # the 8 full blocks before token 64 are shared; each branch owns its tail (65..70 -> 1 block)
+    assert st["used_blocks"] - used0 == 4
+    assert st["shared_blocks"] >= 8
+    for c in outs[0].outputs:
+        llm.release(c.handle)
+    llm.release(h)
+
+
+def test_bad_forks_raise_and_engine_keeps_working(engines):
+    llm, _ = engines
+    h, full = _trace(llm, 13, plen=12, gen=6)
+    for at in (0, len(full) + 1, -1):
+        with pytest.raises(ValueError, match="fork position"):
+            llm.generate([Fork(h, at=at)], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="fork position"):
+        llm.fork(h, at=[3, 2.5])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.fork(h, at=[3], suffix=[10**6])
+    with pytest.raises(TypeError):
+        llm.fork("not a handle", at=[3])
+    llm.release(h)
+    with pytest.raises(ValueError, match="released"):
+        llm.release(h)
+    with pytest.raises(ValueError, match="released"):
+        llm.fork(h, at=[3])
+    out = llm.generate([full[:5]], SamplingParams(max_tokens=3, **GREEDY))
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_all_blocks_free_at_the_end(engines):
+    for llm in engines:
+        llm.reset_prefix_cache()
+        st = llm.kv_stats()
+        assert st["kept_handles"] == 0 and st["free_blocks"] == st["total_blocks"]

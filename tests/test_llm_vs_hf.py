@@ -1,0 +1,91 @@
+"""The engine against transformers on tiny random Llama (GQA) and Qwen2 (qkv bias, tied embeddings):
+greedy tokens, logprobs of the same tokens, concurrency, chunked prefill and preemption."""
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mrt_engine import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+def _prompts(k, seed=0, lo=3, hi=70):
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randrange(lo, hi))] for _ in range(k)]
+
+
+def _hf_logprobs(hf, prompt, gen, temperature=1.0):
+    """log_softmax(logits / T) at every generated position, and the argmax tokens there."""
+    ids = torch.tensor([prompt + gen])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1), logits.argmax(-1).tolist()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tiny_llama_dir, tiny_qwen2_dir):
+    path = tiny_llama_dir if request.param == "llama" else tiny_qwen2_dir
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(path, dtype="float32", num_blocks=512)
+    return path, hf, llm
+
+
+def _check_against_hf(hf, prompt, out, temperature=1.0, greedy=True):
+    lp, argmax = _hf_logprobs(hf, prompt, out.token_ids, temperature)
+    if greedy:
+        assert out.token_ids == argmax
+    ref = lp.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), ref, rtol=0, atol=1e-4)
+
+
+def test_greedy_tokens_and_logprobs_match_transformers_batched(pair):
+    _, hf, llm = pair
+    prompts = _prompts(6)
+    outs = llm.generate(prompts, GREEDY)
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        assert len(c.token_ids) == 48 and c.finish_reason == "length"
+        _check_against_hf(hf, p, c)
+
+
+def test_concurrent_mixed_lengths_equal_alone(pair):
+    _, _, llm = pair
+    prompts = _prompts(8, seed=1, lo=1, hi=120)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (5, 40, 17, 1, 33, 8, 25, 12)]
+    together = llm.generate(prompts, params)
+    for p, sp, t in zip(prompts, params, together):
+        alone = llm.generate([p], sp)[0].outputs[0]
+        assert alone.token_ids == t.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(t.outputs[0].logprobs),
+                                   rtol=0, atol=1e-4)
+
+
+def test_sampled_logprobs_are_tempered_log_softmax(pair):
+    _, hf, llm = pair
+    prompt = _prompts(1, seed=2)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.7, top_p=0.9, max_tokens=20, seed=1,
+                                                ignore_eos=True))[0].outputs[0]
+    _check_against_hf(hf, prompt, out, temperature=0.7, greedy=False)
+
+
+def test_chunked_prefill_and_preemption_keep_greedy_outputs(pair):
+    path, hf, llm = pair
+    prompts = _prompts(5, seed=3, lo=20, hi=60)
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    small = LLM(path, dtype="float32", num_blocks=14, block_size=8, max_num_batched_tokens=24)
+    outs = small.generate(prompts, sp)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    st = small.kv_stats()
+    assert st["num_preemptions"] > 0
+    small.reset_prefix_cache()
+    assert small.kv_stats()["free_blocks"] == st["total_blocks"]
+
+
+def test_all_blocks_free_after_everything(pair):
+    _, _, llm = pair
+    llm.reset_prefix_cache()
+    st = llm.kv_stats()
+    assert st["free_blocks"] == st["total_blocks"] and st["used_blocks"] == 0
