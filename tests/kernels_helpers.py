@@ -51,3 +51,59 @@ def random_tables(lengths, block_size, num_blocks, seed=0, shared=None):
 
 def poisoned(*shape, dtype=torch.float32):
     return torch.full(shape, NAN, dtype=dtype)
+
+
+def build_step(prefills, groups, block_size, seed=0, num_blocks=None):
+    """One step's AttentionMetadata over a random block assignment.
+
+    prefills: [(cached_len, num_new)]; groups: [(num_shared_blocks, [own tokens per row])], each
+    decode row's context = shared blocks + own tokens (its current token included).
+    Returns (meta, num_blocks used).
+    """
+    import random
+
+    from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
+
+    bs = block_size
+    need = sum(math.ceil((c + n) / bs) for c, n in prefills) + sum(
+        ns + sum(math.ceil(o / bs) for o in own) for ns, own in groups)
+    num_blocks = num_blocks or need + 2
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+
+    def take(n):
+        nonlocal free
+        out, free = free[:n], free[n:]
+        return out
+
+    slots, positions, pseqs, n = [], [], [], 0
+    for cached, new in prefills:
+        ctx = cached + new
+        table = take(math.ceil(ctx / bs))
+        for p in range(cached, ctx):
+            slots.append(table[p // bs] * bs + p % bs)
+            positions.append(p)
+        pseqs.append(PrefillSeq(token_start=n, num_new=new, context_len=ctx, block_table=torch.tensor(table)))
+        n += new
+    tables, lens, ptr, rows, nshared = [], [], [0], [], []
+    for ns, own_lens in groups:
+        shared = take(ns)
+        for own in own_lens:
+            table = shared + take(math.ceil(own / bs))
+            ctx = ns * bs + own
+            rows.append(len(tables))
+            tables.append(table)
+            lens.append(ctx)
+            slots.append(table[(ctx - 1) // bs] * bs + (ctx - 1) % bs)
+            positions.append(ctx - 1)
+        ptr.append(len(rows))
+        nshared.append(ns)
+    kw = {}
+    if tables:
+        width = max(len(t) for t in tables)
+        kw = dict(decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+                  decode_context_lens=torch.tensor(lens), group_ptr=torch.tensor(ptr), group_rows=torch.tensor(rows),
+                  group_num_shared=torch.tensor(nshared), group_ptr_host=ptr, group_num_shared_host=nshared)
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slots), positions=torch.tensor(positions),
+                             num_prefill_tokens=n, prefill_seqs=pseqs, **kw)
+    return meta, num_blocks

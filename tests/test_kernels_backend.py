@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels_helpers import TOL
-from test_attention_torch import StepBuilder
+from kernels_helpers import TOL, build_step
 
 from mrt_engine.attention import TorchAttentionBackend, get_attention_backend
 from mrt_engine.attention_triton import TritonAttentionBackend
@@ -17,11 +16,10 @@ from mrt_engine.attention_triton import TritonAttentionBackend
 
 def _compare(prefills, groups, *, bs, hkv, grp, dh, dtype=torch.float32, deterministic=False, seed=0):
     torch.manual_seed(seed)
-    need = sum(-(-(c + n) // bs) for c, n in prefills) + sum(ns + sum(-(-o // bs) for o in own)
-                                                             for ns, own in groups)
-    metas = [StepBuilder(need + 2, bs, seed).build(prefills, groups)[0] for _ in range(2)]
+    (meta, num_blocks), (ref_meta, _) = (build_step(prefills, groups, bs, seed) for _ in range(2))
+    metas = [meta, ref_meta]            # one each: a backend caches its plan in the metadata
     n = metas[0].slot_mapping.shape[0]
-    k_cache = torch.randn(need + 2, bs, hkv, dh).to(dtype)
+    k_cache = torch.randn(num_blocks, bs, hkv, dh).to(dtype)
     v_cache = torch.randn_like(k_cache)
     q = torch.randn(n, hkv * grp, dh).to(dtype)
     k, v = torch.randn(n, hkv, dh).to(dtype), torch.randn(n, hkv, dh).to(dtype)
@@ -54,9 +52,8 @@ def test_non_power_of_two_head_dim_and_block_size():
 
 
 def test_decode_only_without_sharing_info():
-    builder = StepBuilder(30, 16, seed=4)
-    meta, _ = builder.build([], [(2, [3, 8]), (0, [40])])
-    ref_meta, _ = StepBuilder(30, 16, seed=4).build([], [(2, [3, 8]), (0, [40])])
+    meta, _ = build_step([], [(2, [3, 8]), (0, [40])], 16, seed=4, num_blocks=30)
+    ref_meta, _ = build_step([], [(2, [3, 8]), (0, [40])], 16, seed=4, num_blocks=30)
     for m in (meta, ref_meta):
         m.group_ptr_host, m.group_num_shared_host = [], []
         m.group_ptr = m.group_rows = m.group_num_shared = None
