@@ -17,7 +17,7 @@ The gather indices and masks are built once per step (`_DecodePlan`) and reused 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -73,19 +73,36 @@ class _Batch:
     """One padded batch of decode work: `rows` query rows per item against `blocks` cache blocks."""
     rows: torch.Tensor        # [I, R] decode row index per (item, slot); padding repeats a valid row
     blocks: torch.Tensor      # [I, Bk] block ids, padding block 0
-    key_mask: torch.Tensor    # [I, 1, 1, Bk*bs] fp32 additive: 0 for valid keys, -inf for padding
+    key_mask: torch.Tensor | None  # [I, 1, 1, Bk*bs] fp32 additive: -inf on padding; None if none
     out_rows: torch.Tensor    # [V] decode rows receiving results (valid slots only)
     out_sel: torch.Tensor     # [V] flat (item * R + slot) positions of those results
+    _masks: dict = field(default_factory=dict)
+
+    def mask_in(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The key mask cast to `dtype` once per step, not once per layer."""
+        if self.key_mask is None or self.key_mask.dtype == dtype:
+            return self.key_mask
+        if dtype not in self._masks:
+            self._masks[dtype] = self.key_mask.to(dtype)
+        return self._masks[dtype]
 
 
 @dataclass
 class _DecodePlan:
-    shared: list[_Batch]      # per batch of groups: shared blocks, all rows of the group
-    own: list[_Batch]         # per length bucket: one row per item, its non-shared blocks
+    own: list[_Batch]         # per length bucket: one row per item, its tokens after the shared blocks
+    shared: list[_Batch]      # per batch of prefix-tree segments: a run of blocks, every row below it
+    shared_rows: torch.Tensor | None  # [P] decode row of each shared partial, in batch order
 
 
 def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _DecodePlan:
-    """Index tensors for the decode part, built once per step on the host."""
+    """Index tensors for the decode part, built once per step on the host.
+
+    1. Groups with more than one row and shared blocks go into a prefix tree over their shared
+       block ids: groups forked from one trace at several boundaries share the trace's blocks, so
+       each tree segment (a run of blocks) is read once for all the rows below it, not once per
+       group. 2. Segments of similar (rows, length) are padded into batches. 3. Each row's own
+       tokens (after its group's shared blocks) go into length buckets.
+    """
     bs = block_size
     ctx = meta.decode_context_lens.tolist()
     tables = meta.decode_block_tables
@@ -94,7 +111,6 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
     rows_by_group = meta.group_rows.tolist() if meta.group_rows is not None else list(range(len(ctx)))
     row_shared = [0] * len(ctx)
 
-    # 1. groups worth sharing: more than one row and at least one shared block
     groups = []
     for g in range(len(ptr) - 1):
         rows = rows_by_group[ptr[g]:ptr[g + 1]]
@@ -104,16 +120,22 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
             for r in rows:
                 assert ns * bs < ctx[r], "shared blocks must end before the row's current token"
                 row_shared[r] = ns
-    groups.sort(key=lambda x: x[0])
-    shared = []
-    for batch in _pack_by_length(groups, key=lambda x: x[0]):
-        lens = [ns * bs for ns, _ in batch]
-        first_rows = torch.tensor([rows[0] for _, rows in batch], dtype=torch.long)
-        nb = max(ns for ns, _ in batch)
-        blocks = tables.index_select(0, first_rows.to(tables.device))[:, :nb]
-        shared.append(_make_batch([rows for _, rows in batch], blocks, lens, nb * bs, device))
+    shared, shared_rows = [], []
+    if groups:
+        first = torch.tensor([rows[0] for _, rows in groups], dtype=torch.long, device=tables.device)
+        lists = tables.index_select(0, first).tolist()
+        items = [(lst[:ns], rows) for lst, (ns, rows) in zip(lists, groups)]
+        segments = []
+        _tree_segments(items, 0, segments)
+        segments.sort(key=lambda seg: (len(seg[1]), len(seg[0])))
+        for batch in _pack_segments(segments):
+            nb = max(len(blk) for blk, _ in batch)
+            blocks = torch.tensor([blk + [0] * (nb - len(blk)) for blk, _ in batch], dtype=torch.long)
+            b = _make_batch([rows for _, rows in batch], blocks, [len(blk) * bs for blk, _ in batch], nb * bs,
+                            device)
+            shared.append(b)
+            shared_rows.append(b.out_rows)
 
-    # 2. each row's own tokens: from its first non-shared block to its context length
     own_lens = [ctx[r] - row_shared[r] * bs for r in range(len(ctx))]
     order = sorted(range(len(ctx)), key=lambda r: own_lens[r])
     own = []
@@ -124,7 +146,53 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
         cols = (starts[:, None] + torch.arange(nb, device=tables.device)[None, :]).clamp_(max=tables.shape[1] - 1)
         blocks = tables[idx[:, None], cols]
         own.append(_make_batch([[r] for r in bucket], blocks, [own_lens[r] for r in bucket], nb * bs, device))
-    return _DecodePlan(shared, own)
+    return _DecodePlan(own, shared, torch.cat(shared_rows) if shared_rows else None)
+
+
+def _tree_segments(items: list[tuple[list[int], list[int]]], start: int, out: list) -> None:
+    """Split (block list, rows) items, which agree on blocks[:start], into prefix-tree segments.
+
+    Appends (blocks, rows) per segment: the longest run from `start` on which all items agree,
+    with the rows of all of them; then recurses into the items grouped by their next block.
+    """
+    while True:
+        end = min(len(blk) for blk, _ in items)
+        ref = items[0][0]
+        for blk, _ in items[1:]:
+            e = start
+            while e < end and blk[e] == ref[e]:
+                e += 1
+            end = e
+        if end > start:
+            out.append((ref[start:end], [r for _, rows in items for r in rows]))
+        children: dict[int, list] = {}
+        for blk, rows in items:
+            if len(blk) > end:
+                children.setdefault(blk[end], []).append((blk, rows))
+        if len(children) == 1 and all(len(blk) > end for blk, _ in items):
+            items, start = next(iter(children.values())), end  # one branch continues: no recursion
+            continue
+        for child in children.values():
+            _tree_segments(child, end, out)
+        return
+
+
+def _pack_segments(segments: list) -> list[list]:
+    """Batches of (blocks, rows) segments, sorted by (rows, length), whose padded area stays in the slack."""
+    batches, cur = [], []
+    area = r_max = l_max = 0
+    for blk, rows in segments:
+        r, n = len(rows), len(blk)
+        rm, lm = max(r_max, r), max(l_max, n)
+        if cur and (len(cur) + 1) * rm * lm > _SHARED_PAD_SLACK * (area + r * n):
+            batches.append(cur)
+            cur, area, rm, lm = [], 0, r, n
+        cur.append((blk, rows))
+        area += r * n
+        r_max, l_max = rm, lm
+    if cur:
+        batches.append(cur)
+    return batches
 
 
 def _pack_by_length(items: list, key) -> list[list]:
@@ -150,15 +218,18 @@ def _make_batch(rows_per_item: list[list[int]], blocks: torch.Tensor, lens: list
         rows.append(rs + [rs[0]] * (r_max - len(rs)))
         out_rows.extend(rs)
         out_sel.extend(i * r_max + j for j in range(len(rs)))
-    lens_t = torch.tensor(lens, dtype=torch.long)
-    mask = torch.zeros(len(lens), width, dtype=torch.float32)
-    mask.masked_fill_(torch.arange(width)[None, :] >= lens_t[:, None], float("-inf"))
+    mask = None
+    if min(lens) < width:
+        lens_t = torch.tensor(lens, dtype=torch.long)
+        mask = torch.zeros(len(lens), width, dtype=torch.float32)
+        mask = mask.masked_fill_(torch.arange(width)[None, :] >= lens_t[:, None], float("-inf"))[:, None, None, :]
+        mask = mask.to(device)
 
     def dev(x):
         return x.to(device, non_blocking=True)
 
-    return _Batch(rows=dev(torch.tensor(rows, dtype=torch.long)), blocks=blocks.to(device),
-                  key_mask=dev(mask[:, None, None, :]), out_rows=dev(torch.tensor(out_rows, dtype=torch.long)),
+    return _Batch(rows=dev(torch.tensor(rows, dtype=torch.long)), blocks=blocks.to(device).contiguous(),
+                  key_mask=mask, out_rows=dev(torch.tensor(out_rows, dtype=torch.long)),
                   out_sel=dev(torch.tensor(out_sel, dtype=torch.long)))
 
 
@@ -168,17 +239,59 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     hq, dh = q.shape[1], q.shape[2]
     hkv = k_cache.shape[2]
     grp = hq // hkv
-    # [I, R, Hq, Dh] -> [I, Hkv, R*grp, Dh]: all query rows and GQA heads of a KV head become rows
-    qb = q[b.rows].view(num_items, r, hkv, grp, dh).permute(0, 2, 1, 3, 4).reshape(num_items, hkv, r * grp, dh)
-    kb = k_cache[b.blocks].view(num_items, -1, hkv, dh)    # [I, L, Hkv, Dh]
-    vb = v_cache[b.blocks].view(num_items, -1, hkv, dh)
-    scores = torch.matmul(qb, kb.permute(0, 2, 3, 1)).float() * scale + b.key_mask  # [I, Hkv, R*grp, L]
-    lse = torch.logsumexp(scores, dim=-1)                  # [I, Hkv, R*grp]
-    probs = torch.exp(scores - lse[..., None]).to(vb.dtype)
-    o = torch.matmul(probs, vb.transpose(1, 2)).float()    # [I, Hkv, R*grp, Dh]
+    # one gather of whole blocks per batch (contiguous chunks); the kernels read strided views of it
+    kb = k_cache.index_select(0, b.blocks.view(-1)).view(num_items, -1, hkv, dh)   # [I, L, Hkv, Dh]
+    vb = v_cache.index_select(0, b.blocks.view(-1)).view(num_items, -1, hkv, dh)
+    # [I*R, Hq, Dh] -> [I, Hkv, R*grp, Dh]: all query rows and GQA heads of one KV head become rows
+    qb = q.index_select(0, b.rows.view(-1)).view(num_items, r, hkv, grp, dh)
+    qb = qb.permute(0, 2, 1, 3, 4).reshape(num_items, hkv, r * grp, dh)
+    o, lse = _partial_attention(qb, kb, vb, b.mask_in(q.dtype), scale)   # [I, Hkv, M, Dh], [I, Hkv, M]
     o = o.view(num_items, hkv, r, grp, dh).permute(0, 2, 1, 3, 4).reshape(num_items * r, hq, dh)
     lse = lse.view(num_items, hkv, r, grp).permute(0, 2, 1, 3).reshape(num_items * r, hq)
     return o.index_select(0, b.out_sel), lse.index_select(0, b.out_sel)
+
+
+def _flash_cpu_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+# the fused CPU kernel (no materialised scores, fp32 accumulation, returns the LSE); tests flip this
+# to check the matmul twin too
+USE_FUSED_CPU_KERNEL = _flash_cpu_available()
+
+
+def _partial_attention(qb, kb, vb, key_mask, scale):
+    """Softmax attention with its log-sum-exp.
+
+    qb [I, Hkv, M, Dh]; kb, vb [I, L, Hkv, Dh] (views are fine); key_mask None or [I, 1, 1, L] fp32
+    additive. Returns (o [I, Hkv, M, Dh] in q's dtype or fp32, lse [I, Hkv, M] fp32).
+    """
+    if USE_FUSED_CPU_KERNEL and qb.device.type == "cpu":
+        mask = None if key_mask is None else key_mask.to(qb.dtype)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb, kb.transpose(1, 2), vb.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
+        return o, lse
+    num_items, hkv, m, dh = qb.shape
+    length = kb.shape[1]
+    # per-head matmuls read strided views of the gathered blocks: BLAS takes them without a copy;
+    # the softmax scale is folded into q (a small tensor) instead of the scores
+    qs = (qb * scale).transpose(0, 1)                                  # [Hkv, I, M, Dh]
+    scores = torch.empty(hkv, num_items, m, length, dtype=qb.dtype, device=qb.device)
+    for h in range(hkv):
+        torch.bmm(qs[h], kb[:, :, h].transpose(1, 2), out=scores[h])
+    s = scores.float()
+    if key_mask is not None:
+        s = s.add_(key_mask.transpose(0, 1))                          # -inf on padded keys
+    mx = s.amax(-1, keepdim=True)
+    p = s.sub_(mx).exp_()
+    denom = p.sum(-1, keepdim=True)                                   # [Hkv, I, M, 1] fp32
+    p = p.to(qb.dtype)
+    o = torch.empty(hkv, num_items, m, dh, dtype=qb.dtype, device=qb.device)
+    for h in range(hkv):
+        torch.bmm(p[h], vb[:, :, h], out=o[h])
+    o = o.float().div_(denom)
+    lse = mx.squeeze(-1) + denom.squeeze(-1).log()
+    return o.transpose(0, 1), lse.transpose(0, 1)
 
 
 class TorchAttentionBackend:
@@ -218,6 +331,7 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta, scale):
+        """Decode rows: own parts, prefix-tree segment parts, LSE-merged; returns fp32 [D, Hq, Dh]."""
         plan = meta.backend_cache.get("torch_decode_plan")
         if plan is None:
             plan = _build_decode_plan(meta, k_cache.shape[1], q.device)
@@ -227,15 +341,19 @@ class TorchAttentionBackend:
         lse_own = torch.empty(d, hq, dtype=torch.float32, device=q.device)
         for b in plan.own:
             o, lse = _attend_batch(q, k_cache, v_cache, b, scale)
-            o_own[b.out_rows] = o
+            o_own[b.out_rows] = o.float()
             lse_own[b.out_rows] = lse
         if not plan.shared:
             return o_own
-        o_sh = torch.zeros_like(o_own)
-        lse_sh = torch.full_like(lse_own, float("-inf"))
-        for b in plan.shared:
-            o, lse = _attend_batch(q, k_cache, v_cache, b, scale)
-            o_sh[b.out_rows] = o
-            lse_sh[b.out_rows] = lse
-        return merge_lse(o_own, lse_own, o_sh, lse_sh)[0]
-
+        parts = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.shared]
+        o_p = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]       # [P, Hq, Dh]
+        lse_p = torch.cat([lse for _, lse in parts]) if len(parts) > 1 else parts[0][1]  # [P, Hq]
+        # LSE merge of each row's own part with any number of tree segments, in a fixed order
+        # (own first, then segments in plan order), so results do not depend on timing
+        idx = plan.shared_rows
+        mx = lse_own.scatter_reduce(0, idx[:, None].expand_as(lse_p), lse_p, "amax")  # own lse finite
+        w_own = torch.exp(lse_own - mx)
+        w_p = torch.exp(lse_p - mx.index_select(0, idx))
+        num = (o_own * w_own[..., None]).index_add_(0, idx, o_p * w_p[..., None])
+        den = w_own.index_add_(0, idx, w_p)
+        return num.div_(den[..., None])

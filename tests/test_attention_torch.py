@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from mrt_engine import attention
 from mrt_engine.attention import (BACKEND_ENV, TorchAttentionBackend, get_attention_backend, merge_lse,
                                   store_kv)
 from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
@@ -38,14 +39,25 @@ class StepBuilder:
         self.rng = random.Random(seed)
         self.free = list(range(num_blocks))
         self.rng.shuffle(self.free)
+        self.trunks: dict[str, list[int]] = {}
 
     def blocks(self, n):
         assert len(self.free) >= n, "test needs more blocks"
         out, self.free = self.free[:n], self.free[n:]
         return out
 
+    def trunk(self, name, n):
+        """The first n blocks of a named trunk (a trace that several groups forked from)."""
+        blocks = self.trunks.setdefault(name, [])
+        if len(blocks) < n:
+            blocks += self.blocks(n - len(blocks))
+        return blocks[:n]
+
     def build(self, prefills, groups, device="cpu"):
-        """prefills: [(cached_len, num_new)]; groups: [(num_shared_blocks, [own_len per row])].
+        """prefills: [(cached_len, num_new)]; groups: [(num_shared_blocks, [own_len per row], trunk?)].
+
+        With a third element (name, k), the group's first k shared blocks are the named trunk's, so
+        groups forked from one trace at different points share a prefix of their shared blocks.
 
         Returns (meta, per-token (block_table, context_len, query index within its sequence)).
         """
@@ -64,8 +76,9 @@ class StepBuilder:
             n += new
         num_prefill = n
         tables, ctxs, ptr, rows, nshared = [], [], [0], [], []
-        for ns, own_lens in groups:
-            shared = self.blocks(ns)
+        for ns, own_lens, *trunk in groups:
+            shared = self.trunk(*trunk[0]) if trunk else []
+            shared = shared + self.blocks(ns - len(shared))
             for own in own_lens:
                 ctx = ns * bs + own
                 table = shared + self.blocks(-(-own // bs))
@@ -96,8 +109,8 @@ class StepBuilder:
 
 def run_case(prefills, groups, *, bs, hkv, grp, dh=12, dtype=torch.float32, seed=0, num_blocks=None):
     torch.manual_seed(seed)
-    need = sum(-(-(c + n) // bs) for c, n in prefills) + sum(ns + sum(-(-o // bs) for o in own)
-                                                             for ns, own in groups)
+    need = sum(-(-(c + n) // bs) for c, n in prefills) + sum(g[0] + sum(-(-o // bs) for o in g[1])
+                                                             for g in groups)
     builder = StepBuilder(num_blocks or need + 3, bs, seed)
     meta, seqs = builder.build(prefills, groups)
     n = meta.slot_mapping.shape[0]
@@ -120,9 +133,18 @@ def run_case(prefills, groups, *, bs, hkv, grp, dh=12, dtype=torch.float32, seed
     return meta
 
 
+@pytest.fixture(params=["fused", "matmul"])
+def kernel(request, monkeypatch):
+    """Run a test with the fused CPU flash kernel and with its matmul twin."""
+    if request.param == "fused" and not attention._flash_cpu_available():
+        pytest.skip("this torch has no fused CPU attention kernel")
+    monkeypatch.setattr(attention, "USE_FUSED_CPU_KERNEL", request.param == "fused")
+    return request.param
+
+
 @pytest.mark.parametrize("bs", [16, 5])
 @pytest.mark.parametrize("grp", [1, 2, 4])
-def test_mixed_step_matches_dense(bs, grp):
+def test_mixed_step_matches_dense(bs, grp, kernel):
     prefills = [(0, 23), (2 * bs + 3, 7), (bs, 1), (0, 1)]   # fresh prompt, extend over a cache, 1-token chunks
     groups = [
         (3, [1, 4, bs + 2, 9]),     # shared prefix, rows of different private lengths
@@ -135,7 +157,7 @@ def test_mixed_step_matches_dense(bs, grp):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_steps(seed):
+def test_random_steps(seed, kernel):
     rng = random.Random(seed)
     bs = rng.choice([5, 16, 7])
     prefills = [(rng.choice([0, rng.randrange(1, 60)]), rng.randrange(1, 40)) for _ in range(rng.randrange(0, 3))]
@@ -157,7 +179,25 @@ def test_many_groups_of_similar_length_share_batches():
     assert 1 <= len(plan.shared) < 12
 
 
-def test_bfloat16_close_to_fp32_oracle():
+@pytest.mark.parametrize("bs", [16, 5])
+def test_groups_forked_from_one_trace_share_tree_segments(bs, kernel):
+    # two traces; groups forked at several points of each (nested shared prefixes), one group whose
+    # shared blocks equal a trunk prefix exactly, one fork of a fork, and unrelated groups
+    groups = [
+        (4, [3, 1, 7], ("t0", 2)), (6, [2, 2], ("t0", 5)), (9, [bs, 4, 1, 2], ("t0", 9)),
+        (7, [5, 6], ("t0", 7)), (3, [1, 1, 1], ("t1", 3)), (5, [9, 2], ("t1", 3)),
+        (2, [4, 4]), (0, [30]), (3, [1], ("t1", 3)),
+    ]
+    meta = run_case([(bs + 2, 5)], groups, bs=bs, hkv=2, grp=2, seed=bs)
+    plan = meta.backend_cache["torch_decode_plan"]
+    rows_per_row = torch.bincount(plan.shared_rows, minlength=meta.num_decode)
+    assert rows_per_row.max() >= 3, "rows of nested groups must see several tree segments"
+    keys_read = sum(b.blocks.numel() for b in plan.shared)
+    per_group = sum(g[0] for g in groups if len(g[1]) > 1)
+    assert keys_read < per_group, "the tree reads trunk blocks once, not once per group"
+
+
+def test_bfloat16_close_to_fp32_oracle(kernel):
     run_case([(10, 9)], [(3, [4, 6]), (0, [11])], bs=16, hkv=2, grp=2, dtype=torch.bfloat16)
 
 

@@ -55,10 +55,11 @@ class DecoderLayer(nn.Module):
         n = h.shape[0]
         s = self.spec
         qkv = self.qkv_proj(self.input_layernorm(h))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(n, s.num_heads, s.head_dim), cos, sin)
-        k = apply_rope(k.view(n, s.num_kv_heads, s.head_dim), cos, sin)
-        v = v.view(n, s.num_kv_heads, s.head_dim)
+        # q and k heads rotate together: one RoPE pass over [N, Hq + Hkv, Dh]
+        qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(n, s.num_heads + s.num_kv_heads, s.head_dim),
+                        cos, sin)
+        q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
+        v = qkv[:, self.q_size + self.kv_size:].view(n, s.num_kv_heads, s.head_dim)
         o = backend.forward(q, k, v, k_cache, v_cache, meta, s.scale)
         h = h + self.o_proj(o.reshape(n, self.q_size))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)
