@@ -1,0 +1,188 @@
+"""The public API: outputs, stop rules, seeds, keep/release, update_weights, kv_stats, bad input."""
+import json
+import os
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mrt_engine import LLM, Fork, RequestOutput, SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen2_dir):
+    return LLM(tiny_qwen2_dir, num_blocks=512)
+
+
+def _prompt(seed, n=20):
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def test_text_prompts_outputs_and_order(llm):
+    outs = llm.generate(["hello world", "a", "the quick brown fox"], SamplingParams(max_tokens=7, **GREEDY))
+    assert [o.prompt for o in outs] == ["hello world", "a", "the quick brown fox"]
+    tok = llm.get_tokenizer()
+    for o in outs:
+        assert isinstance(o, RequestOutput) and o.finished
+        assert o.prompt_token_ids == tok(o.prompt).input_ids
+        c = o.outputs[0]
+        assert len(c.token_ids) == 7 and len(c.logprobs) == 7 and c.finish_reason == "length"
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert c.handle is None
+    # one token-id prompt, a single string, and logprobs off
+    one = llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=False, **GREEDY))
+    assert len(one) == 1 and one[0].outputs[0].logprobs is None
+    assert len(llm.generate("hi", SamplingParams(max_tokens=2))) == 1
+
+
+def test_stop_token_ids_and_eos(llm):
+    prompt = _prompt(2)
+    base = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0].outputs[0].token_ids
+    stop_tok = base[10]
+    first = base.index(stop_tok)
+    out = llm.generate([prompt], SamplingParams(max_tokens=30, stop_token_ids=[stop_tok], **GREEDY))[0].outputs[0]
+    assert out.token_ids == base[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_tok
+    # the same token as eos stops unless ignore_eos
+    saved = llm.eos_token_ids
+    llm._stop.eos = frozenset([stop_tok])
+    try:
+        out = llm.generate([prompt], SamplingParams(max_tokens=30, temperature=0))[0].outputs[0]
+        assert out.token_ids == base[:first + 1] and out.finish_reason == "stop"
+        out = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0].outputs[0]
+        assert out.token_ids == base
+    finally:
+        llm._stop.eos = frozenset(saved)
+
+
+def test_stop_string_truncates_text(llm):
+    tok = llm.get_tokenizer()
+    prompt = tok("Once upon a time").input_ids
+    base = llm.generate([prompt], SamplingParams(max_tokens=40, **GREEDY))[0].outputs[0]
+    text = base.text
+    # a printable two-character stop string from the middle of the text
+    k = next(i for i in range(8, len(text) - 2) if text[i:i + 2].isprintable() and text[i:i + 2].strip())
+    stop = text[k:k + 2]
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, stop=[stop, "\x00never"], **GREEDY))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.find(stop)]
+    assert out.token_ids == base.token_ids[:len(out.token_ids)] and len(out.token_ids) < 40
+
+
+def test_seeded_sampling_is_batch_invariant_and_engine_seed_reproducible(llm, tiny_qwen2_dir):
+    sp = SamplingParams(n=3, temperature=1.0, top_p=0.95, min_p=0.01, max_tokens=12, seed=42)
+    alone = llm.generate([_prompt(3)], sp)[0]
+    mixed = llm.generate([_prompt(4, 33), _prompt(3), _prompt(5, 7)],
+                         [SamplingParams(n=2, max_tokens=20), sp, SamplingParams(temperature=0.5, max_tokens=4)])[1]
+    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in mixed.outputs]
+    # unseeded requests draw their seed from LLM(seed=...)
+    a = LLM(tiny_qwen2_dir, num_blocks=64, seed=7).generate([_prompt(6)], SamplingParams(max_tokens=10))
+    b = LLM(tiny_qwen2_dir, num_blocks=64, seed=7).generate([_prompt(6)], SamplingParams(max_tokens=10))
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+
+
+def test_prefix_cache_reuse_and_stats(llm):
+    prompt = _prompt(8, 70)
+    llm.generate([prompt], SamplingParams(max_tokens=2, **GREEDY))
+    hits0 = llm.kv_stats()["prefix_cache_hit_tokens"]
+    out = llm.generate([prompt[:66] + [1, 2]], SamplingParams(max_tokens=2, **GREEDY))[0]
+    assert out.num_cached_tokens == 64
+    st = llm.kv_stats()
+    assert st["prefix_cache_hit_tokens"] - hits0 == 64
+    for key in ("total_blocks", "free_blocks", "shared_blocks", "prefix_cache_hit_tokens", "cached_blocks"):
+        assert key in st
+
+
+def test_update_weights_changes_outputs_and_drops_prefix_cache(llm, make_tiny_model, tmp_path):
+    other = make_tiny_model(tmp_path / "other", "qwen2", seed=1)
+    prompt = _prompt(9, 40)
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    before = llm.generate([prompt], sp, keep=True)[0].outputs[0]
+    assert llm.kv_stats()["cached_blocks"] > 0
+    want = LLM(other, num_blocks=64).generate([prompt], sp)[0].outputs[0].token_ids
+    v = llm.weight_version
+    llm.update_weights(load_file(os.path.join(other, "model.safetensors")))
+    assert llm.weight_version == v + 1
+    st = llm.kv_stats()
+    assert st["cached_blocks"] == 0          # old-version prefix blocks dropped (the handle keeps its own)
+    assert llm.generate([prompt], sp)[0].outputs[0].token_ids == want != before.token_ids
+    with pytest.raises(ValueError, match="weight version"):
+        llm.fork(before.handle, at=[5])
+    llm.release(before.handle)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        llm.update_weights({"model.nope.weight": torch.zeros(3)})
+    with pytest.raises(ValueError):
+        llm.update_weights({"model.norm.weight": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ([[]], ValueError, "empty"),
+    ([""], ValueError, "empty"),
+    ([[1, 2, 10**6]], ValueError, "outside the vocabulary"),
+    ([[1, -1]], ValueError, "outside the vocabulary"),
+    ([[1, 2.0]], TypeError, "ints"),
+    ([None], TypeError, "str or a list of token ids"),
+    (42, TypeError, "prompts must be"),
+    ([[5] * 600], ValueError, "max_model_len"),
+])
+def test_bad_prompts_raise_and_engine_keeps_working(llm, bad, exc, match):
+    free0 = llm.kv_stats()["free_blocks"] + llm.kv_stats()["cached_blocks"]
+    with pytest.raises(exc, match=match):
+        llm.generate(bad, SamplingParams(max_tokens=2))
+    assert llm.kv_stats()["free_blocks"] + llm.kv_stats()["cached_blocks"] == free0
+    assert len(llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2
+
+
+def test_bad_params_and_handles(llm, tiny_qwen2_dir):
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate([[1], [2]], [SamplingParams()])
+    with pytest.raises(TypeError):
+        llm.generate([[1]], {"temperature": 0})
+    small = LLM(tiny_qwen2_dir, num_blocks=4, block_size=16)
+    with pytest.raises(ValueError, match="KV blocks"):   # can never fit: refused up front
+        small.generate([[1] * 60], SamplingParams(max_tokens=10))
+    assert small.generate([[1] * 60], SamplingParams(max_tokens=4))[0].outputs[0].finish_reason == "length"
+    with pytest.raises(TypeError):
+        llm.release(None)
+    h = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), keep=True)[0].outputs[0].handle
+    llm.release(h)
+    with pytest.raises(ValueError, match="already released"):
+        llm.release(h)
+    with pytest.raises(ValueError, match="already released"):
+        llm.generate([Fork(h, at=1)], SamplingParams(max_tokens=2))
+
+
+def test_model_folder_errors(tmp_path, tiny_llama_dir):
+    with pytest.raises(FileNotFoundError):
+        LLM(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError):
+        LLM(str(broken))
+    noweights = tmp_path / "noweights"
+    shutil.copytree(tiny_llama_dir, noweights)
+    os.remove(noweights / "model.safetensors")
+    with pytest.raises(FileNotFoundError):
+        LLM(str(noweights))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(ValueError):
+        LLM(str(corrupt))
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(tiny_llama_dir, block_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(tiny_llama_dir, dtype="int8")
+    cfg = json.loads((broken.parent / "noweights" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_all_blocks_free_at_the_end(llm):
+    llm.reset_prefix_cache()
+    st = llm.kv_stats()
+    assert st["kept_handles"] == 0 and st["free_blocks"] == st["total_blocks"]
