@@ -130,7 +130,7 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
         segments.sort(key=lambda seg: (len(seg[1]), len(seg[0])))
         for batch in _pack_segments(segments):
             nb = max(len(blk) for blk, _ in batch)
-            blocks = torch.tensor([blk + [0] * (nb - len(blk)) for blk, _ in batch], dtype=torch.long)
+            blocks = [blk + [0] * (nb - len(blk)) for blk, _ in batch]
             b = _make_batch([rows for _, rows in batch], blocks, [len(blk) * bs for blk, _ in batch], nb * bs,
                             device)
             shared.append(b)
@@ -139,13 +139,19 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
     own_lens = [ctx[r] - row_shared[r] * bs for r in range(len(ctx))]
     order = sorted(range(len(ctx)), key=lambda r: own_lens[r])
     own = []
-    for bucket in _pack_by_length(order, key=lambda r: own_lens[r]):
-        nb = max(-(-own_lens[r] // bs) for r in bucket)
-        idx = torch.tensor(bucket, dtype=torch.long, device=tables.device)
-        starts = torch.tensor([row_shared[r] for r in bucket], dtype=torch.long, device=tables.device)
-        cols = (starts[:, None] + torch.arange(nb, device=tables.device)[None, :]).clamp_(max=tables.shape[1] - 1)
-        blocks = tables[idx[:, None], cols]
-        own.append(_make_batch([[r] for r in bucket], blocks, [own_lens[r] for r in bucket], nb * bs, device))
+    if ctx:
+        # every row's own blocks in one gather: table[r, row_shared[r] + j], padded past the table end
+        max_nb = max(-(-n // bs) for n in own_lens)
+        starts = torch.tensor(row_shared + order, dtype=torch.long).to(tables.device)
+        cols = (starts[:len(ctx), None] + torch.arange(max_nb, device=tables.device)[None, :])
+        own_blocks = tables.gather(1, cols.clamp_(max=tables.shape[1] - 1))    # [D, max_nb]
+        sorted_blocks = own_blocks.index_select(0, starts[len(ctx):])         # rows in `order`
+        at = 0
+        for bucket in _pack_by_length(order, key=lambda r: own_lens[r]):
+            nb = max(-(-own_lens[r] // bs) for r in bucket)
+            blocks = sorted_blocks[at:at + len(bucket), :nb]
+            at += len(bucket)
+            own.append(_make_batch([[r] for r in bucket], blocks, [own_lens[r] for r in bucket], nb * bs, device))
     return _DecodePlan(own, shared, torch.cat(shared_rows) if shared_rows else None)
 
 
@@ -210,27 +216,35 @@ def _pack_by_length(items: list, key) -> list[list]:
     return batches
 
 
-def _make_batch(rows_per_item: list[list[int]], blocks: torch.Tensor, lens: list[int], width: int,
-                device) -> _Batch:
+def _make_batch(rows_per_item: list[list[int]], blocks, lens: list[int], width: int, device) -> _Batch:
+    """Pack one batch; `blocks` is a padded [I, Bk] tensor or a list of equal-length lists."""
     r_max = max(len(r) for r in rows_per_item)
+    num_items = len(rows_per_item)
     rows, out_rows, out_sel = [], [], []
     for i, rs in enumerate(rows_per_item):
-        rows.append(rs + [rs[0]] * (r_max - len(rs)))
-        out_rows.extend(rs)
-        out_sel.extend(i * r_max + j for j in range(len(rs)))
+        rows += rs
+        if len(rs) < r_max:
+            rows += [rs[0]] * (r_max - len(rs))
+        out_rows += rs
+        out_sel += range(i * r_max, i * r_max + len(rs))
+    flat = rows + out_rows + out_sel + lens   # one host tensor, one device copy
+    if isinstance(blocks, list):
+        for blk in blocks:
+            flat += blk
+    host = torch.tensor(flat, dtype=torch.long)
+    nv = len(out_rows)
+    t = host.to(device, non_blocking=True) if torch.device(device).type != "cpu" else host
+    o = num_items * r_max
+    if isinstance(blocks, list):
+        blocks = t[o + 2 * nv + num_items:].view(num_items, -1)
     mask = None
     if min(lens) < width:
-        lens_t = torch.tensor(lens, dtype=torch.long)
-        mask = torch.zeros(len(lens), width, dtype=torch.float32)
+        lens_t = host[o + 2 * nv:o + 2 * nv + num_items]
+        mask = torch.zeros(num_items, width, dtype=torch.float32)
         mask = mask.masked_fill_(torch.arange(width)[None, :] >= lens_t[:, None], float("-inf"))[:, None, None, :]
         mask = mask.to(device)
-
-    def dev(x):
-        return x.to(device, non_blocking=True)
-
-    return _Batch(rows=dev(torch.tensor(rows, dtype=torch.long)), blocks=blocks.to(device).contiguous(),
-                  key_mask=mask, out_rows=dev(torch.tensor(out_rows, dtype=torch.long)),
-                  out_sel=dev(torch.tensor(out_sel, dtype=torch.long)))
+    return _Batch(rows=t[:o].view(num_items, r_max), blocks=blocks.to(device).contiguous(), key_mask=mask,
+                  out_rows=t[o:o + nv], out_sel=t[o + nv:o + 2 * nv])
 
 
 def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: _Batch, scale: float):
@@ -314,18 +328,21 @@ class TorchAttentionBackend:
     def _prefill(q, k, v, k_cache, v_cache, meta, scale, out):
         hkv, dh = k_cache.shape[2], k_cache.shape[3]
         bs = k_cache.shape[1]
-        for s in meta.prefill_seqs:
+        masks = meta.backend_cache.setdefault("torch_prefill_masks", {})
+        for i, s in enumerate(meta.prefill_seqs):
             a, n, ctx = s.token_start, s.num_new, s.context_len
             qq = q[a:a + n].transpose(0, 1)                                            # [Hq, n, Dh]
             if n == ctx:  # nothing cached before: the new K/V are the whole context
                 kk, vv = k[a:a + n].transpose(0, 1), v[a:a + n].transpose(0, 1)
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
             else:
-                nb = -(-ctx // bs)
-                kk = k_cache[s.block_table[:nb]].view(-1, hkv, dh)[:ctx].transpose(0, 1)  # [Hkv, ctx, Dh]
-                vv = v_cache[s.block_table[:nb]].view(-1, hkv, dh)[:ctx].transpose(0, 1)
-                # query i sits at position ctx - n + i and sees keys 0 .. ctx - n + i
-                mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(diagonal=ctx - n)
+                blocks = s.block_table[:-(-ctx // bs)]
+                kk = k_cache.index_select(0, blocks).view(-1, hkv, dh)[:ctx].transpose(0, 1)  # [Hkv, ctx, Dh]
+                vv = v_cache.index_select(0, blocks).view(-1, hkv, dh)[:ctx].transpose(0, 1)
+                mask = masks.get(i)
+                if mask is None:
+                    # query j sits at position ctx - n + j and sees keys 0 .. ctx - n + j
+                    mask = masks[i] = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(ctx - n)
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
             out[a:a + n] = o.transpose(0, 1)
 
