@@ -252,3 +252,12 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "bogus")
     with pytest.raises(ValueError, match="bogus"):
         get_attention_backend("auto", "cpu")
+
+
+def test_triton_backend_missing_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "mrt_engine.attention_triton", None)   # import now fails
+    with pytest.raises(ValueError, match="'triton' is not available"):
+        get_attention_backend("triton", "cpu")

@@ -71,6 +71,10 @@ def weight_files(model_dir) -> list[str]:
             raise FileNotFoundError(f"weight shard(s) listed in {index!r} are missing: {missing}")
         return files
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    # Mistral releases ship a second copy of the weights under their own names; skip it when the
+    # Hugging Face files are present
+    hf_files = [f for f in files if not os.path.basename(f).startswith("consolidated")]
+    files = hf_files or files
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {model_dir!r} (found: {sorted(os.listdir(model_dir))}); "
                                 "only safetensors checkpoints are supported")
