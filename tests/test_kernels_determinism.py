@@ -26,7 +26,7 @@ ROWS = {                                     # name: (block table, context lengt
 }
 
 
-def _meta(decode_rows, groups, prefill=None):
+def _meta(decode_rows, groups, prefill=None, device="cpu"):
     """decode_rows: names in row order; groups: [(row indices, num_shared)]; prefill: (table, n) or None."""
     slots, positions, seqs, n = [], [], [], 0
     if prefill is not None:
@@ -48,21 +48,42 @@ def _meta(decode_rows, groups, prefill=None):
         rows += members
         ptr.append(len(rows))
         ns.append(shared)
+    t = lambda x: torch.tensor(x, device=device)  # noqa: E731
+    for s in seqs:
+        s.block_table = s.block_table.to(device)
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots), positions=torch.tensor(positions), num_prefill_tokens=n,
-        prefill_seqs=seqs, decode_block_tables=torch.tensor(tables), decode_context_lens=torch.tensor(lens),
-        group_ptr=torch.tensor(ptr), group_rows=torch.tensor(rows), group_num_shared=torch.tensor(ns),
-        group_ptr_host=ptr, group_num_shared_host=ns)
+        slot_mapping=t(slots), positions=t(positions), num_prefill_tokens=n, prefill_seqs=seqs,
+        decode_block_tables=t(tables), decode_context_lens=t(lens), group_ptr=t(ptr), group_rows=t(rows),
+        group_num_shared=t(ns), group_ptr_host=ptr, group_num_shared_host=ns)
 
 
-def _run(backend, meta, q_by_row, kv_by_row, decode_rows, prefill_n=0):
-    k_cache, v_cache = random_cache(40, BS, HKV, DH, torch.float32, seed=1)
+def _run(backend, meta, q_by_row, kv_by_row, decode_rows, prefill_n=0, dtype=torch.float32):
+    dev = meta.slot_mapping.device
+    k_cache, v_cache = (c.to(dev) for c in random_cache(40, BS, HKV, DH, dtype, seed=1))
     g = torch.Generator().manual_seed(5)
     q = [torch.randn(prefill_n, HKV * GRP, DH, generator=g)] + [q_by_row[r][None] for r in decode_rows]
     k = [torch.randn(prefill_n, HKV, DH, generator=g)] + [kv_by_row[r][0][None] for r in decode_rows]
     v = [torch.randn(prefill_n, HKV, DH, generator=g)] + [kv_by_row[r][1][None] for r in decode_rows]
-    out = backend.forward(torch.cat(q), torch.cat(k), torch.cat(v), k_cache, v_cache, meta, DH ** -0.5)
+    q, k, v = (torch.cat(x).to(dev, dtype) for x in (q, k, v))
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, DH ** -0.5)
     return {r: out[prefill_n + i] for i, r in enumerate(decode_rows)}
+
+
+def check_bitwise_independence(q, kv, device="cpu", dtype=torch.float32):
+    """The property itself; also run natively on CUDA by tests/test_kernels_gpu.py."""
+    det = TritonAttentionBackend(deterministic=True, det_chunk=32)
+    alone = _run(det, _meta(["T"], [([0], 5)], device=device), q, kv, ["T"], dtype=dtype)["T"]
+    batch = ["U", "S1", "T", "S2", "S3"]
+    shared_meta = _meta(batch, [([0], 0), ([2, 1, 3, 4], 5)], prefill=([30, 31], 21), device=device)
+    shared = _run(det, shared_meta, q, kv, batch, prefill_n=21, dtype=dtype)
+    assert shared_meta.backend_cache["triton_plan_det"].shared is not None, "the cascade path was not taken"
+    unshared = _run(det, _meta(batch, [([i], 0) for i in range(5)], prefill=([30, 31], 21), device=device), q, kv,
+                    batch, prefill_n=21, dtype=dtype)
+    assert torch.equal(alone, shared["T"])
+    assert torch.equal(alone, unshared["T"])
+    for r in ("S1", "S2", "S3"):
+        assert torch.equal(shared[r], unshared[r])
+    return alone
 
 
 @pytest.fixture(scope="module")
@@ -75,18 +96,7 @@ def inputs():
 
 def test_row_output_is_bitwise_independent_of_batch_and_sharing(inputs):
     q, kv = inputs
-    det = TritonAttentionBackend(deterministic=True, det_chunk=32)
-    alone = _run(det, _meta(["T"], [([0], 5)]), q, kv, ["T"])["T"]
-    batch = ["U", "S1", "T", "S2", "S3"]
-    shared_meta = _meta(batch, [([0], 0), ([2, 1, 3, 4], 5)], prefill=([30, 31], 21))
-    shared = _run(det, shared_meta, q, kv, batch, prefill_n=21)
-    assert shared_meta.backend_cache["triton_plan_det"].shared is not None, "the cascade path was not taken"
-    unshared = _run(det, _meta(batch, [([i], 0) for i in range(5)], prefill=([30, 31], 21)), q, kv, batch,
-                    prefill_n=21)
-    assert torch.equal(alone, shared["T"])
-    assert torch.equal(alone, unshared["T"])
-    for r in ("S1", "S2", "S3"):
-        assert torch.equal(shared[r], unshared[r])
+    alone = check_bitwise_independence(q, kv)
     # and it is the right answer
     oracle = _run(TorchAttentionBackend(), _meta(["T"], [([0], 5)]), q, kv, ["T"])["T"]
     torch.testing.assert_close(alone, oracle, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,160 @@
+"""GPU checks (opt-in: `pytest -m gpu`, run by benchmarks/gpu_check.sh): the kernels compiled
+natively by Triton on CUDA vs their torch twins, the Triton backend vs the torch backend, and
+deterministic mode's bitwise batch invariance on real hardware (MMA tiles, not the interpreter).
+
+Runs without pytest too (`python tests/test_kernels_gpu.py`), for GPU machines that lack it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+from kernels_helpers import TOL, LSE_TOL, build_step, random_cache, random_tables  # noqa: E402
+
+from mrt_engine.kernels import reference as ref  # noqa: E402
+from mrt_engine.kernels.cascade_decode import cascade_decode  # noqa: E402
+from mrt_engine.kernels.extend import extend  # noqa: E402
+from mrt_engine.kernels.kv_store import kv_store  # noqa: E402
+from mrt_engine.kernels.merge import merge  # noqa: E402
+from mrt_engine.kernels.paged_decode import paged_decode  # noqa: E402
+
+CUDA = "cuda"
+SHAPES = [(16, 128, 4, 8, torch.bfloat16), (32, 64, 8, 2, torch.float16), (16, 64, 1, 2, torch.float32)]
+
+
+def _close(got, want, dtype, lse=False):
+    tol = (LSE_TOL if lse else TOL)[dtype]
+    got, want = got.float().cpu(), want.float().cpu()
+    assert not torch.isnan(got).any()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = ~torch.isinf(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=tol, atol=tol)
+
+
+def test_kv_store_cuda():
+    for bs, dh, _, hkv, dtype in SHAPES:
+        kc, vc = random_cache(6, bs, hkv, dh, dtype)
+        k, v = torch.randn(4, hkv, dh).to(dtype), torch.randn(4, hkv, dh).to(dtype)
+        slots = torch.tensor([1, bs + 3, -1, 5 * bs + bs - 1])
+        kg, vg = kc.to(CUDA), vc.to(CUDA)
+        kv_store(k.to(CUDA), v.to(CUDA), kg, vg, slots.to(CUDA))
+        ref.kv_store(k, v, kc, vc, slots)
+        assert torch.equal(kg.cpu(), kc) and torch.equal(vg.cpu(), vc)
+
+
+def test_paged_decode_and_merge_cuda():
+    for bs, dh, grp, hkv, dtype in SHAPES:
+        lens = [1, 300, 2 * bs + 5, 1000]
+        starts = [0, 64, 0, 1000]
+        kc, vc = random_cache(sum(-(-n // bs) for n in lens) + 2, bs, hkv, dh, dtype, seed=1)
+        tables = random_tables(lens, bs, kc.shape[0], seed=2)
+        q = torch.randn(4, hkv * grp, dh).to(dtype)
+        args = (q, kc, vc, tables, torch.tensor(starts), torch.tensor(lens), 0.08)
+        o, lse = paged_decode(*(a.to(CUDA) if torch.is_tensor(a) else a for a in args), split_size=128, num_splits=8)
+        o_ref, lse_ref = ref.paged_decode(*args, split_size=128, num_splits=8)
+        _close(o, o_ref, dtype)
+        _close(lse, lse_ref, dtype, lse=True)
+        m, mlse = merge(o, lse, out_dtype=dtype)
+        m_ref, mlse_ref = ref.merge(o_ref, lse_ref)
+        _close(m, m_ref, dtype)
+        _close(mlse, mlse_ref, dtype, lse=True)
+
+
+def test_cascade_decode_cuda():
+    for bs, dh, grp, hkv, dtype in SHAPES:
+        sizes, span = [16, 1, 5], 20 * bs
+        lens = [span + 7 + i for i in range(sum(sizes))] + [33]
+        shared, r = [], 0
+        for n in sizes:
+            shared.append((list(range(r, r + n)), 20))
+            r += n
+        kc, vc = random_cache(sum(-(-n // bs) for n in lens) + 2, bs, hkv, dh, dtype, seed=3)
+        tables = random_tables(lens, bs, kc.shape[0], seed=3, shared=shared)
+        ptr = torch.tensor([0, 16, 17, 22])
+        rows = torch.arange(22)
+        q = torch.randn(len(lens), hkv * grp, dh).to(dtype)
+        for absolute in (False, True):
+            starts, ends = torch.tensor([0, 0, 3 * bs]), torch.tensor([span, span, span])
+            args = (q, kc, vc, tables, ptr, rows, starts, ends, 0.1)
+            kw = dict(chunk_size=96, num_chunks=4, absolute=absolute)
+            o, lse = cascade_decode(*(a.to(CUDA) if torch.is_tensor(a) else a for a in args), **kw)
+            o_ref, lse_ref = ref.cascade_decode(*args, **kw)
+            _close(o, o_ref, dtype)
+            _close(lse, lse_ref, dtype, lse=True)
+
+
+def test_extend_cuda():
+    for bs, dh, grp, hkv, dtype in SHAPES:
+        seqs = [(0, 200), (300, 77), (bs, 0), (5, 1)]
+        lens = [c + n for c, n in seqs]
+        kc, vc = random_cache(sum(-(-n // bs) for n in lens) + 1, bs, hkv, dh, dtype, seed=4)
+        tables = random_tables(lens, bs, kc.shape[0], seed=4)
+        starts = [0, 200, 277, 277]
+        q = torch.randn(278, hkv * grp, dh).to(dtype)
+        args = (q, kc, vc, tables, torch.tensor(starts), torch.tensor([n for _, n in seqs]), torch.tensor(lens), 0.1)
+        o = extend(*(a.to(CUDA) if torch.is_tensor(a) else a for a in args))
+        _close(o, ref.extend(*args), dtype)
+
+
+def test_backend_matches_torch_backend_cuda():
+    from mrt_engine.attention import TorchAttentionBackend
+    from mrt_engine.attention_triton import TritonAttentionBackend
+
+    prefills, groups = [(0, 40), (100, 9)], [(30, [1, 4, 20, 9]), (1, [16]), (0, [70, 3]), (12, [2] * 16)]
+    for deterministic in (False, True):
+        for dtype in (torch.bfloat16, torch.float32):
+            outs = []
+            for backend in (TritonAttentionBackend(deterministic=deterministic), TorchAttentionBackend()):
+                meta, nb = build_step(prefills, groups, 16, seed=5)
+                meta = _to_cuda(meta)
+                torch.manual_seed(0)
+                kc, vc = (c.to(CUDA) for c in random_cache(nb, 16, 8, 128, dtype, seed=6))
+                n = meta.slot_mapping.shape[0]
+                q = torch.randn(n, 32, 128).to(CUDA, dtype)
+                k, v = torch.randn(n, 8, 128).to(CUDA, dtype), torch.randn(n, 8, 128).to(CUDA, dtype)
+                outs.append(backend.forward(q, k, v, kc, vc, meta, 128 ** -0.5))
+            _close(outs[0], outs[1], dtype)
+
+
+def test_deterministic_mode_bitwise_on_gpu():
+    import test_kernels_determinism as det
+
+    g = torch.Generator().manual_seed(0)
+    q = {r: torch.randn(det.HKV * det.GRP, det.DH, generator=g) for r in det.ROWS}
+    kv = {r: (torch.randn(det.HKV, det.DH, generator=g), torch.randn(det.HKV, det.DH, generator=g)) for r in det.ROWS}
+    for dtype in (torch.bfloat16, torch.float32):
+        det.check_bitwise_independence(q, kv, device=CUDA, dtype=dtype)
+
+
+def _to_cuda(meta):
+    for name in ("slot_mapping", "positions", "decode_block_tables", "decode_context_lens", "group_ptr",
+                 "group_rows", "group_num_shared"):
+        t = getattr(meta, name)
+        if t is not None:
+            setattr(meta, name, t.to(CUDA))
+    for s in meta.prefill_seqs:
+        s.block_table = s.block_table.to(CUDA)
+    return meta
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        print("no CUDA: nothing to run")
+        sys.exit(0)
+    failed = 0
+    for name, fn in list(globals().items()):
+        if name.startswith("test_") and callable(fn):
+            try:
+                fn()
+                print(f"PASSED {name}")
+            except Exception as exc:   # report all, fail at the end
+                failed += 1
+                print(f"FAILED {name}: {type(exc).__name__}: {exc}")
+    sys.exit(1 if failed else 0)
