@@ -149,7 +149,11 @@ class SamplingTensors:
 
 
 class Sampler:
-    """logits [M, V] float32 -> (tokens [R] int64, logprobs [R] float32)."""
+    """logits [M, V] float32 -> (tokens [R] int64, logprobs [R] float32).
+
+    Non-greedy rows take e = exp(x - max x), one pass: e sums to the softmax normaliser, its
+    maximum is exactly 1 (so min-p is `e < min_p`), and inverse-CDF sampling needs no
+    normalised probabilities."""
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits if st.logit_rows is None else logits.index_select(0, st.logit_rows)
@@ -160,20 +164,21 @@ class Sampler:
             return tokens, logprobs
         greedy = st.temperature == 0
         x = x / torch.where(greedy, torch.ones_like(st.temperature), st.temperature)[:, None]
-        lse = torch.logsumexp(x, dim=-1)                               # [R]
-        probs = torch.exp(x - lse[:, None])                            # [R, V]
-        sampled = self._sample(probs, st)
-        tokens = torch.where(greedy, x.argmax(dim=-1), sampled)
-        logprobs = x.gather(1, tokens[:, None])[:, 0] - lse
+        xmax, argmax = x.max(dim=-1)                                   # [R]
+        e = x.sub_(xmax[:, None]).exp_()                               # [R, V], in place: x is ours
+        lse = e.sum(dim=-1).log_()                                     # log-normaliser minus xmax
+        sampled = self._sample(e, st)
+        tokens = torch.where(greedy, argmax, sampled)
+        logprobs = e.gather(1, tokens[:, None])[:, 0].log_() - lse
         return tokens, logprobs
 
     @staticmethod
-    def _sample(probs: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        V = probs.shape[-1]
+    def _sample(e: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+        V = e.shape[-1]
         if st.any_top_k or st.any_top_p:
             # 1. sort once; top-k, then top-p on the top-k mass, then min-p, all as masks
-            sp, si = probs.sort(dim=-1, descending=True)                # [R, V]
-            rank = torch.arange(V, device=probs.device)
+            sp, si = e.sort(dim=-1, descending=True)                    # [R, V]
+            rank = torch.arange(V, device=e.device)
             k = torch.where(st.top_k < 0, torch.full_like(st.top_k, V), st.top_k.clamp(max=V))
             sp = sp.masked_fill(rank[None, :] >= k[:, None], 0.0)
             if st.any_top_p:
@@ -181,13 +186,13 @@ class Sampler:
                 # keep a token while the mass before it is under top_p; the first always stays
                 sp = sp.masked_fill(cum - sp >= st.top_p[:, None] * cum[:, -1:], 0.0)
             if st.any_min_p:
-                sp = sp.masked_fill(sp < (st.min_p * sp[:, 0])[:, None], 0.0)
+                sp = sp.masked_fill(sp < st.min_p[:, None], 0.0)
             idx = Sampler._inverse_cdf(sp, st.uniform)
             return si.gather(1, idx[:, None])[:, 0]
         if st.any_min_p:
-            pmax = probs.max(dim=-1).values
-            probs = probs.masked_fill(probs < (st.min_p * pmax)[:, None], 0.0)
-        return Sampler._inverse_cdf(probs, st.uniform)
+            # a copy: e still has to give the logprobs
+            return Sampler._inverse_cdf(e.masked_fill(e < st.min_p[:, None], 0.0), st.uniform)
+        return Sampler._inverse_cdf(e, st.uniform)
 
     @staticmethod
     def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
