@@ -66,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vllm-reps", type=int, default=3)
     p.add_argument("--hf-max-rows", type=int, default=256,
                    help="most rows (prompts x K) per transformers generate call")
+    p.add_argument("--trace-source", choices=("generate", "prefill"), default="generate",
+                   help="traces sampled by the engine (default), or random ids prefilled with keep=True "
+                   "(same fork phase, skips the slow trace decode: for checks on a busy machine)")
     p.add_argument("--no-sharing-mode", choices=("branch", "fork"), default="branch",
                    help="(b): 'branch' = every branch its own request (re-prefills its prefix, own "
                    "KV); 'fork' = one request per fork with n=K")
@@ -122,6 +125,8 @@ def run_transformers(model_dir: str, w: Workload, traces, args) -> dict:
         prompts = fork_prompts(traces, w, suffix_ids(w, forker.model.config.vocab_size, rep))
         last = forker.fork_phase(prompts, w.branches, w.answer_len, w.seed + rep, args.hf_max_rows)
         walls.append(last["wall_s"])
+        print(f"  rep {rep}: fork phase {last['wall_s']:.3f} s ({last['generate_calls']} generate calls)",
+              flush=True)
     del forker
     gc.collect()
     extra = {k: v for k, v in last.items() if k not in ("wall_s", "gen_tokens")}
@@ -149,6 +154,11 @@ def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
             res = json.load(f)
     walls = res.pop("walls_s")
     return summarize("vllm", walls, res.pop("gen_tokens"), **res)
+
+
+def print_one(r: dict) -> None:
+    print(f"  -> {r['label']}: {r['wall_s']:.3f} s, {r['gen_tok_s']} gen tok/s, prefill "
+          f"{r.get('prefill_tokens')} tokens, peak KV {r.get('peak_kv_mib')} MiB", flush=True)
 
 
 def print_table(results: dict) -> None:
@@ -186,10 +196,13 @@ def plot(results: dict, path: str, title: str) -> str | None:
         bars = ax.barh(names, vals, color=colors)
         ax.invert_yaxis()
         ax.set_title(head, fontsize=10)
+        ax.set_xlim(0, max(vals + [1e-9]) * 1.35)            # room for the value labels
         for b, r in zip(bars, ran.values()):
             v = r.get(key)
-            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, " n/a" if v is None else f" {v:,.4g}",
-                    va="center", fontsize=8)
+            text = " n/a" if v is None else f" {v:,.4g}"
+            if key == "wall_s" and r.get("speedup_vs_transformers") is not None:
+                text += f" ({r['speedup_vs_transformers']:g}x HF)"
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, text, va="center", fontsize=8)
         if ax is not axes[0]:
             ax.set_yticklabels([])
     fig.suptitle(title, fontsize=10)
@@ -234,6 +247,7 @@ def main(argv=None) -> int:
         for name, r in eng.items():
             walls = r.pop("walls_s")
             results[name] = summarize(name, walls, r.pop("gen_tokens"), **r)
+            print_one(results[name])
     if traces is None:
         traces = random_traces(w, vocab)
         print("traces: random token ids (the engine did not run)")
@@ -241,11 +255,13 @@ def main(argv=None) -> int:
     if "transformers" in args.engines:
         print("running (c) transformers ...", flush=True)
         results["transformers"] = run_transformers(model_dir, w, traces, args)
+        print_one(results["transformers"])
     # 4. (d) vLLM in its own interpreter
     if "vllm" in args.engines:
         print("running (d) vLLM ...", flush=True)
         try:
             results["vllm"] = run_vllm(model_dir, w, traces, vocab, args)
+            print_one(results["vllm"])
         except (RuntimeError, OSError) as e:
             print(f"vLLM failed: {e}", file=sys.stderr)
             results["vllm"] = {"label": LABELS["vllm"], "skipped": str(e)[-500:]}

@@ -91,7 +91,7 @@ def test_searcher_traces_parse():
 def test_forced_answer_uses_what_was_found():
     p = Problem((3, 2, 9, 1, 4), 13, (9, 4))
     thinking = ("Let me try 3+2=5, not 13.\n\nWait, 9+2=11, not 13.\n\n"
-                "Alternatively, 4+9=13. Found it.")
+                "Alternatively, 4+9=13. Found it: 4+9.")
     rng = random.Random(0)
     assert traces.forced_answer(p, thinking, rng) == (4, 9)
     # cut inside the winning sum ("=1" of "=13"): not found yet, so a guess among untried pairs

@@ -25,8 +25,8 @@ from mrt_engine.trainer.toy.tokenizer import build_tokenizer, save_tokenizer
 IGNORE = -100
 
 
-def model_config(vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 4,
-                 kv_heads: int = 2, intermediate: int = 512, max_len: int = 512):
+def model_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4,
+                 kv_heads: int = 2, intermediate: int = 384, max_len: int = 512):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -102,9 +102,9 @@ class ExampleMaker:
         return ids, labels, mask
 
 
-def train(seed: int = 0, out: str = "trainer/toy/model", steps: int = 1500, batch_size: int = 32,
-          lr: float = 3e-3, warmup: int = 100, hidden: int = 256, layers: int = 4,
-          intermediate: int = 512, threads: int = 1, log_every: int = 50) -> dict:
+def train(seed: int = 0, out: str = "trainer/toy/model", steps: int = 800, batch_size: int = 32,
+          lr: float = 3e-3, warmup: int = 100, hidden: int = 128, layers: int = 4,
+          intermediate: int = 384, threads: int = 1, log_every: int = 50) -> dict:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -163,12 +163,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="trainer/toy/model")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--intermediate", type=int, default=384)
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads; the result is bitwise reproducible for a fixed count")
     a = ap.parse_args(argv)

@@ -18,7 +18,7 @@ BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]  # pad id 0, bos 1, eos 2
 # Multi-character pieces that get one id each. Order matters only for the ids.
 PHRASES = [THINK_END, "<think>", "\\boxed{", "Find two of", "that sum to", FIRST_TRIGGER,
-           *TRIGGERS, CHECK_TRIGGER, ", not ", ". Found it.", ". Yes.", "Time is up.", "\n\n"]
+           *TRIGGERS, CHECK_TRIGGER, ", not ", ". Found it:", ". Yes.", "Time is up.", "\n\n"]
 CHARS = [c for c in string.printable if c not in "\r\x0b\x0c"]  # 94 visible, space, \t, \n
 
 

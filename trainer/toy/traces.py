@@ -8,7 +8,7 @@ thinking anywhere, appends FORCED_SUFFIX, and answers with what the prefix found
 the pairs it has not tried yet, so that the model's answer when cut off reflects its progress.
 
 Layout of a full example (prompt from `Problem.prompt()`, which ends with "<think>\\n"):
-    Let me try 3+8=11, not 12.\\n\\nWait, 3+9=12. Found it.\\n</think>\\n\\boxed{3+9}
+    Let me try 3+8=11, not 12.\\n\\nWait, 3+9=12. Found it: 3+9.\\n</think>\\n\\boxed{3+9}
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def boxed(pair: Tuple[int, int]) -> str:
 def _attempt(trigger: str, a: int, b: int, target: int) -> str:
     s = a + b
     if s == target:
-        return f"{trigger} {a}+{b}={s}. Found it."
+        # restating the pair right after the marker lets the answer copy it with one induction step
+        return f"{trigger} {a}+{b}={s}. Found it: {a}+{b}."
     return f"{trigger} {a}+{b}={s}, not {target}."
 
 
