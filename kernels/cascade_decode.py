@@ -1,12 +1,16 @@
 """cascade_decode: decode rows that share a token range read that range once per group.
 
 Kernel -> launcher -> public function. Groups come in CSR form (group_ptr, group_rows), each with
-a token range [range_start, range_end) of the block table of its first row (the engine passes
-[0, num_shared * bs): the shared full blocks). Program (group, kv_head x query tile, chunk)
-packs (query row, GQA head) pairs of the group into the rows of one tl.dot tile, so each K/V tile
-loaded from the shared range serves every branch of the group at once (Hydragen / FlashInfer
+a token range [range_start, range_end) of the block table of its first row. The engine passes
+either its sharing groups ([0, num_shared * bs)) or the segments of a prefix tree: groups forked
+from one trace at several boundaries share the trace's trunk, and each tree segment (a run of
+blocks with every row below it) is one group here, so the trunk is read once per step. Program
+(group, kv_head x query tile, chunk) packs (query row, GQA head) pairs of the group into the rows
+of one tl.dot tile, so each K/V tile loaded serves every branch at once (Hydragen / FlashInfer
 cascade); long ranges split into equal chunks so one big group still spreads over the SMs.
-Each chunk writes an fp32 partial (o, lse) per row; `merge` combines them with the rows' own parts.
+Each chunk with tokens writes an fp32 partial (o, lse) per row into slot slot_base[g] + chunk;
+chunks without tokens write nothing (callers pre-set lse = -inf), so a row can collect partials
+from several groups (its tree segments) in disjoint slots. `merge` combines them.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def cascade_decode_kernel(
     group_ptr_ptr,              # [G + 1] int64
     group_rows_ptr,             # [>= group_ptr[G]] int64
     range_start_ptr, range_end_ptr,  # [G] int64 token range per group
+    slot_base_ptr,              # [G] int64 first partial slot of each group
     o_ptr,                      # [D, Hq, C, Dh] fp32
     lse_ptr,                    # [D, Hq, C] fp32
     scale_log2,
@@ -57,17 +62,16 @@ def cascade_decode_kernel(
     n_rows = tl.load(group_ptr_ptr + g + 1) - p0
     start = tl.load(range_start_ptr + g)
     end = tl.load(range_end_ptr + g)
-    # rows of this program's tile; 0 when the tile is past the group's rows or, in absolute mode,
-    # when the chunk lies wholly before the range (another launch owns that slot)
-    n_active = tl.where(q_tile * BLOCK_M < n_rows * GROUP, n_rows, 0)
+    # rows of this program's tile; 0 when the tile is past the group's rows or the chunk has no tokens
     if ABSOLUTE:
         lo = tl.maximum(chunk * chunk_size, start)
         hi = tl.minimum((chunk + 1) * chunk_size, end)
-        n_active = tl.where((chunk + 1) * chunk_size > start, n_active, 0)
     else:
         lo = start + chunk * chunk_size
         hi = tl.minimum(lo + chunk_size, end)
+    n_active = tl.where((q_tile * BLOCK_M < n_rows * GROUP) & (lo < hi), n_rows, 0)
     hi = tl.where(n_active > 0, hi, lo)
+    slot = tl.load(slot_base_ptr + g) + chunk
 
     f = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)               # [BLOCK_M] flat (row, head) index
     j = f // GROUP
@@ -116,9 +120,9 @@ def cascade_decode_kernel(
     nonempty = l > 0.0
     o = acc / tl.where(nonempty, l, 1.0)[:, None]
     lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(o_ptr + (rows * stride_or + head * stride_oh + chunk * stride_os)[:, None] + d[None, :], o,
+    tl.store(o_ptr + (rows * stride_or + head * stride_oh + slot * stride_os)[:, None] + d[None, :], o,
              mask=rmask[:, None] & dmask[None, :])
-    tl.store(lse_ptr + rows * stride_lr + head * stride_lh + chunk * stride_ls, lse, mask=rmask)
+    tl.store(lse_ptr + rows * stride_lr + head * stride_lh + slot * stride_ls, lse, mask=rmask)
 
 
 def cascade_decode_config(dtype: torch.dtype, head_dim: int, group: int, max_group_rows: int, *,
@@ -137,7 +141,7 @@ def choose_chunk_size(max_span: int, parallel: int, block_n: int) -> int:
 
 
 def _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, scale,
-            chunk_size, num_chunks, absolute, max_group_rows, out, block_m):
+            chunk_size, num_chunks, absolute, max_group_rows, out, block_m, slot_base):
     bs, hkv, dh = check_cache(k_cache, v_cache)
     group = check_query(q, k_cache)
     d, hq = q.shape[0], q.shape[1]
@@ -149,9 +153,13 @@ def _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_star
     if block_tables.shape[0] != d or block_tables.stride(1) != 1:
         raise ValueError(f"block_tables must be [D={d}, Bmax] and contiguous in Bmax, got {tuple(block_tables.shape)}")
     num_groups = group_ptr.shape[0] - 1
-    if num_groups < 0 or range_start.shape[0] != num_groups or range_end.shape[0] != num_groups:
-        raise ValueError(f"group_ptr [G+1], range_start [G], range_end [G] disagree: {tuple(group_ptr.shape)}, "
-                         f"{tuple(range_start.shape)}, {tuple(range_end.shape)}")
+    if slot_base is None:
+        slot_base = torch.zeros(max(num_groups, 0), dtype=torch.int64, device=dev)
+    check_index("slot_base", slot_base, 1, dev)
+    if num_groups < 0 or any(t.shape[0] != num_groups for t in (range_start, range_end, slot_base)):
+        raise ValueError(f"group_ptr [G+1], range_start [G], range_end [G], slot_base [G] disagree: "
+                         f"{tuple(group_ptr.shape)}, {tuple(range_start.shape)}, {tuple(range_end.shape)}, "
+                         f"{tuple(slot_base.shape)}")
     if max_group_rows is None or num_chunks is None or chunk_size is None:
         # host copies of the small CSR arrays: one sync; the engine passes all three and skips it
         ptr = group_ptr.tolist()
@@ -171,15 +179,17 @@ def _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_star
     if num_chunks is None:
         num_chunks = max(1, cdiv(max(spans, default=0), chunk_size))
     if out is None:
-        out = (torch.zeros(d, hq, num_chunks, dh, dtype=torch.float32, device=dev),
-               torch.full((d, hq, num_chunks), float("-inf"), dtype=torch.float32, device=dev))
-    check_partials(out, d, hq, num_chunks, dh, dev)
+        slots = num_chunks + (int(slot_base.max()) if num_groups > 0 else 0)
+        out = (torch.zeros(d, hq, slots, dh, dtype=torch.float32, device=dev),
+               torch.full((d, hq, slots), float("-inf"), dtype=torch.float32, device=dev))
+    # a caller's buffer must hold slot_base + num_chunks slots (not checked: it would need a sync)
+    check_partials(out, d, hq, out[0].shape[2] if isinstance(out, tuple) and len(out) == 2 else -1, dh, dev)
     o, lse = out
     if num_groups == 0 or num_chunks == 0 or max_group_rows == 0:
         return out
     check_launchable(cascade_decode_kernel, q, k_cache)
     cascade_decode_kernel[(num_groups, hkv * num_q_tiles, num_chunks)](
-        q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, o, lse,
+        q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, slot_base, o, lse,
         scale * LOG2E, chunk_size, num_q_tiles,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -196,15 +206,17 @@ def cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    group_ptr: torch.Tensor, group_rows: torch.Tensor, range_start: torch.Tensor,
                    range_end: torch.Tensor, scale: float, *, chunk_size: int | None = None,
                    num_chunks: int | None = None, absolute: bool = False, max_group_rows: int | None = None,
-                   out=None, block_m: int | None = None):
+                   out=None, block_m: int | None = None, slot_base: torch.Tensor | None = None):
     """Grouped decode over shared token ranges (see the module docstring and reference.cascade_decode).
 
     q [D, Hq, Dh]; block_tables [D, Bmax]; CSR group_ptr [G+1], group_rows; range_start/end [G] in
-    tokens. Chunk c of group g goes to slot c of each of its rows; `absolute` aligns chunks to
-    multiples of chunk_size and skips chunks wholly before the range start (deterministic mode).
-    Passing chunk_size, num_chunks and max_group_rows avoids a host sync. `block_m` overrides the
-    query-tile rows (deterministic mode pins it so every launch uses one compiled tile shape).
-    Returns (o [D, Hq, C, Dh] fp32, lse [D, Hq, C] fp32); rows in no group keep `out`'s values.
+    tokens. Chunk c of group g (if it has tokens) goes to slot slot_base[g] + c (slot_base None: 0)
+    of each of its rows; `absolute` aligns chunks to multiples of chunk_size (chunk c is tokens
+    [c*chunk_size, (c+1)*chunk_size) clipped to the range: deterministic mode). Slots no chunk
+    writes keep `out`'s values (out=None: empty, lse = -inf). Passing chunk_size, num_chunks and
+    max_group_rows avoids a host sync. `block_m` overrides the query-tile rows (deterministic mode
+    pins it so every launch uses one compiled tile shape).
+    Returns (o [D, Hq, S, Dh] fp32, lse [D, Hq, S] fp32).
     """
     return _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, scale,
-                   chunk_size, num_chunks, absolute, max_group_rows, out, block_m)
+                   chunk_size, num_chunks, absolute, max_group_rows, out, block_m, slot_base)

@@ -80,26 +80,27 @@ def paged_decode(q, k_cache, v_cache, block_tables, kv_start, context_lens, scal
 
 
 def cascade_chunk_span(c: int, start: int, end: int, chunk_size: int, absolute: bool):
-    """Token span of chunk c of a group range [start, end), and whether the chunk is written."""
+    """Token span [lo, hi) of chunk c of a group range [start, end); written only when lo < hi."""
     if absolute:
-        return max(c * chunk_size, start), min((c + 1) * chunk_size, end), (c + 1) * chunk_size > start
+        return max(c * chunk_size, start), min((c + 1) * chunk_size, end)
     lo = start + c * chunk_size
-    return lo, min(lo + chunk_size, end), True
+    return lo, min(lo + chunk_size, end)
 
 
 def cascade_decode(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_start, range_end, scale,
-                   *, chunk_size, num_chunks=None, absolute=False, max_group_rows=None, out=None):
+                   *, chunk_size, num_chunks=None, absolute=False, max_group_rows=None, out=None, block_m=None,
+                   slot_base=None):
     """Decode rows grouped over a shared token range read once per group (cascade / Hydragen).
 
     The rows of group g are group_rows[group_ptr[g]:group_ptr[g+1]]; all of them attend to tokens
     [range_start[g], range_end[g]) of the block table of the group's first row. The range is cut
-    into chunks of `chunk_size` tokens, chunk c going to partial slot c:
-    - relative (default): chunk c covers [start + c*chunk_size, ...) and every chunk is written;
-    - absolute: chunk c covers [c*chunk_size, (c+1)*chunk_size) clipped to the range, and chunks
-      wholly before `start` are left to whoever owns them (deterministic mode: slots are the same
-      whether a token range is read shared or per row).
-    Rows in no group are not written. With out=None the partials start empty (o = 0, lse = -inf).
-    Returns partials (o [D, Hq, C, Dh], lse [D, Hq, C]).
+    into chunks of `chunk_size` tokens, chunk c going to partial slot slot_base[g] + c:
+    - relative (default): chunk c covers [start + c*chunk_size, ...) clipped to the range;
+    - absolute: chunk c covers [c*chunk_size, (c+1)*chunk_size) clipped to the range
+      (deterministic mode: the slots are the same whether a token range is read shared or per row).
+    Only chunks with tokens are written; everything else keeps `out`'s values (out=None: empty,
+    o = 0 and lse = -inf). `block_m` (the kernel's tile rows) does not change the result.
+    Returns partials (o [D, Hq, S, Dh], lse [D, Hq, S]).
     """
     d, hq, dh = q.shape
     ptr = group_ptr.tolist()
@@ -107,20 +108,19 @@ def cascade_decode(q, k_cache, v_cache, block_tables, group_ptr, group_rows, ran
     if num_chunks is None:
         spans = [e - (0 if absolute else s) for s, e in zip(starts, ends)]
         num_chunks = max([1] + [-(-sp // chunk_size) for sp in spans])
-    o, lse = _new_partials(d, hq, num_chunks, dh, q.device, out)
+    base = [0] * (len(ptr) - 1) if slot_base is None else slot_base.tolist()
+    o, lse = _new_partials(d, hq, num_chunks + max(base, default=0), dh, q.device, out)
     for g in range(len(ptr) - 1):
         rows = group_rows[ptr[g]:ptr[g + 1]]
         if rows.numel() == 0:
             continue
         table = block_tables[int(rows[0])]
         for c in range(num_chunks):
-            lo, hi, write = cascade_chunk_span(c, starts[g], ends[g], chunk_size, absolute)
-            if not write:
+            lo, hi = cascade_chunk_span(c, starts[g], ends[g], chunk_size, absolute)
+            if lo >= hi:
                 continue
-            kk = _gather(k_cache, table, lo, max(lo, hi))
-            vv = _gather(v_cache, table, lo, max(lo, hi))
-            po, pl = _attend(q[rows], kk, vv, scale)
-            o[rows, :, c], lse[rows, :, c] = po, pl
+            po, pl = _attend(q[rows], _gather(k_cache, table, lo, hi), _gather(v_cache, table, lo, hi), scale)
+            o[rows, :, base[g] + c], lse[rows, :, base[g] + c] = po, pl
     return o, lse
 
 

@@ -3,16 +3,20 @@
 Same interface as `attention.TorchAttentionBackend` (its oracle):
     forward(q [N, Hq, Dh], k [N, Hkv, Dh], v, k_cache, v_cache, meta, scale) -> [N, Hq, Dh]
 Per layer: kv_store (new K/V -> cache), extend for the prefill/extend tokens, and for the decode
-rows cascade_decode (each sharing group's shared blocks read once) + paged_decode (each row's own
-tokens, split-K) writing fp32 partials into one buffer that merge reduces into the output.
-The launch plan (index tensors, split sizes, one host sync for the lengths) is built on the first
-layer of a step and kept in `meta.backend_cache`.
+rows cascade_decode + paged_decode writing fp32 partials into one buffer that merge reduces into
+the output. Sharing groups (more than one row, shared blocks) are arranged in a prefix tree over
+their shared block ids: groups forked from one trace at several boundaries share the trace's
+trunk, and each tree segment (a run of blocks, every row below it) is one cascade group, so the
+trunk is read once per step, not once per group; each row's own tokens go through paged_decode.
+The launch plan (tree, slots, split sizes; a few host reads of small index tensors) is built on
+the first layer of a step and kept in `meta.backend_cache`.
 
 Deterministic mode (`deterministic=True` or MRT_ENGINE_DETERMINISTIC=1): every decode row is cut
-into fixed chunks of `det_chunk` tokens at absolute positions (k*det_chunk ...), groups share only
-whole chunks, every chunk of every row goes through the same compiled cascade kernel (private parts
-as groups of one) with one pinned tile shape, and merge walks the chunks in position order. A row's
-output then does not depend on what else is in the batch or on whether its prefix was shared.
+into fixed chunks of `det_chunk` tokens at absolute positions (k*det_chunk ...), tree segments are
+trimmed to whole chunks, every chunk of every row goes through the same compiled cascade kernel
+(own parts as groups of one) with one pinned tile shape into the slot of its position, and merge
+walks the slots in order. A row's output then does not depend on what else is in the batch or on
+whether its prefix was shared.
 On CPU tensors the kernels run under the Triton interpreter (see mrt_engine.kernels).
 """
 from __future__ import annotations
@@ -41,10 +45,10 @@ class _Launch:
     group_rows: torch.Tensor
     range_start: torch.Tensor
     range_end: torch.Tensor
+    slot_base: torch.Tensor | None       # [G] first slot of each group (None: 0, absolute chunks)
     max_group_rows: int
     chunk_size: int
     num_chunks: int
-    slot0: int
 
 
 @dataclass
@@ -61,6 +65,7 @@ class _Plan:
     kv_start: torch.Tensor | None = None  # [D] first token of each row's own part (fast mode)
     split_size: int = 0
     num_splits: int = 0
+    shared_slots: int = 0                 # fast mode: slots [0, shared_slots) hold tree-segment partials
     num_slots: int = 0
 
 
@@ -99,27 +104,70 @@ class TritonAttentionBackend:
         d, hq, dh = q.shape
         o_parts = torch.empty(d, hq, plan.num_slots, dh, dtype=torch.float32, device=q.device)
         lse_parts = torch.empty(d, hq, plan.num_slots, dtype=torch.float32, device=q.device)
+        # cascade launches write only the slots their chunks cover; the rest must read as empty
+        fill = plan.num_slots if self.deterministic else plan.shared_slots
+        lse_parts[:, :, :fill].fill_(float("-inf"))
         tables = meta.decode_block_tables
-        block_m = DET_BLOCK_M if self.deterministic else None
-        if plan.shared is not None and not self.deterministic:
-            # rows outside the shared groups get nothing in the shared slots: mark those empty
-            lse_parts[:, :, :plan.shared.num_chunks].fill_(float("-inf"))
         for launch in (plan.shared, plan.private):
-            if launch is None:
-                continue
-            sl = slice(launch.slot0, launch.slot0 + launch.num_chunks)
-            cascade_decode(q, k_cache, v_cache, tables, launch.group_ptr, launch.group_rows, launch.range_start,
-                           launch.range_end, scale, chunk_size=launch.chunk_size, num_chunks=launch.num_chunks,
-                           absolute=self.deterministic, max_group_rows=launch.max_group_rows,
-                           out=(o_parts[:, :, sl], lse_parts[:, :, sl]), block_m=block_m)
+            if launch is not None:
+                cascade_decode(q, k_cache, v_cache, tables, launch.group_ptr, launch.group_rows, launch.range_start,
+                               launch.range_end, scale, chunk_size=launch.chunk_size, num_chunks=launch.num_chunks,
+                               absolute=self.deterministic, max_group_rows=launch.max_group_rows,
+                               out=(o_parts, lse_parts), block_m=DET_BLOCK_M if self.deterministic else None,
+                               slot_base=launch.slot_base)
         if not self.deterministic:
-            s0 = plan.shared.num_chunks if plan.shared is not None else 0
+            s0 = plan.shared_slots
             paged_decode(q, k_cache, v_cache, tables, plan.kv_start, meta.decode_context_lens, scale,
                          split_size=plan.split_size, num_splits=plan.num_splits,
                          out=(o_parts[:, :, s0:], lse_parts[:, :, s0:]))
         merge(o_parts, lse_parts, out=out)
 
     # --- the per-step plan ----------------------------------------------------------------------
+    def _shared_launch(self, segments, bs, dev, k_cache, group):
+        """Fast mode: one cascade launch over all tree segments; a row's segments (its chain from the
+        root) get consecutive slot ranges: slot_base(child) = slot_base(parent) + chunks(parent).
+        Returns (launch, slots used)."""
+        if not segments:
+            return None, 0
+        spans = [(e - s) * bs for s, e, _, _ in segments]
+        max_rows = max(len(rows) for _, _, rows, _ in segments)
+        cfg = cascade_decode_config(k_cache.dtype, k_cache.shape[3], group, max_rows)
+        tiles = cdiv(max_rows * group, cfg["BLOCK_M"])
+        chunk = choose_chunk_size(max(spans), len(segments) * k_cache.shape[2] * tiles, cfg["BLOCK_N"])
+        chunks = [cdiv(sp, chunk) for sp in spans]
+        base = []
+        for i, (_, _, _, parent) in enumerate(segments):
+            base.append(0 if parent < 0 else base[parent] + chunks[parent])
+        launch = self._launch_from(segments, bs, dev, [s * bs for s, _, _, _ in segments],
+                                   [e * bs for _, e, _, _ in segments], base, max_rows, chunk, max(chunks))
+        return launch, max(b + c for b, c in zip(base, chunks))
+
+    def _det_shared_launch(self, segments, bs, dev):
+        """Deterministic mode: segments trimmed to whole chunks, written at their absolute chunk slots."""
+        S = self.det_chunk
+        kept = [((s * bs // S) * S, (e * bs // S) * S, rows) for s, e, rows, _ in segments]
+        kept = [k for k in kept if k[1] > k[0]]
+        if not kept:
+            return None
+        max_rows = max(len(rows) for _, _, rows in kept)
+        return self._launch_from([(None, None, rows, None) for _, _, rows in kept], bs, dev,
+                                 [s for s, _, _ in kept], [e for _, e, _ in kept], None, max_rows, S,
+                                 max(e for _, e, _ in kept) // S)
+
+    @staticmethod
+    def _launch_from(segments, bs, dev, starts, ends, base, max_rows, chunk, num_chunks) -> _Launch:
+        ptr, rows = [0], []
+        for _, _, seg_rows, _ in segments:
+            rows += seg_rows
+            ptr.append(len(rows))
+
+        def t(x):
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        return _Launch(group_ptr=t(ptr), group_rows=t(rows), range_start=t(starts), range_end=t(ends),
+                       slot_base=None if base is None else t(base), max_group_rows=max_rows, chunk_size=chunk,
+                       num_chunks=num_chunks)
+
     def _build_plan(self, meta: AttentionMetadata, k_cache: torch.Tensor, group: int) -> _Plan:
         plan = _Plan()
         dev = k_cache.device
@@ -140,54 +188,75 @@ class TritonAttentionBackend:
             return plan
         ctx = meta.decode_context_lens
 
-        # 1. groups worth sharing (more than one row, shared tokens); deterministic mode shares whole chunks only
+        # 1. groups worth sharing (more than one row, shared blocks) -> prefix-tree segments
         ptr = meta.group_ptr_host if meta.group_rows is not None else []
         nshared = meta.group_num_shared_host
-        unit = self.det_chunk if self.deterministic else 1
-        sel, row_pos, row_start = [], [], []
-        for g in range(len(ptr) - 1):
-            span = (nshared[g] * bs // unit) * unit
-            if ptr[g + 1] - ptr[g] > 1 and span > 0:
-                sel.append((g, span))
-                row_pos.extend(range(ptr[g], ptr[g + 1]))
-                row_start.extend([span] * (ptr[g + 1] - ptr[g]))
+        groups = [(g, nshared[g]) for g in range(len(ptr) - 1) if ptr[g + 1] - ptr[g] > 1 and nshared[g] > 0]
         kv_start = torch.zeros(d, dtype=torch.int64, device=dev)
-        if sel:
-            sh_rows = meta.group_rows.index_select(0, torch.tensor(row_pos, dtype=torch.int64, device=dev))
-            kv_start.index_copy_(0, sh_rows, torch.tensor(row_start, dtype=torch.int64, device=dev))
-            sizes = [ptr[g + 1] - ptr[g] for g, _ in sel]
-            sh_ptr = [0]
-            for s in sizes:
-                sh_ptr.append(sh_ptr[-1] + s)
-            spans = [span for _, span in sel]
-            max_span = max(spans)
-            if self.deterministic:
-                chunk = self.det_chunk
-            else:
-                cfg = cascade_decode_config(k_cache.dtype, k_cache.shape[3], group, max(sizes))
-                tiles = cdiv(max(sizes) * group, cfg["BLOCK_M"])
-                chunk = choose_chunk_size(max_span, len(sel) * hkv * tiles, cfg["BLOCK_N"])
-            plan.shared = _Launch(
-                group_ptr=torch.tensor(sh_ptr, dtype=torch.int64, device=dev), group_rows=sh_rows,
-                range_start=torch.zeros(len(sel), dtype=torch.int64, device=dev),
-                range_end=torch.tensor(spans, dtype=torch.int64, device=dev),
-                max_group_rows=max(sizes), chunk_size=chunk, num_chunks=cdiv(max_span, chunk), slot0=0)
+        segments = []
+        if groups:
+            rows_host = meta.group_rows.tolist()
+            members = [rows_host[ptr[g]:ptr[g + 1]] for g, _ in groups]
+            first = torch.tensor([m[0] for m in members], dtype=torch.int64, device=dev)
+            lists = meta.decode_block_tables.index_select(0, first).tolist()
+            segments = prefix_tree_segments([(lst[:ns], m) for lst, (_, ns), m in zip(lists, groups, members)])
+            unit = self.det_chunk if self.deterministic else 1
+            own_start = {r: (ns * bs // unit) * unit for (_, ns), m in zip(groups, members) for r in m}
+            idx = torch.tensor(list(own_start), dtype=torch.int64, device=dev)
+            kv_start.index_copy_(0, idx, torch.tensor(list(own_start.values()), dtype=torch.int64, device=dev))
+        if self.deterministic:
+            plan.shared = self._det_shared_launch(segments, bs, dev)
+        else:
+            plan.shared, plan.shared_slots = self._shared_launch(segments, bs, dev, k_cache, group)
 
         # 2. each row's own tokens [kv_start, ctx)
         if self.deterministic:
-            max_ctx = int(ctx.max())   # the step's one host sync
+            max_ctx = int(ctx.max())   # host read of the step's lengths
             num_slots = cdiv(max_ctx, self.det_chunk)
-            rows = torch.arange(d, dtype=torch.int64, device=dev)
             plan.private = _Launch(
-                group_ptr=torch.arange(d + 1, dtype=torch.int64, device=dev), group_rows=rows,
-                range_start=kv_start, range_end=ctx, max_group_rows=1, chunk_size=self.det_chunk,
-                num_chunks=num_slots, slot0=0)
+                group_ptr=torch.arange(d + 1, dtype=torch.int64, device=dev),
+                group_rows=torch.arange(d, dtype=torch.int64, device=dev), range_start=kv_start, range_end=ctx,
+                slot_base=None, max_group_rows=1, chunk_size=self.det_chunk, num_chunks=num_slots)
             plan.num_slots = num_slots
         else:
-            max_own = int((ctx - kv_start).max())   # the step's one host sync
+            max_own = int((ctx - kv_start).max())   # host read of the step's lengths
             block_n = paged_decode_config(k_cache.dtype, k_cache.shape[3], group)["BLOCK_N"]
             plan.split_size = choose_split_size(max_own, d * hkv, block_n)
             plan.num_splits = cdiv(max_own, plan.split_size)
             plan.kv_start = kv_start
-            plan.num_slots = plan.num_splits + (plan.shared.num_chunks if plan.shared is not None else 0)
+            plan.num_slots = plan.shared_slots + plan.num_splits
         return plan
+
+
+def prefix_tree_segments(items: list[tuple[list[int], list[int]]]) -> list[tuple[int, int, list[int], int]]:
+    """Prefix tree over sharing groups given as (shared block ids, rows).
+
+    Returns segments (start, end, rows, parent) in block units: blocks [start, end) are common to
+    every group listed below the segment, whose rows are `rows`; `parent` indexes the enclosing
+    segment (-1 at a root) and always precedes its children. A row's segments tile its shared
+    blocks from 0 to its group's end.
+    """
+    out: list = []
+
+    def walk(group_items, start, parent):
+        end = min(len(blocks) for blocks, _ in group_items)
+        ref = group_items[0][0]
+        for blocks, _ in group_items[1:]:
+            e = start
+            while e < end and blocks[e] == ref[e]:
+                e += 1
+            end = e
+        here = parent
+        if end > start:
+            out.append((start, end, [r for _, rows in group_items for r in rows], parent))
+            here = len(out) - 1
+        children: dict[int, list] = {}
+        for blocks, rows in group_items:
+            if len(blocks) > end:
+                children.setdefault(blocks[end], []).append((blocks, rows))
+        for child in children.values():
+            walk(child, end, here)
+
+    if items:
+        walk(items, 0, -1)
+    return out

@@ -1,6 +1,7 @@
 """The engine end to end with attention_backend="triton" (kernels under the Triton interpreter on
 CPU) equals the torch backend: same greedy tokens, close logprobs — for plain generation (prefill +
-decode) and for forks, whose branches decode through the cascade (shared-prefix) kernel.
+decode) and for forks at two points of one trace, whose branches decode through the cascade
+kernel with the trace's trunk as a prefix-tree segment.
 Kept tiny: the interpreter runs every kernel program in Python.
 """
 from __future__ import annotations
@@ -56,8 +57,9 @@ def test_forks_decode_through_the_cascade_path_and_match(engines, monkeypatch):
     for llm in engines:
         parent = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
                               keep=True)[0].outputs[0]
-        # 3 branches at token 35 (two full shared blocks) with a forced 2-token suffix
-        results.append(llm.fork(parent.handle, at=[35], n=3, suffix=[10, 11], params=params))
+        # 3 branches at tokens 20 and 35 (one and two full shared blocks of the same trace) with a
+        # forced 2-token suffix: the trunk block is a tree segment under all 6 branches
+        results.append(llm.fork(parent.handle, at=[20, 35], n=3, suffix=[10, 11], params=params))
         llm.release(parent.handle)
     _assert_same(*results)
-    assert calls and max(calls) == 3, "the branches' shared blocks never went through cascade_decode"
+    assert calls and max(calls) == 6, "the trunk was not read once for both fork groups"

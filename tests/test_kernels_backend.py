@@ -67,3 +67,58 @@ def test_decode_only_without_sharing_info():
 def test_get_attention_backend_returns_triton(monkeypatch):
     monkeypatch.delenv("MRT_ENGINE_ATTENTION_BACKEND", raising=False)
     assert isinstance(get_attention_backend("triton", "cpu"), TritonAttentionBackend)
+
+
+def test_prefix_tree_segments():
+    from mrt_engine.attention_triton import prefix_tree_segments
+
+    trunk = [10, 11, 12, 13, 14, 15, 16, 17]
+    items = [(trunk, [0, 1]), (trunk[:3], [2, 3, 4]), (trunk[:5], [5, 6]), ([30, 31], [7, 8]),
+             (trunk[:3] + [40, 41], [9, 10])]          # a fork of the trunk that diverges at block 3
+    segs = prefix_tree_segments(items)
+    as_sets = [(s, e, sorted(rows), p) for s, e, rows, p in segs]
+    assert (0, 3, [0, 1, 2, 3, 4, 5, 6, 9, 10], -1) in as_sets
+    root = as_sets.index((0, 3, [0, 1, 2, 3, 4, 5, 6, 9, 10], -1))
+    assert (3, 5, [0, 1, 5, 6], root) in as_sets
+    mid = as_sets.index((3, 5, [0, 1, 5, 6], root))
+    assert (5, 8, [0, 1], mid) in as_sets
+    assert (3, 5, [9, 10], root) in as_sets
+    assert (0, 2, [7, 8], -1) in as_sets
+    assert len(segs) == 5
+    # every row's segments tile [0, its group's shared length)
+    for blocks, rows in items:
+        covered = sorted((s, e) for s, e, seg_rows, _ in segs if rows[0] in seg_rows)
+        assert covered[0][0] == 0 and covered[-1][1] == len(blocks)
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_groups_forked_from_one_trace_read_the_trunk_once(deterministic):
+    bs, hkv, grp, dh = 16, 2, 4, 64
+    # group 0 holds the trunk (8 shared blocks); groups 1 and 2 fork the same trace earlier (3 and 5
+    # blocks); group 3 is a single row on the trunk (no sharing); group 4 is an unrelated trace
+    groups = [(8, [3, 5]), (3, [2, 9, 4]), (5, [1, 17]), (5, [7]), (2, [4, 4])]
+    metas = []
+    for _ in range(2):
+        meta, num_blocks = build_step([(0, 9)], groups, bs, seed=3)
+        tables = meta.decode_block_tables
+        trunk = tables[0, :8].clone()
+        for g, (ns, _) in enumerate(groups[1:4], start=1):
+            for r in meta.group_rows[meta.group_ptr_host[g]:meta.group_ptr_host[g + 1]].tolist():
+                tables[r, :ns] = trunk[:ns]
+        metas.append(meta)
+    torch.manual_seed(0)
+    n = metas[0].slot_mapping.shape[0]
+    k_cache = torch.randn(num_blocks, bs, hkv, dh)
+    v_cache = torch.randn_like(k_cache)
+    q, k, v = torch.randn(n, hkv * grp, dh), torch.randn(n, hkv, dh), torch.randn(n, hkv, dh)
+    out = TritonAttentionBackend(deterministic=deterministic, det_chunk=32).forward(
+        q, k, v, k_cache.clone(), v_cache.clone(), metas[0], dh ** -0.5)
+    want = TorchAttentionBackend().forward(q, k, v, k_cache.clone(), v_cache.clone(), metas[1], dh ** -0.5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    plan = metas[0].backend_cache["triton_plan_det" if deterministic else "triton_plan"]
+    ptr = plan.shared.group_ptr.tolist()
+    sizes = sorted(b - a for a, b in zip(ptr, ptr[1:]))
+    # trunk [0,3) under 7 rows, [3,5) under 4 rows, [5,8) under 2, the unrelated group's 2
+    # (deterministic mode trims segments to whole 32-token chunks: [0,32), [32,64), [64,128), [0,32))
+    assert sizes == [2, 2, 4, 7]

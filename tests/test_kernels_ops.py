@@ -117,8 +117,10 @@ def test_cascade_decode_matches_reference(bs, dh, grp, hkv, dtype, absolute):
     ends = torch.tensor(spans)
     q = torch.randn(len(lens), hkv * grp, dh).to(dtype)
     chunk, num_chunks = 32, 4
-    out = (poisoned(len(lens), hkv * grp, num_chunks, dh), poisoned(len(lens), hkv * grp, num_chunks))
-    kw = dict(chunk_size=chunk, num_chunks=num_chunks, absolute=absolute)
+    slot_base = torch.tensor([0, 2, 0, 1])    # groups' chunks start at different slots
+    slots = num_chunks + 2
+    out = (poisoned(len(lens), hkv * grp, slots, dh), poisoned(len(lens), hkv * grp, slots))
+    kw = dict(chunk_size=chunk, num_chunks=num_chunks, absolute=absolute, slot_base=slot_base)
     # block_m=16 forces several query tiles per group at GQA 4/8
     o, lse = cascade_decode(q, k_cache, v_cache, tables, ptr, rows, starts, ends, 0.25, out=out, block_m=16, **kw)
     o_ref, lse_ref = ref.cascade_decode(q, k_cache, v_cache, tables, ptr, rows, starts, ends, 0.25,
