@@ -141,4 +141,8 @@ class ModelRunner:
         st = SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
                                    sample_idx, steps, self.device)
         tokens, logprobs = self.sampler(logits, st)
-        return tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
+        if self.device.type == "cpu":
+            return tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
+        # one device-to-host read: token ids are exact in float64
+        both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
+        return both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
