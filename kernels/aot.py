@@ -28,6 +28,8 @@ def _signature(kernel, pointers: dict, floats=(), constexprs: dict = None) -> di
             sig[name] = "constexpr"
         elif name in pointers:
             sig[name] = pointers[name]
+        elif name.endswith("_ptr"):
+            raise KeyError(f"{kernel.__name__}: no pointer type given for {name}")
         elif name in floats:
             sig[name] = "fp32"
         else:
@@ -61,7 +63,8 @@ def configurations():
             o_ptr=f32, lse_ptr=f32), floats=("scale_log2",)), paged_decode_config(dtype, dh, group))
         casc_sig = _signature(cascade_decode_kernel, dict(
             q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, block_tables_ptr=i64, group_ptr_ptr=i64, group_rows_ptr=i64,
-            range_start_ptr=i64, range_end_ptr=i64, o_ptr=f32, lse_ptr=f32), floats=("scale_log2",))
+            range_start_ptr=i64, range_end_ptr=i64, slot_base_ptr=i64, o_ptr=f32, lse_ptr=f32),
+            floats=("scale_log2",))
         # query tiles: a group's smallest (16 rows), a full 64-row tile (16 branches x group 4), deterministic mode
         for rows, absolute in ((1, False), (16, False), (16, True)):
             cfg = cascade_decode_config(dtype, dh, group, rows, absolute=absolute)
