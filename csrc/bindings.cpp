@@ -3,6 +3,8 @@
 // std::invalid_argument surfaces as ValueError (pybind11's default); mrt::OutOfBlocks as the
 // Python class mrt_engine.errors.OutOfBlocks itself, so one `except` catches both backends.
 #include <pybind11/pybind11.h>
+
+#include "py_int_list.h"  // before stl.h: the fast list[int] <-> std::vector<int64_t> caster
 #include <pybind11/stl.h>
 
 #include "block_pool.h"

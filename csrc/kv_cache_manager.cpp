@@ -28,8 +28,8 @@ KVCacheManager::KVCacheManager(int64_t num_blocks, int64_t block_size)
 
 std::vector<int64_t> KVCacheManager::sequence_ids() const {
   std::vector<int64_t> ids;
-  ids.reserve(seqs_.size());
-  for (const auto& kv : seqs_) ids.push_back(kv.first);
+  ids.reserve(seq_index_.size());
+  for (const auto& kv : seq_index_) ids.push_back(kv.first);
   std::sort(ids.begin(), ids.end());
   return ids;
 }
@@ -44,11 +44,13 @@ int64_t KVCacheManager::blocks_needed(int64_t seq_id, int64_t n) const {
 
 int64_t KVCacheManager::add_sequence(int64_t seq_id, const std::vector<int64_t>& token_ids,
                                      int64_t version, bool use_prefix_cache) {
-  if (seqs_.count(seq_id)) {
+  if (seq_index_.count(seq_id)) {
     throw std::invalid_argument("sequence " + std::to_string(seq_id) + " already exists");
   }
   if (token_ids.empty()) throw std::invalid_argument("token_ids must not be empty");
-  Seq s;
+  const int32_t slot = new_seq_slot();
+  seq_index_.emplace(seq_id, slot);
+  Seq& s = seq_store_[slot];
   s.version = version;
   auto root = roots_.find(version);
   if (use_prefix_cache && root != roots_.end()) {
@@ -66,9 +68,7 @@ int64_t KVCacheManager::add_sequence(int64_t seq_id, const std::vector<int64_t>&
     }
     s.tokens.assign(token_ids.begin(), token_ids.begin() + s.blocks.size() * bs_);
   }
-  int64_t n = static_cast<int64_t>(s.tokens.size());
-  seqs_.emplace(seq_id, std::move(s));
-  return n;
+  return static_cast<int64_t>(s.tokens.size());
 }
 
 int64_t KVCacheManager::match_prefix(const std::vector<int64_t>& token_ids, int64_t version) const {
@@ -103,16 +103,31 @@ std::vector<int64_t> KVCacheManager::append_decode(const std::vector<int64_t>& s
                                 std::to_string(seq_ids.size()) + " vs " +
                                 std::to_string(token_ids.size()));
   }
-  std::vector<int64_t> sorted_ids(seq_ids);
-  std::sort(sorted_ids.begin(), sorted_ids.end());
-  if (std::adjacent_find(sorted_ids.begin(), sorted_ids.end()) != sorted_ids.end()) {
-    throw std::invalid_argument("seq_ids must be distinct");
+  // Python's order of checks (distinct, then unknown ids) with one hash lookup per id: marks
+  // catch duplicates among known ids; the rare error path falls back to sorting.
+  std::vector<Seq*> seqs(seq_ids.size(), nullptr);
+  const uint64_t epoch = ++decode_epoch_;
+  bool duplicate = false;
+  int64_t unknown = -1;
+  for (size_t i = 0; i < seq_ids.size(); ++i) {
+    auto it = seq_index_.find(seq_ids[i]);
+    if (it == seq_index_.end()) {
+      if (unknown < 0) unknown = static_cast<int64_t>(i);
+      continue;
+    }
+    Seq& s = seq_store_[it->second];
+    duplicate = duplicate || s.mark == epoch;
+    s.mark = epoch;
+    seqs[i] = &s;
   }
-  // unordered_map never moves its values, so the pointers stay valid while we append
-  std::vector<Seq*> seqs;
-  seqs.reserve(seq_ids.size());
+  if (unknown >= 0 && !duplicate) {
+    std::vector<int64_t> sorted_ids(seq_ids);
+    std::sort(sorted_ids.begin(), sorted_ids.end());
+    duplicate = std::adjacent_find(sorted_ids.begin(), sorted_ids.end()) != sorted_ids.end();
+  }
+  if (duplicate) throw std::invalid_argument("seq_ids must be distinct");
+  if (unknown >= 0) throw unknown_sequence(seq_ids[unknown]);
   int64_t total = 0;
-  for (int64_t id : seq_ids) seqs.push_back(&seq(id));
   for (Seq* s : seqs) total += need(*s, 1);
   ensure(total);
   std::vector<int64_t> slots(seq_ids.size());
@@ -122,7 +137,7 @@ std::vector<int64_t> KVCacheManager::append_decode(const std::vector<int64_t>& s
 
 void KVCacheManager::fork(int64_t parent_id, int64_t child_id, int64_t at) {
   Seq& p = seq(parent_id);
-  if (seqs_.count(child_id)) {
+  if (seq_index_.count(child_id)) {
     throw std::invalid_argument("sequence " + std::to_string(child_id) + " already exists");
   }
   const int64_t len = static_cast<int64_t>(p.tokens.size());
@@ -132,7 +147,8 @@ void KVCacheManager::fork(int64_t parent_id, int64_t child_id, int64_t at) {
   }
   const int64_t full = at / bs_, rem = at % bs_;
   if (rem) ensure(1);
-  Seq c;
+  const int32_t slot = new_seq_slot();  // deque: p stays valid
+  Seq& c = seq_store_[slot];
   c.version = p.version;
   c.blocks.reserve(static_cast<size_t>(full + (rem ? 1 : 0)));
   for (int64_t i = 0; i < full; ++i) {
@@ -145,15 +161,17 @@ void KVCacheManager::fork(int64_t parent_id, int64_t child_id, int64_t at) {
     c.blocks.push_back(dst);
   }
   c.tokens.assign(p.tokens.begin(), p.tokens.begin() + at);
-  seqs_.emplace(child_id, std::move(c));
+  seq_index_.emplace(child_id, slot);
 }
 
 void KVCacheManager::free_sequence(int64_t seq_id) {
-  auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw unknown_sequence(seq_id);
-  std::vector<int32_t> blocks = std::move(it->second.blocks);
-  seqs_.erase(it);
+  auto it = seq_index_.find(seq_id);
+  if (it == seq_index_.end()) throw unknown_sequence(seq_id);
+  const int32_t slot = it->second;
+  seq_index_.erase(it);
+  const std::vector<int32_t>& blocks = seq_store_[slot].blocks;
   for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) unref_block(*b);
+  free_seq_slots_.push_back(slot);
 }
 
 std::vector<std::pair<int32_t, int32_t>> KVCacheManager::take_copies() {
@@ -239,15 +257,31 @@ std::vector<int64_t> KVCacheManager::cached_versions() const {
 // ---- internals ---------------------------------------------------------------------------------
 
 const KVCacheManager::Seq& KVCacheManager::seq(int64_t seq_id) const {
-  auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw unknown_sequence(seq_id);
-  return it->second;
+  auto it = seq_index_.find(seq_id);
+  if (it == seq_index_.end()) throw unknown_sequence(seq_id);
+  return seq_store_[it->second];
 }
 
 KVCacheManager::Seq& KVCacheManager::seq(int64_t seq_id) {
-  auto it = seqs_.find(seq_id);
-  if (it == seqs_.end()) throw unknown_sequence(seq_id);
-  return it->second;
+  auto it = seq_index_.find(seq_id);
+  if (it == seq_index_.end()) throw unknown_sequence(seq_id);
+  return seq_store_[it->second];
+}
+
+int32_t KVCacheManager::new_seq_slot() {
+  int32_t slot;
+  if (!free_seq_slots_.empty()) {
+    slot = free_seq_slots_.back();
+    free_seq_slots_.pop_back();
+  } else {
+    slot = static_cast<int32_t>(seq_store_.size());
+    seq_store_.emplace_back();
+  }
+  Seq& s = seq_store_[slot];
+  s.blocks.clear();  // keeps capacity
+  s.tokens.clear();
+  s.version = 0;
+  return slot;
 }
 
 int64_t KVCacheManager::need(const Seq& s, int64_t n) const {

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <set>
 #include <unordered_map>
 #include <utility>
@@ -34,7 +35,7 @@ class KVCacheManager {
   int64_t num_available_blocks() const { return pool_.num_free() + num_cached_; }
   int64_t num_shared_blocks() const { return pool_.num_shared(); }
   int64_t ref_count(int64_t block) const { return pool_.ref_count(block); }
-  bool has_sequence(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
+  bool has_sequence(int64_t seq_id) const { return seq_index_.count(seq_id) != 0; }
   std::vector<int64_t> sequence_ids() const;
   const std::vector<int32_t>& block_table(int64_t seq_id) const { return seq(seq_id).blocks; }
   int64_t num_tokens(int64_t seq_id) const {
@@ -65,6 +66,7 @@ class KVCacheManager {
     std::vector<int32_t> blocks;
     std::vector<int64_t> tokens;
     int64_t version = 0;
+    uint64_t mark = 0;  // append_decode's duplicate check: last call that saw this sequence
   };
   // A radix node owns one full block (roots own none: block -1). Nodes live in nodes_, recycled
   // through free_nodes_; node_of_[block] is the node holding a cached block or -1.
@@ -92,6 +94,7 @@ class KVCacheManager {
 
   const Seq& seq(int64_t seq_id) const;
   Seq& seq(int64_t seq_id);
+  int32_t new_seq_slot();
   int64_t need(const Seq& s, int64_t n) const;
   void ensure(int64_t n) const;
   void append(Seq& s, const int64_t* tokens, int64_t n, int64_t* slots);
@@ -109,7 +112,11 @@ class KVCacheManager {
 
   BlockPool pool_;
   int64_t bs_;
-  std::unordered_map<int64_t, Seq> seqs_;
+  // Sequences live in a deque (stable addresses) and are recycled with their vectors' capacity,
+  // so steady-state fork/free cycles do not touch the allocator.
+  std::unordered_map<int64_t, int32_t> seq_index_;  // seq_id -> slot in seq_store_
+  std::deque<Seq> seq_store_;
+  std::vector<int32_t> free_seq_slots_;
   std::unordered_map<int64_t, int32_t> roots_;  // version -> root node
   std::vector<Node> nodes_;
   std::vector<int32_t> free_nodes_;
@@ -119,6 +126,7 @@ class KVCacheManager {
   std::vector<std::pair<int32_t, int32_t>> copies_;
   int64_t num_cached_ = 0;  // tree blocks with ref 0
   int64_t clock_ = 0;
+  uint64_t decode_epoch_ = 0;
 };
 
 }  // namespace mrt
