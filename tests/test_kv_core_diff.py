@@ -9,6 +9,8 @@ and a 3-letter vocabulary make out-of-blocks, eviction and prefix hits common.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 
 import pytest
@@ -286,3 +288,16 @@ def test_block_pool_lockstep():
         assert a == b, (name, args)
         assert [py.ref_count(i) for i in range(8)] == [cc.ref_count(i) for i in range(8)]
         assert py.num_free() == cc.num_free()
+
+
+def test_benchmark_trace_replays_identically():
+    """The fork-heavy MRT trace of benchmarks/bench_kv_cache.py, small: identical results."""
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_kv_cache.py")
+    spec = importlib.util.spec_from_file_location("bench_kv_cache", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    num_blocks, ops = bench.make_trace(traces=6, boundaries=4, forks=3, decode_steps=40, seed=3)
+    assert len(ops) > 300
+    _, want = bench.replay(kv_core_py.KVCacheManager, num_blocks, ops, record=True)
+    _, got = bench.replay(_C.KVCacheManager, num_blocks, ops, record=True)
+    assert _norm(want) == _norm(got)
