@@ -116,6 +116,7 @@ class SamplingTensors:
     min_p: torch.Tensor               # float32
     uniform: torch.Tensor             # float32 in [0, 1)
     all_greedy: bool
+    any_greedy: bool
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
@@ -142,6 +143,7 @@ class SamplingTensors:
             min_p=torch.tensor(min_p, dtype=torch.float32).to(device, non_blocking=nb),
             uniform=uniform.to(device, non_blocking=nb),
             all_greedy=all_greedy,
+            any_greedy=any(t == 0.0 for t in temps),
             any_top_k=not all_greedy and any(k != -1 for k in top_k),
             any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
             any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
@@ -151,34 +153,33 @@ class SamplingTensors:
 class Sampler:
     """logits [M, V] float32 -> (tokens [R] int64, logprobs [R] float32).
 
-    Non-greedy rows take e = exp(x - max x), one pass: e sums to the softmax normaliser, its
-    maximum is exactly 1 (so min-p is `e < min_p`), and inverse-CDF sampling needs no
-    normalised probabilities."""
+    One fused softmax per step (cheaper on CPU than logsumexp plus exp): its probabilities give
+    the logprob of the sampled token, min-p, top-k/top-p and inverse-CDF sampling."""
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
         x = logits if st.logit_rows is None else logits.index_select(0, st.logit_rows)
         x = x.float()
         if st.all_greedy:
             tokens = x.argmax(dim=-1)
-            logprobs = x.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+            logprobs = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
             return tokens, logprobs
         greedy = st.temperature == 0
-        x = x / torch.where(greedy, torch.ones_like(st.temperature), st.temperature)[:, None]
-        xmax, argmax = x.max(dim=-1)                                   # [R]
-        e = x.sub_(xmax[:, None]).exp_()                               # [R, V], in place: x is ours
-        lse = e.sum(dim=-1).log_()                                     # log-normaliser minus xmax
-        sampled = self._sample(e, st)
-        tokens = torch.where(greedy, argmax, sampled)
-        logprobs = e.gather(1, tokens[:, None])[:, 0].log_() - lse
+        inv_t = torch.where(greedy, torch.ones_like(st.temperature), 1.0 / st.temperature.clamp(min=1e-30))
+        probs = torch.softmax(x * inv_t[:, None], dim=-1)              # [R, V]
+        pmax, argmax = probs.max(dim=-1) if (st.any_greedy or st.any_min_p) else (None, None)
+        tokens = self._sample(probs, pmax, st)
+        if st.any_greedy:
+            tokens = torch.where(greedy, argmax, tokens)
+        logprobs = probs.gather(1, tokens[:, None])[:, 0].log_()
         return tokens, logprobs
 
     @staticmethod
-    def _sample(e: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-        V = e.shape[-1]
+    def _sample(probs: torch.Tensor, pmax, st: SamplingTensors) -> torch.Tensor:
+        V = probs.shape[-1]
         if st.any_top_k or st.any_top_p:
             # 1. sort once; top-k, then top-p on the top-k mass, then min-p, all as masks
-            sp, si = e.sort(dim=-1, descending=True)                    # [R, V]
-            rank = torch.arange(V, device=e.device)
+            sp, si = probs.sort(dim=-1, descending=True)                # [R, V]
+            rank = torch.arange(V, device=probs.device)
             k = torch.where(st.top_k < 0, torch.full_like(st.top_k, V), st.top_k.clamp(max=V))
             sp = sp.masked_fill(rank[None, :] >= k[:, None], 0.0)
             if st.any_top_p:
@@ -186,13 +187,13 @@ class Sampler:
                 # keep a token while the mass before it is under top_p; the first always stays
                 sp = sp.masked_fill(cum - sp >= st.top_p[:, None] * cum[:, -1:], 0.0)
             if st.any_min_p:
-                sp = sp.masked_fill(sp < st.min_p[:, None], 0.0)
+                sp = sp.masked_fill(sp < (st.min_p * sp[:, 0])[:, None], 0.0)
             idx = Sampler._inverse_cdf(sp, st.uniform)
             return si.gather(1, idx[:, None])[:, 0]
         if st.any_min_p:
-            # a copy: e still has to give the logprobs
-            return Sampler._inverse_cdf(e.masked_fill(e < st.min_p[:, None], 0.0), st.uniform)
-        return Sampler._inverse_cdf(e, st.uniform)
+            # a masked copy: probs still has to give the logprobs
+            return Sampler._inverse_cdf(probs.masked_fill(probs < (st.min_p * pmax)[:, None], 0.0), st.uniform)
+        return Sampler._inverse_cdf(probs, st.uniform)
 
     @staticmethod
     def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
