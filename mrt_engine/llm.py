@@ -294,6 +294,8 @@ class LLM:
         if need > self.kv.num_blocks:
             raise ValueError(f"prompt {index} needs up to {need} KV blocks ({total} tokens) but the cache has "
                              f"{self.kv.num_blocks}; lower max_tokens or raise num_blocks")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and the model folder has none; use stop_token_ids")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
         return Request(index, prompt, ids, params, seed, keep, fork_source, fork_at)
 

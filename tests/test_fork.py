@@ -134,6 +134,24 @@ def test_bad_forks_raise_and_engine_keeps_working(engines):
     assert len(out[0].outputs[0].token_ids) == 3
 
 
+def test_forks_under_block_pressure_preempt_and_match(engines, tiny_llama_dir):
+    _, scratch = engines
+    tight = LLM(tiny_llama_dir, dtype="float32", num_blocks=40, block_size=8, max_num_batched_tokens=32)
+    h, full = _trace(tight, 21, plen=30, gen=20)                   # pins 7 blocks
+    positions = [3, 12, 25, 40, 49]
+    sp = SamplingParams(n=3, max_tokens=24, **GREEDY)
+    outs = tight.generate([Fork(h, at=t, suffix=[7, 8, 9]) for t in positions], sp)
+    assert tight.kv_stats()["num_preemptions"] > 0
+    refs = scratch.generate([full[:t] + [7, 8, 9] for t in positions], SamplingParams(max_tokens=24, **GREEDY))
+    for o, r in zip(outs, refs):
+        for c in o.outputs:
+            assert c.token_ids == r.outputs[0].token_ids
+    tight.release(h)
+    tight.reset_prefix_cache()
+    st = tight.kv_stats()
+    assert st["free_blocks"] == st["total_blocks"]
+
+
 def test_all_blocks_free_at_the_end(engines):
     for llm in engines:
         llm.reset_prefix_cache()
