@@ -93,6 +93,7 @@ class Scheduler:
 
         # 1. decode rows; preempt the newest sequences until their blocks fit
         avail = kv.num_available_blocks()
+        preempted = False
         while True:
             decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
             decodes = decodes[:budget]
@@ -100,6 +101,7 @@ class Scheduler:
             if need <= avail or len(self.running) <= 1:
                 break
             self._preempt(self.running[-1])
+            preempted = True
             avail = kv.num_available_blocks()
         if decodes and need <= avail:
             batch.decode_slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
@@ -120,8 +122,9 @@ class Scheduler:
                 budget -= n
                 avail -= need
 
-        # 3. admit waiting sequences (FIFO) while tokens, blocks and sequence slots last
-        while self.waiting and budget > 0:
+        # 3. admit waiting sequences (FIFO) while tokens, blocks and sequence slots last; not in a
+        # step that had to preempt (the victim would come straight back and be preempted again)
+        while self.waiting and budget > 0 and not (preempted and self.running):
             s = self.waiting[0]
             if self.running and len(self.running) + s.spawn > self.max_num_seqs:
                 break
