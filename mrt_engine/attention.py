@@ -75,7 +75,7 @@ class _Batch:
     blocks: torch.Tensor      # [I, Bk] block ids, padding block 0
     key_mask: torch.Tensor | None  # [I, 1, 1, Bk*bs] fp32 additive: -inf on padding; None if none
     out_rows: torch.Tensor    # [V] decode rows receiving results (valid slots only)
-    out_sel: torch.Tensor     # [V] flat (item * R + slot) positions of those results
+    out_sel: torch.Tensor | None  # [V] flat (item * R + slot) positions of those results; None: all
     _masks: dict = field(default_factory=dict)
 
     def mask_in(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -92,6 +92,7 @@ class _DecodePlan:
     own: list[_Batch]         # per length bucket: one row per item, its tokens after the shared blocks
     shared: list[_Batch]      # per batch of prefix-tree segments: a run of blocks, every row below it
     shared_rows: torch.Tensor | None  # [P] decode row of each shared partial, in batch order
+    own_inv: torch.Tensor     # [D] position of each decode row in the concatenated own buckets
 
 
 def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _DecodePlan:
@@ -152,7 +153,11 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
             blocks = sorted_blocks[at:at + len(bucket), :nb]
             at += len(bucket)
             own.append(_make_batch([[r] for r in bucket], blocks, [own_lens[r] for r in bucket], nb * bs, device))
-    return _DecodePlan(own, shared, torch.cat(shared_rows) if shared_rows else None)
+    inv = [0] * len(ctx)
+    for i, r in enumerate(order):
+        inv[r] = i
+    own_inv = torch.tensor(inv, dtype=torch.long).to(device)
+    return _DecodePlan(own, shared, torch.cat(shared_rows) if shared_rows else None, own_inv)
 
 
 def _tree_segments(items: list[tuple[list[int], list[int]]], start: int, out: list) -> None:
@@ -243,8 +248,10 @@ def _make_batch(rows_per_item: list[list[int]], blocks, lens: list[int], width: 
         mask = torch.zeros(num_items, width, dtype=torch.float32)
         mask = mask.masked_fill_(torch.arange(width)[None, :] >= lens_t[:, None], float("-inf"))[:, None, None, :]
         mask = mask.to(device)
+    # no padded rows: the results are already in out_rows order and need no selection
+    out_sel = None if nv == o else t[o + nv:o + 2 * nv]
     return _Batch(rows=t[:o].view(num_items, r_max), blocks=blocks.to(device).contiguous(), key_mask=mask,
-                  out_rows=t[o:o + nv], out_sel=t[o + nv:o + 2 * nv])
+                  out_rows=t[o:o + nv], out_sel=out_sel)
 
 
 def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: _Batch, scale: float):
@@ -262,6 +269,8 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     o, lse = _partial_attention(qb, kb, vb, b.mask_in(q.dtype), scale)   # [I, Hkv, M, Dh], [I, Hkv, M]
     o = o.view(num_items, hkv, r, grp, dh).permute(0, 2, 1, 3, 4).reshape(num_items * r, hq, dh)
     lse = lse.view(num_items, hkv, r, grp).permute(0, 2, 1, 3).reshape(num_items * r, hq)
+    if b.out_sel is None:
+        return o, lse
     return o.index_select(0, b.out_sel), lse.index_select(0, b.out_sel)
 
 
@@ -353,13 +362,11 @@ class TorchAttentionBackend:
         if plan is None:
             plan = _build_decode_plan(meta, k_cache.shape[1], q.device)
             meta.backend_cache["torch_decode_plan"] = plan
-        d, hq, dh = q.shape
-        o_own = torch.empty(d, hq, dh, dtype=torch.float32, device=q.device)
-        lse_own = torch.empty(d, hq, dtype=torch.float32, device=q.device)
-        for b in plan.own:
-            o, lse = _attend_batch(q, k_cache, v_cache, b, scale)
-            o_own[b.out_rows] = o.float()
-            lse_own[b.out_rows] = lse
+        own = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.own]
+        # the buckets hold the rows in `order`; one selection puts them back in row order
+        o_own = (torch.cat([o for o, _ in own]) if len(own) > 1 else own[0][0]).index_select(0, plan.own_inv)
+        lse_own = (torch.cat([x for _, x in own]) if len(own) > 1 else own[0][1]).index_select(0, plan.own_inv)
+        o_own = o_own.float()
         if not plan.shared:
             return o_own
         parts = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.shared]
