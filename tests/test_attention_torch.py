@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from mrt_engine import attention
+from mrt_engine import attention_torch as attention
 from mrt_engine.attention import (BACKEND_ENV, TorchAttentionBackend, get_attention_backend, merge_lse,
                                   store_kv)
 from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
