@@ -21,15 +21,17 @@ def _bench():
 
 def test_tiny_configuration_runs_and_methods_agree():
     bench = _bench()
-    r = bench.run_config(2, 3, 32, 5, iters=1, copy_gbps=1.0, check=True, device="cpu", hq=4, hkv=2, dh=64,
+    r = bench.run_config(2, 3, 64, 5, iters=1, copy_gbps=1.0, check=True, device="cpu", hq=4, hkv=2, dh=64,
                          bs=16, dtype=torch.float32)
-    assert r["unique_kv_bytes"] == 2 * 2 * (32 + 3 * 5) * 2 * 64 * 4
-    assert r["per_sequence_kv_bytes"] == 2 * 6 * (32 + 5) * 2 * 64 * 4
+    assert r["unique_kv_bytes"] == 2 * 2 * (64 + 3 * 5) * 2 * 64 * 4
+    assert r["per_sequence_kv_bytes"] == 2 * 6 * (64 + 5) * 2 * 64 * 4
     for m in ("cascade", "cascade_det", "paged", "sdpa"):
         assert r[m]["ms"] > 0
     assert r["max_abs_diff_cascade_vs_paged"] < 1e-5
     assert r["max_abs_diff_det_vs_paged"] < 1e-5
     assert r["max_abs_diff_cascade_vs_sdpa"] < 1e-5
+    assert r["max_abs_diff_tree_vs_paged"] < 1e-5
+    assert r["tree_cascade"]["ms"] > 0 and r["tree_paged"]["ms"] > 0
 
 
 def test_main_without_cuda_exits_cleanly(capsys):
