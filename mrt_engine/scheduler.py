@@ -76,8 +76,9 @@ class Scheduler:
                 continue
             raise OutOfBlocks(
                 f"cannot admit a sequence: {self.kv.num_available_blocks()} of {self.kv.num_blocks} KV "
-                f"blocks are free or evictable, the rest are pinned by kept handles; release handles "
-                f"(LLM.release) or give the engine more num_blocks")
+                f"blocks are free or evictable, the rest are pinned by kept sequences (handles of earlier "
+                f"calls, or this call's keep=True outputs); release handles (LLM.release), keep fewer "
+                f"outputs, or give the engine more num_blocks")
         batch.copies = self.kv.take_copies()
         used = self.kv.num_blocks - self.kv.num_available_blocks()
         st = self.stats
