@@ -40,7 +40,7 @@ DET_BLOCK_M = 64            # the one query-tile shape every deterministic decod
 
 @dataclass
 class _Launch:
-    """One cascade launch: groups (CSR) over token ranges, written to partial slots [slot0, slot0 + num_chunks)."""
+    """One cascade launch: groups (CSR) over token ranges; group g's chunk c goes to slot slot_base[g] + c."""
     group_ptr: torch.Tensor
     group_rows: torch.Tensor
     range_start: torch.Tensor
@@ -138,8 +138,8 @@ class TritonAttentionBackend:
         base = []
         for i, (_, _, _, parent) in enumerate(segments):
             base.append(0 if parent < 0 else base[parent] + chunks[parent])
-        launch = self._launch_from(segments, bs, dev, [s * bs for s, _, _, _ in segments],
-                                   [e * bs for _, e, _, _ in segments], base, max_rows, chunk, max(chunks))
+        launch = _launch_from([rows for _, _, rows, _ in segments], [s * bs for s, _, _, _ in segments],
+                              [e * bs for _, e, _, _ in segments], base, max_rows, chunk, max(chunks), dev)
         return launch, max(b + c for b, c in zip(base, chunks))
 
     def _det_shared_launch(self, segments, bs, dev):
@@ -150,23 +150,8 @@ class TritonAttentionBackend:
         if not kept:
             return None
         max_rows = max(len(rows) for _, _, rows in kept)
-        return self._launch_from([(None, None, rows, None) for _, _, rows in kept], bs, dev,
-                                 [s for s, _, _ in kept], [e for _, e, _ in kept], None, max_rows, S,
-                                 max(e for _, e, _ in kept) // S)
-
-    @staticmethod
-    def _launch_from(segments, bs, dev, starts, ends, base, max_rows, chunk, num_chunks) -> _Launch:
-        ptr, rows = [0], []
-        for _, _, seg_rows, _ in segments:
-            rows += seg_rows
-            ptr.append(len(rows))
-
-        def t(x):
-            return torch.tensor(x, dtype=torch.int64, device=dev)
-
-        return _Launch(group_ptr=t(ptr), group_rows=t(rows), range_start=t(starts), range_end=t(ends),
-                       slot_base=None if base is None else t(base), max_group_rows=max_rows, chunk_size=chunk,
-                       num_chunks=num_chunks)
+        return _launch_from([rows for _, _, rows in kept], [s for s, _, _ in kept], [e for _, e, _ in kept], None,
+                            max_rows, S, max(e for _, e, _ in kept) // S, dev)
 
     def _build_plan(self, meta: AttentionMetadata, k_cache: torch.Tensor, group: int) -> _Plan:
         plan = _Plan()
@@ -226,6 +211,20 @@ class TritonAttentionBackend:
             plan.kv_start = kv_start
             plan.num_slots = plan.shared_slots + plan.num_splits
         return plan
+
+
+def _launch_from(rows_per_group, starts, ends, base, max_rows, chunk, num_chunks, dev) -> _Launch:
+    ptr, rows = [0], []
+    for group_rows in rows_per_group:
+        rows += group_rows
+        ptr.append(len(rows))
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int64, device=dev)
+
+    return _Launch(group_ptr=t(ptr), group_rows=t(rows), range_start=t(starts), range_end=t(ends),
+                   slot_base=None if base is None else t(base), max_group_rows=max_rows, chunk_size=chunk,
+                   num_chunks=num_chunks)
 
 
 def prefix_tree_segments(items: list[tuple[list[int], list[int]]]) -> list[tuple[int, int, list[int], int]]:
