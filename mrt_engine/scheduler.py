@@ -129,7 +129,8 @@ class Scheduler:
             s = self.waiting[0]
             if self.running and len(self.running) + s.spawn > self.max_num_seqs:
                 break
-            if not self._admit(s):
+            cached = self._admit(s)
+            if cached is None:
                 break
             avail = kv.num_available_blocks()
             # admit only when the whole rest of the prompt fits: a sequence that could only take a
@@ -140,6 +141,9 @@ class Scheduler:
                 s.num_computed = 0
                 break
             self.waiting.popleft()
+            self.stats["prefix_cache_hit_tokens"] += cached
+            if s.sample_index == 0 and s.num_output == 0:
+                s.request.num_cached_tokens = cached
             s.status = Status.RUNNING
             self.running.append(s)
             self._schedule_prefill(batch, s, n)
@@ -147,8 +151,9 @@ class Scheduler:
             avail -= need
         return batch
 
-    def _admit(self, s: Sequence) -> bool:
-        """Put a waiting sequence in the KV cache, sharing what is already there."""
+    def _admit(self, s: Sequence) -> int | None:
+        """Put a waiting sequence in the KV cache, sharing what is already there; returns the
+        tokens it got without computing them (None: no block for a fork's tail copy)."""
         kv, req = self.kv, s.request
         try:
             if req.fork_source is not None and kv.has_sequence(req.fork_source):
@@ -157,12 +162,9 @@ class Scheduler:
             else:
                 cached = kv.add_sequence(s.seq_id, s.token_ids, self.version, self.enable_prefix_caching)
         except OutOfBlocks:
-            return False
+            return None
         s.num_computed = cached
-        self.stats["prefix_cache_hit_tokens"] += cached
-        if s.sample_index == 0 and s.num_output == 0:
-            req.num_cached_tokens = cached
-        return True
+        return cached
 
     def _fit(self, s: Sequence, budget: int, avail: int) -> tuple[int, int]:
         """Largest prefill chunk of s within budget and avail blocks -> (tokens, blocks)."""
