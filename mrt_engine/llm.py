@@ -12,9 +12,11 @@ pinned by kept handles) frees what it allocated before re-raising.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
 import warnings
+from array import array
 
 import torch
 
@@ -296,7 +298,14 @@ class LLM:
                              f"{self.kv.num_blocks}; lower max_tokens or raise num_blocks")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and the model folder has none; use stop_token_ids")
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(64)
+        if params.seed is None:
+            seed = self._rng.getrandbits(64)
+        else:
+            # the prompt goes into the seed so that one seed shared by many prompts (e.g. every
+            # fork of a call) does not give them all the same uniforms; same seed + same prompt
+            # still means the same tokens, whatever else is in the batch
+            digest = hashlib.blake2b(array("q", ids).tobytes(), digest_size=8).digest()
+            seed = (params.seed ^ int.from_bytes(digest, "little")) & ((1 << 64) - 1)
         return Request(index, prompt, ids, params, seed, keep, fork_source, fork_at)
 
     # ---- the generation loop -------------------------------------------------------------------

@@ -85,6 +85,12 @@ def test_seeded_sampling_is_batch_invariant_and_engine_seed_reproducible(llm, ti
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
 
 
+def test_shared_seed_differs_per_prompt(llm):
+    sp = SamplingParams(seed=5)
+    a, b, c = (llm._make_request(0, p, sp, False).seed for p in ([1, 2, 3], [1, 2, 4], [1, 2, 3]))
+    assert a == c != b
+
+
 def test_prefix_cache_reuse_and_stats(llm):
     prompt = _prompt(8, 70)
     llm.generate([prompt], SamplingParams(max_tokens=2, **GREEDY))
