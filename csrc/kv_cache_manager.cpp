@@ -21,7 +21,6 @@ KVCacheManager::KVCacheManager(int64_t num_blocks, int64_t block_size)
                 : num_blocks),
       bs_(block_size) {
   node_of_.assign(static_cast<size_t>(num_blocks), -1);
-  nodes_.reserve(static_cast<size_t>(num_blocks) + 1);
 }
 
 // ---- read-only views ---------------------------------------------------------------------------

@@ -43,8 +43,10 @@ def _outcome(fn):
         return "ValueError", None
 
 
-def snapshot(m) -> dict:
-    """Everything observable through the public API."""
+def snapshot(m, probes=()) -> dict:
+    """Everything observable through the public API; `probes` are token lists whose cached
+    prefix length is looked up in every version (the tree of released prompts is otherwise
+    invisible until a later hit or eviction)."""
     seqs = m.sequence_ids()
     state = {
         "seqs": seqs,
@@ -53,6 +55,7 @@ def snapshot(m) -> dict:
         "refs": [m.ref_count(b) for b in range(m.num_blocks)],
         "versions": m.cached_versions(),
     }
+    state["probes"] = [[m.match_prefix(p, v) for v in state["versions"]] for p in probes]
     for s in seqs:
         toks = m.token_ids(s)
         state[s] = (m.block_table(s), m.num_tokens(s), toks, m.blocks_needed(s, 1),
@@ -68,16 +71,19 @@ class Lockstep:
         self.py = kv_core_py.KVCacheManager(num_blocks, block_size)
         self.cc = _C.KVCacheManager(num_blocks, block_size)
         self.ops = 0
+        self.probes = []   # recent prompts
 
     def call(self, name, *args, **kwargs):
-        before = snapshot(self.py)
+        if name == "add_sequence" and args[1] not in self.probes:
+            self.probes = (self.probes + [list(args[1])])[-12:]
+        before = snapshot(self.py, self.probes)
         got_py = _outcome(lambda: getattr(self.py, name)(*args, **kwargs))
         got_cc = _outcome(lambda: getattr(self.cc, name)(*args, **kwargs))
         assert got_py[0] == got_cc[0], (name, args, kwargs, got_py, got_cc)
         if got_py[0] == "ok":
             assert _norm(got_py[1]) == _norm(got_cc[1]), (name, args, kwargs)
-        after = snapshot(self.py)
-        assert after == snapshot(self.cc), (name, args, kwargs)
+        after = snapshot(self.py, self.probes)
+        assert after == snapshot(self.cc, self.probes), (name, args, kwargs)
         if got_py[0] != "ok":
             assert after == before, f"{name}{args} raised {got_py[0]} but changed the state"
         self.ops += 1
