@@ -28,11 +28,11 @@ import torch
 
 from mrt_engine.attention_metadata import AttentionMetadata
 from mrt_engine.kernels.cascade_decode import cascade_decode, cascade_decode_config, choose_chunk_size
-from mrt_engine.kernels.checks import cdiv
+from mrt_engine.kernels.checks import cdiv, is_interpreted
 from mrt_engine.kernels.extend import extend
 from mrt_engine.kernels.kv_store import kv_store
 from mrt_engine.kernels.merge import merge
-from mrt_engine.kernels.paged_decode import choose_split_size, paged_decode, paged_decode_config
+from mrt_engine.kernels.paged_decode import choose_split_size, paged_decode, paged_decode_config, paged_decode_kernel
 
 DETERMINISTIC_ENV = "MRT_ENGINE_DETERMINISTIC"
 DET_BLOCK_M = 64            # the one query-tile shape every deterministic decode launch uses
@@ -81,6 +81,11 @@ class TritonAttentionBackend:
             raise ValueError(f"det_chunk must be a positive number of tokens, got {det_chunk}")
         self.deterministic = bool(deterministic)
         self.det_chunk = int(det_chunk)
+        if not torch.cuda.is_available() and not is_interpreted(paged_decode_kernel):
+            raise RuntimeError(
+                "the triton attention backend needs CUDA, or on CPU the Triton interpreter, which must be on "
+                "before triton is first imported: set TRITON_INTERPRET=1 (or import mrt_engine.kernels before "
+                "transformers)")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
