@@ -130,18 +130,20 @@ class SamplingTensors:
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
-        if all_greedy:
-            uniform = torch.zeros(len(params))
-        else:
-            uniform = torch.from_numpy(counter_uniforms(seeds, sample_indices, steps)).float()
-        nb = device != "cpu" and str(device) != "cpu"
+        r = len(params)
+        uniform = [0.0] * r if all_greedy else counter_uniforms(seeds, sample_indices, steps).tolist()
+        # one [6, R] float32 buffer, one host-to-device copy; ids and top-k are exact in float32
+        buf = torch.tensor([temps, top_p, min_p, uniform, top_k, rows if rows is not None else [0] * r],
+                           dtype=torch.float32)
+        if torch.device(device).type != "cpu":
+            buf = buf.to(device, non_blocking=True)
         return cls(
-            logit_rows=None if rows is None else torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=nb),
-            temperature=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=nb),
-            top_p=torch.tensor(top_p, dtype=torch.float32).to(device, non_blocking=nb),
-            top_k=torch.tensor(top_k, dtype=torch.int64).to(device, non_blocking=nb),
-            min_p=torch.tensor(min_p, dtype=torch.float32).to(device, non_blocking=nb),
-            uniform=uniform.to(device, non_blocking=nb),
+            logit_rows=None if rows is None else buf[5].long(),
+            temperature=buf[0],
+            top_p=buf[1],
+            top_k=buf[4].long(),
+            min_p=buf[2],
+            uniform=buf[3],
             all_greedy=all_greedy,
             any_greedy=any(t == 0.0 for t in temps),
             any_top_k=not all_greedy and any(k != -1 for k in top_k),
