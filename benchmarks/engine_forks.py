@@ -17,6 +17,7 @@ kept (keep=True) until the call returns, so the peak is the full fork tree.
 from __future__ import annotations
 
 import gc
+import json
 import time
 
 from workload import Workload, fork_prompts, random_traces, suffix_ids, trace_prompts
@@ -119,12 +120,12 @@ def _plain_call(llm, traces, w: Workload, suffix, branch_mode):
     return llm.generate(prompts, params, keep=True)
 
 
-def _check_and_release(llm, outs, w: Workload) -> tuple[int, int]:
-    """Checks every branch got exactly A tokens; returns (generated tokens, distinct branches)
-    and releases the kept branches."""
+def _check_and_release(llm, outs, w: Workload, traces: int) -> tuple[int, int]:
+    """Checks every branch of the forks of `traces` traces got exactly A tokens; returns
+    (generated tokens, distinct branches) and releases the kept branches."""
     comps = [c for o in outs for c in o.outputs]
     lens = {len(c.token_ids) for c in comps}
-    expect = w.fork_tokens() * w.branches
+    expect = traces * w.positions * w.branches
     if len(comps) != expect or lens != {w.answer_len}:
         raise RuntimeError(f"engine returned {len(comps)} branches of lengths {sorted(lens)}, "
                            f"expected {expect} of {w.answer_len}")
@@ -135,11 +136,13 @@ def _check_and_release(llm, outs, w: Workload) -> tuple[int, int]:
 
 
 def _time_forks(llm, w, reps, kv_block_bytes, run_call):
-    """Warm-up, then `reps` timed calls; returns the result dict (without the trace phase)."""
+    """Warm-up, then `reps` timed calls; returns the result dict (without the trace phase).
+    run_call(suffix, rep, traces) runs the forks of the first `traces` traces."""
     counter = EmbeddingCounter(llm)
     vocab = llm_vocab(llm)
     t0 = time.perf_counter()
-    _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1), w)       # warm-up
+    # warm-up on the forks of one trace: every code path and shape class, a T-th of the work
+    _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1, 1), w, 1)
     print(f"  warm-up: {time.perf_counter() - t0:.3f} s", flush=True)
     runs = []
     for rep in range(reps):
@@ -147,12 +150,12 @@ def _time_forks(llm, w, reps, kv_block_bytes, run_call):
         counter.count = 0
         llm.reset_stats()
         t0 = time.perf_counter()
-        outs = run_call(suffix_ids(w, vocab, rep), rep)
+        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
         wall = time.perf_counter() - t0
         print(f"  rep {rep}: fork phase {wall:.3f} s", flush=True)
         stats = llm.kv_stats()
         fed = counter.count
-        gen, distinct = _check_and_release(llm, outs, w)
+        gen, distinct = _check_and_release(llm, outs, w, w.traces)
         n_seq = w.fork_tokens() * w.branches
         runs.append({"wall": wall, "stats": stats, "gen": gen, "distinct": distinct,
                      # every branch feeds A-1 decode tokens; the rest of what was fed is prefill
@@ -217,12 +220,13 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
     if "mrt_engine" in args.engines:
         print("running (a) mrt_engine, sharing on ...", flush=True)
         r = _time_forks(llm, w, args.reps, kv_block_bytes,
-                        lambda suffix, rep: _fork_call(llm, handles, w, suffix, w.seed + 1000 + rep))
+                        lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep))
         r.update(trace_phase_s=round(trace_s, 3), trace_source=args.trace_source,
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
                  # the suffix, plus the fork point's last token re-fed for its logits
                  expected_prefill_tokens=w.fork_tokens() * (w.suffix_len + 1))
         results["mrt_engine"] = r
+        print(f"  -> {json.dumps(r)}", flush=True)
     for h in handles:
         llm.release(h)
     del llm, handles
@@ -234,12 +238,14 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
         llm = LLM(model_dir, enable_prefix_caching=False, num_blocks=int(pool[False] * 1.5) + 64,
                   **common)
         r = _time_forks(llm, w, args.reps, kv_block_bytes,
-                        lambda suffix, rep: _plain_call(llm, traces, w, suffix, args.no_sharing_mode))
+                        lambda suffix, rep, nt: _plain_call(llm, traces[:nt], w, suffix,
+                                                            args.no_sharing_mode))
         per_branch = sum(t + w.suffix_len for t in w.fork_positions()) * w.traces
         r.update(mode=args.no_sharing_mode,
                  predicted_kv_blocks=predicted_blocks(w, bs, False, args.no_sharing_mode),
                  expected_prefill_tokens=per_branch * (w.branches if args.no_sharing_mode == "branch" else 1))
         results["mrt_engine_no_sharing"] = r
+        print(f"  -> {json.dumps(r)}", flush=True)
         del llm
         gc.collect()
     return traces, results
