@@ -271,6 +271,11 @@ def test_long_random_walk(seed, num_blocks, block_size):
             if rng.random() < 0.6:
                 m.call("cache_sequence", s)
             m.call("free_sequence", s)
+            if rng.random() < 0.3:      # a request that hits the cache and is aborted at once
+                p = rng.choice(prompts)
+                if m.call("add_sequence", next_id, p, version=rng.randrange(2))[0] == "ok":
+                    m.call("free_sequence", next_id)
+                next_id += 1
         elif op < 0.9:
             m.call("take_copies")
         elif op < 0.95:
