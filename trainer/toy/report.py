@@ -210,6 +210,11 @@ def run(model_dir: str, difficulty: int = 5, problems: int = 64, samples: int = 
     mid = sum(v[len(v) // 2] for v in per_trace.values()) / len(per_trace)
     last = sum(v[-1] for v in per_trace.values()) / len(per_trace)
     rising = sum(v[-1] > v[0] for v in per_trace.values()) / len(per_trace)
+    # along each trace at the same relative position (boundary nearest to f of the way through),
+    # so short and long traces weigh alike and the selection of long traces does not bias J
+    fractions = (0.0, 0.25, 0.5, 0.75, 1.0)
+    j_by_fraction = [sum(v[round(f * (len(v) - 1))] for v in per_trace.values()) / len(per_trace)
+                     for f in fractions]
 
     n_ep = [len(r["episodes"]) for r in rows]
     report = {
@@ -224,6 +229,7 @@ def run(model_dir: str, difficulty: int = 5, problems: int = 64, samples: int = 
         "accuracy_vs_budget": {str(b): acc[b] for b in budgets},
         "J_by_episode_boundary": j_by_boundary, "traces_per_boundary": n_by_boundary,
         "J_first_mid_last": [first, mid, last], "fraction_traces_J_rises": rising,
+        "J_by_trace_fraction": {str(f): j for f, j in zip(fractions, j_by_fraction)},
         "example_trace": rows[0]["text"], "seconds": round(time.time() - t_start, 1),
     }
     return report
@@ -242,6 +248,8 @@ def print_report(rep: dict) -> None:
     print("J at episode boundaries (forced answer after e episodes; traces reaching e):")
     for e, (j, n) in enumerate(zip(rep["J_by_episode_boundary"], rep["traces_per_boundary"])):
         print(f"  e={e:>2}  J={j:.3f}  (n={n})")
+    print("J along the trace (boundary at that fraction of each trace's episodes): " +
+          "  ".join(f"{f}: {j:.3f}" for f, j in rep["J_by_trace_fraction"].items()))
     f, m, l_ = rep["J_first_mid_last"]
     print(f"J first/mid/last boundary: {f:.3f} / {m:.3f} / {l_:.3f};  traces with J rising: "
           f"{rep['fraction_traces_J_rises']:.3f};  {rep['seconds']}s")

@@ -65,13 +65,17 @@ class ExampleMaker:
             comp = self._ids(trace.completion()) + [self.eos]
             return prompt + comp, [IGNORE] * len(prompt) + comp
         think = self._ids(trace.thinking)
-        if rng.random() < 0.5:
-            # cut at an episode boundary (where J is measured): after the "\n\n" token
-            sep = self.tok.token_to_id(traces.EPISODE_SEP)
-            bounds = [0] + [i + 1 for i, t in enumerate(think) if t == sep] + [len(think)]
+        # episode starts (after each "\n\n" token) and the end: where J is measured
+        sep = self.tok.token_to_id(traces.EPISODE_SEP)
+        bounds = [0] + [i + 1 for i, t in enumerate(think) if t == sep] + [len(think)]
+        kind = rng.random()
+        if kind < 1 / 3:
             cut = rng.choice(bounds)
-        else:
+        elif kind < 2 / 3:
             cut = rng.randint(0, len(think))  # a token budget cuts anywhere
+        else:
+            # after the pair was found: rare among uniform cuts, yet it is what makes J rise
+            cut = rng.choice(bounds[trace.found_at + 1:])
         prefix = think[:cut]
         answer = traces.forced_answer(problem, self.tok.decode(prefix), rng)
         tail = self._ids(traces.boxed(answer)) + [self.eos]
