@@ -38,6 +38,8 @@ def test_text_prompts_outputs_and_order(llm):
     one = llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=False, **GREEDY))
     assert len(one) == 1 and one[0].outputs[0].logprobs is None
     assert len(llm.generate("hi", SamplingParams(max_tokens=2))) == 1
+    assert llm.generate([], SamplingParams()) == []
+    assert len(llm.generate(["ab", "cd"], SamplingParams(max_tokens=2), use_tqdm=True)) == 2
 
 
 def test_stop_token_ids_and_eos(llm):
