@@ -69,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace-source", choices=("generate", "prefill"), default="generate",
                    help="traces sampled by the engine (default), or random ids prefilled with keep=True "
                    "(same fork phase, skips the slow trace decode: for checks on a busy machine)")
+    p.add_argument("--light-warmup", action="store_true",
+                   help="engine warm-up on one trace's forks instead of the whole fork workload")
     p.add_argument("--no-sharing-mode", choices=("branch", "fork"), default="branch",
                    help="(b): 'branch' = every branch its own request (re-prefills its prefix, own "
                    "KV); 'fork' = one request per fork with n=K")

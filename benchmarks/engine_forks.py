@@ -135,14 +135,15 @@ def _check_and_release(llm, outs, w: Workload, traces: int) -> tuple[int, int]:
     return sum(len(c.token_ids) for c in comps), distinct
 
 
-def _time_forks(llm, w, reps, kv_block_bytes, run_call):
+def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call):
     """Warm-up, then `reps` timed calls; returns the result dict (without the trace phase).
     run_call(suffix, rep, traces) runs the forks of the first `traces` traces."""
     counter = EmbeddingCounter(llm)
     vocab = llm_vocab(llm)
     t0 = time.perf_counter()
-    # warm-up on the forks of one trace: every code path and shape class, a T-th of the work
-    _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1, 1), w, 1)
+    # warm-up on the same shapes (first calls of a shape pay one-off costs in torch's CPU
+    # kernels); --light-warmup uses one trace's forks: every fork length, a T-th of the work
+    _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1, warmup_traces), w, warmup_traces)
     print(f"  warm-up: {time.perf_counter() - t0:.3f} s", flush=True)
     runs = []
     for rep in range(reps):
@@ -196,6 +197,7 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
     common = dict(dtype=args.dtype, device="cpu", block_size=bs, seed=w.seed,
                   max_num_seqs=max(256, w.fork_tokens() * w.branches))
     results = {}
+    warmup = 1 if args.light_warmup else w.traces
 
     # (a) traces with keep=True, then forks
     llm = LLM(model_dir, num_blocks=int(pool[True] * 1.5) + 64, **common)
@@ -219,7 +221,7 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
           f"{trace_s:.2f} s ({w.traces * new / trace_s:.1f} generated tok/s)", flush=True)
     if "mrt_engine" in args.engines:
         print("running (a) mrt_engine, sharing on ...", flush=True)
-        r = _time_forks(llm, w, args.reps, kv_block_bytes,
+        r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
                         lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep))
         r.update(trace_phase_s=round(trace_s, 3), trace_source=args.trace_source,
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
@@ -237,7 +239,7 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
         print(f"running (b) mrt_engine, sharing off ({args.no_sharing_mode} mode) ...", flush=True)
         llm = LLM(model_dir, enable_prefix_caching=False, num_blocks=int(pool[False] * 1.5) + 64,
                   **common)
-        r = _time_forks(llm, w, args.reps, kv_block_bytes,
+        r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
                         lambda suffix, rep, nt: _plain_call(llm, traces[:nt], w, suffix,
                                                             args.no_sharing_mode))
         per_branch = sum(t + w.suffix_len for t in w.fork_positions()) * w.traces
