@@ -75,7 +75,7 @@ class EngineSampler:
 class TransformersSampler:
     """The slow twin: left-padded batched `generate`; every fork re-prefills its whole prefix."""
 
-    name = "transformers (FALLBACK: mrt_engine.LLM not importable)"
+    name = "transformers"
 
     def __init__(self, model_dir: str, eos_id: int, pad_id: int, batch: int = 64):
         import torch
@@ -138,6 +138,9 @@ def make_sampler(model_dir: str, seed: int, backend: str, eos_id: int, pad_id: i
             print("=" * 78 + f"\nWARNING: mrt_engine.LLM is not importable ({e}).\n"
                   "Falling back to transformers generate: same numbers in expectation, much "
                   "slower forks.\n" + "=" * 78, file=sys.stderr, flush=True)
+            sampler = TransformersSampler(model_dir, eos_id, pad_id)
+            sampler.name = f"transformers (FALLBACK: mrt_engine.LLM not importable: {e})"
+            return sampler
     return TransformersSampler(model_dir, eos_id, pad_id)
 
 
