@@ -138,3 +138,21 @@ def test_sft_is_deterministic_from_the_seed(tmp_path):
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
     assert any((a[k] != c[k]).any() for k in a)
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_report_runs_and_is_consistent(hf, backend):
+    if backend == "engine":
+        pytest.importorskip("mrt_engine.llm", reason="mrt_engine.LLM is not importable yet")
+    from mrt_engine.trainer.toy.report import run
+
+    rep = run(MODEL, problems=2, samples=2, k=1, budgets=(0, 10_000), max_tokens=160, seed=5,
+              backend=backend)
+    assert rep["backend"] == ("mrt_engine" if backend == "engine" else "transformers")
+    acc = rep["accuracy_vs_budget"]
+    assert all(0.0 <= a <= 1.0 for a in acc.values())
+    # a budget past every trace keeps each closed trace's own answer; an unclosed one is forced
+    if rep["closed_thinking_rate"] == 1.0:
+        assert acc["10000"] == rep["natural_accuracy"]
+    assert rep["mean_episodes"] >= 1 and len(rep["J_by_episode_boundary"]) >= 2
+    assert rep["traces_per_boundary"][0] == 4
