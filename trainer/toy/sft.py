@@ -3,8 +3,9 @@
     python -m mrt_engine.trainer.toy.sft --seed 0 --out trainer/toy/model
 
 Deterministic from the seed (data order, init and CPU kernels). Each batch mixes full traces with
-forced-termination examples (a trace cut at a random token or episode boundary, then FORCED_SUFFIX
-and the answer found so far, or a guess). The loss skips the prompt and the forced suffix, so the
+forced-termination examples (a trace cut at a random token, at an episode boundary, or at a boundary
+after the pair was found, then FORCED_SUFFIX and the answer found so far, or a guess). One CPU
+thread by default: the weights are bitwise reproducible for a fixed thread count. The loss skips the prompt and the forced suffix, so the
 model never learns to emit "Time is up." on its own. Saves safetensors + tokenizer into `--out`.
 """
 from __future__ import annotations
