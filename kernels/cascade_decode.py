@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mrt_engine.kernels.paged_range import attend_paged_range, finish_partial
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_partials,
                                        check_query, dot_rows, is_interpreted)
 
@@ -88,38 +89,11 @@ def cascade_decode_kernel(
 
     first_row = tl.load(group_rows_ptr + p0, mask=n_rows > 0, other=0)
     table = block_tables_ptr + first_row * stride_btr
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    for t0 in range(lo, hi, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        tmask = tok < hi
-        blk = tl.load(table + tok // block_size, mask=tmask, other=0)
-        off = tok % block_size
-        kmask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + (blk * stride_kb + off * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
-                    mask=kmask, other=0.0)                      # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_cache_ptr + (blk * stride_vb + off * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
-                    mask=kmask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2   # [BLOCK_M, BLOCK_N]
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        p_lo = p.to(v.dtype)
-        if DOT_FP32:
-            pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p_lo, v, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
-
-    nonempty = l > 0.0
-    o = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, (m + tl.log2(tl.where(nonempty, l, 1.0))) * 0.6931471805599453, float("-inf"))
+    m, l, acc = attend_paged_range(q, table, lo, hi, k_cache_ptr, v_cache_ptr,
+                                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                   kv_head, block_size, scale_log2, d, dmask,
+                                   BLOCK_M, BLOCK_D, BLOCK_N, DOT_FP32)
+    o, lse = finish_partial(m, l, acc)
     tl.store(o_ptr + (rows * stride_or + head * stride_oh + slot * stride_os)[:, None] + d[None, :], o,
              mask=rmask[:, None] & dmask[None, :])
     tl.store(lse_ptr + rows * stride_lr + head * stride_lh + slot * stride_ls, lse, mask=rmask)
