@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+import triton
 
 TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -101,7 +102,7 @@ def main(argv) -> int:
             return 2
         for cap in caps:
             t0 = time.time()
-            rec = {"kernel": label, "cap": cap}
+            rec = {"kernel": label, "cap": cap, "triton": triton.__version__}
             try:
                 compiled = compile_one(kernel, sig, consts, cap)
                 ptx = compiled.asm["ptx"]
