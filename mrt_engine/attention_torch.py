@@ -313,20 +313,26 @@ class TorchAttentionBackend:
         masks = meta.backend_cache.setdefault("torch_prefill_masks", {})
         for i, s in enumerate(meta.prefill_seqs):
             a, n, ctx = s.token_start, s.num_new, s.context_len
-            qq = q[a:a + n].transpose(0, 1)                                            # [Hq, n, Dh]
             if n == ctx:  # nothing cached before: the new K/V are the whole context
-                kk, vv = k[a:a + n].transpose(0, 1), v[a:a + n].transpose(0, 1)
+                qq, kk, vv = q[a:a + n].transpose(0, 1), k[a:a + n].transpose(0, 1), v[a:a + n].transpose(0, 1)
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True)
-            else:
-                blocks = s.block_table[:-(-ctx // bs)]
-                kk = k_cache.index_select(0, blocks).view(-1, hkv, dh)[:ctx].transpose(0, 1)  # [Hkv, ctx, Dh]
-                vv = v_cache.index_select(0, blocks).view(-1, hkv, dh)[:ctx].transpose(0, 1)
-                mask = masks.get(i)
-                if mask is None:
-                    # query j sits at position ctx - n + j and sees keys 0 .. ctx - n + j
-                    mask = masks[i] = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_(ctx - n)
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[a:a + n] = o.transpose(0, 1)
+                out[a:a + n] = o.transpose(0, 1)
+                continue
+            # SDPA with a mask and GQA falls back to its unfused math path on CPU; instead the query
+            # heads of one KV head are packed as rows (token j, head g) of one fused-kernel call
+            grp = q.shape[1] // hkv
+            blocks = s.block_table[:-(-ctx // bs)]
+            kk = k_cache.index_select(0, blocks).view(1, -1, hkv, dh)[:, :ctx]        # [1, ctx, Hkv, Dh]
+            vv = v_cache.index_select(0, blocks).view(1, -1, hkv, dh)[:, :ctx]
+            mask = masks.get(i)
+            if mask is None:
+                # query j sits at position ctx - n + j and sees keys 0 .. ctx - n + j
+                hidden = torch.ones(n, ctx, dtype=torch.bool, device=q.device).triu_(ctx - n + 1)
+                mask = torch.zeros(n, ctx, dtype=torch.float32, device=q.device).masked_fill_(hidden, float("-inf"))
+                mask = masks[i] = mask.repeat_interleave(grp, 0)[None, None]          # [1, 1, n*grp, ctx]
+            qb = q[a:a + n].view(n, hkv, grp, dh).transpose(0, 1).reshape(1, hkv, n * grp, dh)
+            o, _ = _partial_attention(qb, kk, vv, mask, scale)                        # [1, Hkv, n*grp, Dh]
+            out[a:a + n] = o.view(hkv, n, grp, dh).transpose(0, 1).reshape(n, hkv * grp, dh)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta, scale):
