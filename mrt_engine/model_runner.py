@@ -9,6 +9,7 @@ Per step:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
@@ -83,7 +84,8 @@ class ModelRunner:
         tables_off = len(flat)
         for _, _, _, t in prefill_tables:
             flat += t
-        host = torch.tensor(flat, dtype=torch.int64)
+        # numpy turns a long list of ints into an array ~3x faster than torch.tensor does
+        host = torch.from_numpy(np.fromiter(flat, dtype=np.int64, count=len(flat)))
         dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
         off = 0
