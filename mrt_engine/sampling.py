@@ -120,6 +120,7 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     any_min_p: bool
+    all_unit_temperature: bool = False   # every row T == 1: scaling the logits is a no-op
 
     @classmethod
     def build(cls, rows, params, seeds, sample_indices, steps, device) -> "SamplingTensors":
@@ -149,6 +150,7 @@ class SamplingTensors:
             any_top_k=not all_greedy and any(k != -1 for k in top_k),
             any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
             any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
+            all_unit_temperature=all(t == 1.0 for t in temps),
         )
 
 
@@ -166,8 +168,11 @@ class Sampler:
             logprobs = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
             return tokens, logprobs
         greedy = st.temperature == 0
-        inv_t = torch.where(greedy, torch.ones_like(st.temperature), 1.0 / st.temperature.clamp(min=1e-30))
-        probs = torch.softmax(x * inv_t[:, None], dim=-1)              # [R, V]
+        if st.all_unit_temperature:   # x * 1.0 == x exactly: skip a vocab-sized multiply
+            probs = torch.softmax(x, dim=-1)                           # [R, V]
+        else:
+            inv_t = torch.where(greedy, torch.ones_like(st.temperature), 1.0 / st.temperature.clamp(min=1e-30))
+            probs = torch.softmax(x * inv_t[:, None], dim=-1)          # [R, V]
         pmax, argmax = probs.max(dim=-1) if (st.any_greedy or st.any_min_p) else (None, None)
         tokens = self._sample(probs, pmax, st)
         if st.any_greedy:
