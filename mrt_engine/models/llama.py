@@ -35,8 +35,7 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32:  # one fused kernel; same arithmetic as below in fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # as transformers: normalise in fp32, cast back, then scale in the model dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * xf.to(x.dtype)
 
 
