@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mrt_engine.attention_metadata import AttentionMetadata
+from mrt_engine.share_tree import prefix_tree_segments
 
 # A padded batch may hold up to this factor of (rows x keys) over its real work before a new one starts.
 _SHARED_PAD_SLACK = 1.25
@@ -100,8 +101,9 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
         first = torch.tensor([rows[0] for _, rows in groups], dtype=torch.long, device=tables.device)
         lists = tables.index_select(0, first).tolist()
         items = [(lst[:ns], rows) for lst, (ns, rows) in zip(lists, groups)]
-        segments = []
-        _tree_segments(items, 0, segments)
+        blocks_of = {r: blk for blk, rows in items for r in rows}
+        segments = [(blocks_of[rows[0]][start:end], rows)
+                    for start, end, rows, _ in prefix_tree_segments(items)]
         segments.sort(key=lambda seg: (len(seg[1]), len(seg[0])))
         for batch in _pack_segments(segments):
             nb = max(len(blk) for blk, _ in batch)
@@ -132,34 +134,6 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
         inv[r] = i
     own_inv = torch.tensor(inv, dtype=torch.long).to(device)
     return _DecodePlan(own, shared, torch.cat(shared_rows) if shared_rows else None, own_inv)
-
-
-def _tree_segments(items: list[tuple[list[int], list[int]]], start: int, out: list) -> None:
-    """Split (block list, rows) items, which agree on blocks[:start], into prefix-tree segments.
-
-    Appends (blocks, rows) per segment: the longest run from `start` on which all items agree,
-    with the rows of all of them; then recurses into the items grouped by their next block.
-    """
-    while True:
-        end = min(len(blk) for blk, _ in items)
-        ref = items[0][0]
-        for blk, _ in items[1:]:
-            e = start
-            while e < end and blk[e] == ref[e]:
-                e += 1
-            end = e
-        if end > start:
-            out.append((ref[start:end], [r for _, rows in items for r in rows]))
-        children: dict[int, list] = {}
-        for blk, rows in items:
-            if len(blk) > end:
-                children.setdefault(blk[end], []).append((blk, rows))
-        if len(children) == 1 and all(len(blk) > end for blk, _ in items):
-            items, start = next(iter(children.values())), end  # one branch continues: no recursion
-            continue
-        for child in children.values():
-            _tree_segments(child, end, out)
-        return
 
 
 def _pack_segments(segments: list) -> list[list]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mrt_engine.attention_metadata import AttentionMetadata
+from mrt_engine.share_tree import prefix_tree_segments
 from mrt_engine.kernels.cascade_decode import cascade_decode, cascade_decode_config, choose_chunk_size
 from mrt_engine.kernels.checks import cdiv, is_interpreted
 from mrt_engine.kernels.extend import extend
@@ -230,37 +231,3 @@ def _launch_from(rows_per_group, starts, ends, base, max_rows, chunk, num_chunks
     return _Launch(group_ptr=t(ptr), group_rows=t(rows), range_start=t(starts), range_end=t(ends),
                    slot_base=None if base is None else t(base), max_group_rows=max_rows, chunk_size=chunk,
                    num_chunks=num_chunks)
-
-
-def prefix_tree_segments(items: list[tuple[list[int], list[int]]]) -> list[tuple[int, int, list[int], int]]:
-    """Prefix tree over sharing groups given as (shared block ids, rows).
-
-    Returns segments (start, end, rows, parent) in block units: blocks [start, end) are common to
-    every group listed below the segment, whose rows are `rows`; `parent` indexes the enclosing
-    segment (-1 at a root) and always precedes its children. A row's segments tile its shared
-    blocks from 0 to its group's end.
-    """
-    out: list = []
-
-    def walk(group_items, start, parent):
-        end = min(len(blocks) for blocks, _ in group_items)
-        ref = group_items[0][0]
-        for blocks, _ in group_items[1:]:
-            e = start
-            while e < end and blocks[e] == ref[e]:
-                e += 1
-            end = e
-        here = parent
-        if end > start:
-            out.append((start, end, [r for _, rows in group_items for r in rows], parent))
-            here = len(out) - 1
-        children: dict[int, list] = {}
-        for blocks, rows in group_items:
-            if len(blocks) > end:
-                children.setdefault(blocks[end], []).append((blocks, rows))
-        for child in children.values():
-            walk(child, end, here)
-
-    if items:
-        walk(items, 0, -1)
-    return out

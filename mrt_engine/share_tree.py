@@ -1,0 +1,41 @@
+"""The prefix tree over decode sharing groups, shared by both attention backends.
+
+Groups forked from one trace at several boundaries share that trace's leading blocks; each tree
+segment is a run of blocks common to every group below it, so a backend reads the run once per step
+for all those rows instead of once per group.
+"""
+from __future__ import annotations
+
+
+def prefix_tree_segments(items: list[tuple[list[int], list[int]]]) -> list[tuple[int, int, list[int], int]]:
+    """Prefix tree over sharing groups given as (shared block ids, rows).
+
+    Returns segments (start, end, rows, parent) in block units: blocks [start, end) are common to
+    every group listed below the segment, whose rows are `rows`; `parent` indexes the enclosing
+    segment (-1 at a root) and always precedes its children. A row's segments tile its shared
+    blocks from 0 to its group's end.
+    """
+    out: list = []
+
+    def walk(group_items, start, parent):
+        end = min(len(blocks) for blocks, _ in group_items)
+        ref = group_items[0][0]
+        for blocks, _ in group_items[1:]:
+            e = start
+            while e < end and blocks[e] == ref[e]:
+                e += 1
+            end = e
+        here = parent
+        if end > start:
+            out.append((start, end, [r for _, rows in group_items for r in rows], parent))
+            here = len(out) - 1
+        children: dict[int, list] = {}
+        for blocks, rows in group_items:
+            if len(blocks) > end:
+                children.setdefault(blocks[end], []).append((blocks, rows))
+        for child in children.values():
+            walk(child, end, here)
+
+    if items:
+        walk(items, 0, -1)
+    return out
