@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mrt_engine.kernels.paged_range import attend_paged_range
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_query,
                                        check_tensor, is_interpreted)
 
@@ -57,36 +58,10 @@ def extend_kernel(
     # keys up to the tile's last query; a tile past the sequence's new tokens reads nothing
     hi = tl.where(m_tile * BLOCK_M < n_new, tl.minimum(prefix + (m_tile + 1) * BLOCK_M, ctx), 0)
     table = block_tables_ptr + seq * stride_btp
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    for t0 in range(0, hi, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        tmask = tok < hi
-        blk = tl.load(table + tok // block_size, mask=tmask, other=0)
-        off = tok % block_size
-        kmask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_cache_ptr + (blk * stride_kb + off * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
-                    mask=kmask, other=0.0)
-        v = tl.load(v_cache_ptr + (blk * stride_vb + off * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
-                    mask=kmask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2   # [BLOCK_M, BLOCK_N]
-        s = tl.where(tmask[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet stay empty
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        p_lo = p.to(v.dtype)
-        if DOT_FP32:
-            pv = tl.dot(p_lo.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p_lo, v, input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
-
+    m, l, acc = attend_paged_range(q, table, 0, hi, k_cache_ptr, v_cache_ptr,
+                                   stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                   kv_head, block_size, scale_log2, d, dmask, qpos,
+                                   BLOCK_M, BLOCK_D, BLOCK_N, DOT_FP32, True)
     o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
     tl.store(o_ptr + ((q0 + qi) * stride_on + head * stride_oh)[:, None] + d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=qmask[:, None] & dmask[None, :])

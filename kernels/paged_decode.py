@@ -66,8 +66,8 @@ def paged_decode_kernel(
     table = block_tables_ptr + row * stride_btr
     m, l, acc = attend_paged_range(q, table, lo, hi, k_cache_ptr, v_cache_ptr,
                                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                   kv_head, block_size, scale_log2, d, dmask,
-                                   BLOCK_H, BLOCK_D, BLOCK_N, DOT_FP32)
+                                   kv_head, block_size, scale_log2, d, dmask, lo,
+                                   BLOCK_H, BLOCK_D, BLOCK_N, DOT_FP32, False)
     o, lse = finish_partial(m, l, acc)
     tl.store(o_ptr + row * stride_or + head[:, None] * stride_oh + split * stride_os + d[None, :], o,
              mask=hmask[:, None] & dmask[None, :])

@@ -1,9 +1,10 @@
-"""Shared device code of the decode kernels: online softmax of a tile of query rows over one token
-range of a paged KV cache, and the normalisation of its fp32 partial.
+"""Shared device code of the attention kernels: online softmax of a tile of query rows over one
+token range of a paged KV cache, and the normalisation of its fp32 partial.
 
-`paged_decode` (one row's GQA heads) and `cascade_decode` (every row of a sharing group) differ only
-in which query rows form the tile and where the partial goes; the walk through the block table is
-this one function, so both kernels round and accumulate identically (deterministic mode relies on it).
+`paged_decode` (one row's GQA heads), `cascade_decode` (every row of a sharing group) and `extend`
+(a tile of new tokens, causal) differ only in which query rows form the tile and where the result
+goes; the walk through the block table is this one function, so all of them round and accumulate
+identically (deterministic mode relies on it).
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def attend_paged_range(
     stride_vb, stride_vt, stride_vh,
     kv_head, block_size, scale_log2,
     d, dmask,                   # [BLOCK_D] head-dim offsets and their mask
+    qpos,                       # [ROWS] absolute query positions; read only when CAUSAL
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.full([ROWS], 0.0, tl.float32)
@@ -39,10 +42,14 @@ def attend_paged_range(
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2   # [ROWS, BLOCK_N]
-        s = tl.where(tmask[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(tmask[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
+        else:
+            s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a causal row with no key yet stays empty
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, 1)
         p_lo = p.to(v.dtype)                                    # FlashAttention's rounding of P
         if DOT_FP32:
