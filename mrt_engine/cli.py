@@ -3,6 +3,9 @@
     mrt demo                      # traces + forced-answer forks at every episode boundary (MRT's J)
     mrt generate "prompt" --n 4   # sample completions from a model folder (default: shipped model)
     mrt report [...]              # the tiny reasoner's full measured report (trainer/toy/report.py)
+    mrt eval --model DIR --data FILE.jsonl|toy --out DIR   # accuracy vs budget, regret, maj@k
+    mrt train --config trainer/configs/toy_grpo.yaml       # GRPO / MRT-RL / MRT-STaR
+    mrt plot RUN_DIR              # training curves from RUN_DIR/metrics.jsonl to PNG
 """
 from __future__ import annotations
 
@@ -52,13 +55,20 @@ def main(argv=None) -> None:
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="auto")
-    sub.add_parser("report", help="the tiny reasoner's full report (pass its flags after it)",
-                   add_help=False)
+    # Subcommands owned by the trainer layer parse their own flags; the engine imports it lazily.
+    delegated = {
+        "report": ("mrt_engine.trainer.toy.report", "the tiny reasoner's full report"),
+        "eval": ("mrt_engine.trainer.evaluate", "accuracy vs budget, maj@k, regret (mrt eval -h)"),
+        "train": ("mrt_engine.trainer.train", "GRPO / MRT-RL / MRT-STaR training (mrt train -h)"),
+        "plot": ("mrt_engine.trainer.plot", "training curves of a run to PNG (mrt plot -h)"),
+    }
+    for name, (_, help_text) in delegated.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "report":
-        from mrt_engine.trainer.toy import report
+    if argv and argv[0] in delegated:
+        import importlib
 
-        return report.main(argv[1:])
+        return importlib.import_module(delegated[argv[0]][0]).main(argv[1:])
     a = ap.parse_args(argv)
     {"demo": _demo, "generate": _generate}[a.cmd](a)
 
