@@ -25,6 +25,8 @@ if core_sources and os.environ.get("MRT_ENGINE_NO_EXT", "0") != "1":
 setup(
     packages=[
         "mrt_engine",
+        "mrt_engine.kv",
+        "mrt_engine.attention",
         "mrt_engine.models",
         "mrt_engine.kernels",
         "mrt_engine.trainer",

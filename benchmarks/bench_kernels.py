@@ -65,7 +65,7 @@ def _meta(G, B, P, s, share: bool, device, bs=BS, tree=False, offset=0):
     Tree: all groups fork ONE P-token trace, group g at boundary (g+1)*P/G, so they share its trunk.
     Block ids start at `offset`; returns (meta, first free block id).
     """
-    from mrt_engine.attention_metadata import AttentionMetadata
+    from mrt_engine.attention.metadata import AttentionMetadata
 
     nsh, nown = P // bs, -(-s // bs)
     shared_blocks = [(g + 1) * nsh // G if tree else nsh for g in range(G)]
@@ -97,7 +97,7 @@ def _meta(G, B, P, s, share: bool, device, bs=BS, tree=False, offset=0):
 
 def run_config(G, B, P, s, iters, copy_gbps, check=False, *, device="cuda", hq=HQ, hkv=HKV, dh=DH, bs=BS,
                dtype=DTYPE):
-    from mrt_engine.attention_triton import TritonAttentionBackend
+    from mrt_engine.attention.triton_backend import TritonAttentionBackend
 
     dev = device
     D = G * B

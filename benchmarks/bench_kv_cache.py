@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mrt_engine import kv_core_py  # noqa: E402
+from mrt_engine.kv import core_py as kv_core_py  # noqa: E402
 
 BLOCK_SIZE = 16
 

@@ -1,7 +1,7 @@
 """Launcher-side checks shared by the kernel files: clear errors before a launch, never inside one.
 
 Index tensors (block tables, lengths, ranges, CSR arrays, slot mappings) are int64 everywhere, as
-`mrt_engine.attention_metadata` produces them, so no per-step casts are needed and block * stride
+`mrt_engine.attention.metadata` produces them, so no per-step casts are needed and block * stride
 offsets never overflow.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from array import array
 import torch
 
 from mrt_engine.config import EngineConfig
-from mrt_engine.kv_cache import KVCacheManager
+from mrt_engine.kv.cache import KVCacheManager
 from mrt_engine.model_runner import ModelRunner
 from mrt_engine.outputs import CompletionOutput, RequestOutput
 from mrt_engine.sampling import SamplingParams

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
+from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
 from mrt_engine.sampling import Sampler, SamplingTensors
-from mrt_engine.step_plan import plan_decode_groups
+from mrt_engine.kv.step_plan import plan_decode_groups
 
 
 class ModelRunner:

@@ -62,7 +62,7 @@ def build_step(prefills, groups, block_size, seed=0, num_blocks=None):
     """
     import random
 
-    from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
+    from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
 
     bs = block_size
     need = sum(math.ceil((c + n) / bs) for c, n in prefills) + sum(

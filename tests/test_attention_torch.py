@@ -11,10 +11,10 @@ import random
 import pytest
 import torch
 
-from mrt_engine import attention_torch as attention
+from mrt_engine.attention import torch_backend as attention
 from mrt_engine.attention import (BACKEND_ENV, TorchAttentionBackend, get_attention_backend, merge_lse,
                                   store_kv)
-from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
+from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
 
 
 def dense_attention(q, k_cache, v_cache, block_table, context_len, scale):
@@ -258,6 +258,6 @@ def test_triton_backend_missing_is_a_clear_error(monkeypatch):
     import sys
 
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    monkeypatch.setitem(sys.modules, "mrt_engine.attention_triton", None)   # import now fails
+    monkeypatch.setitem(sys.modules, "mrt_engine.attention.triton_backend", None)   # import now fails
     with pytest.raises(ValueError, match="'triton' is not available"):
         get_attention_backend("triton", "cpu")

@@ -40,7 +40,7 @@ def test_generate_matches_torch_backend(engines):
 
 
 def test_forks_decode_through_the_cascade_path_and_match(engines, monkeypatch):
-    from mrt_engine import attention_triton
+    from mrt_engine.attention import triton_backend as attention_triton
 
     calls = []
     real = attention_triton.cascade_decode

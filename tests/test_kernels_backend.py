@@ -11,7 +11,7 @@ import torch
 from kernels_helpers import TOL, build_step
 
 from mrt_engine.attention import TorchAttentionBackend, get_attention_backend
-from mrt_engine.attention_triton import TritonAttentionBackend
+from mrt_engine.attention.triton_backend import TritonAttentionBackend
 
 
 def _compare(prefills, groups, *, bs, hkv, grp, dh, dtype=torch.float32, deterministic=False, seed=0):
@@ -70,7 +70,7 @@ def test_get_attention_backend_returns_triton(monkeypatch):
 
 
 def test_prefix_tree_segments():
-    from mrt_engine.attention_triton import prefix_tree_segments
+    from mrt_engine.attention.triton_backend import prefix_tree_segments
 
     trunk = [10, 11, 12, 13, 14, 15, 16, 17]
     items = [(trunk, [0, 1]), (trunk[:3], [2, 3, 4]), (trunk[:5], [5, 6]), ([30, 31], [7, 8]),

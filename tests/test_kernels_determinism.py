@@ -12,8 +12,8 @@ import torch
 from kernels_helpers import random_cache
 
 from mrt_engine.attention import TorchAttentionBackend
-from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
-from mrt_engine.attention_triton import TritonAttentionBackend
+from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
+from mrt_engine.attention.triton_backend import TritonAttentionBackend
 
 BS, HKV, GRP, DH = 16, 2, 4, 64
 SHARED = [0, 1, 2, 3, 4]                    # 80 shared tokens: not a multiple of the 32-token chunk

@@ -105,7 +105,7 @@ def test_extend_cuda():
 
 def test_backend_matches_torch_backend_cuda():
     from mrt_engine.attention import TorchAttentionBackend
-    from mrt_engine.attention_triton import TritonAttentionBackend
+    from mrt_engine.attention.triton_backend import TritonAttentionBackend
 
     prefills, groups = [(0, 40), (100, 9)], [(30, [1, 4, 20, 9]), (1, [16]), (0, [70, 3]), (12, [2] * 16)]
     for deterministic in (False, True):

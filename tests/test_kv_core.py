@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import mrt_engine
-from mrt_engine import kv_core_py
+from mrt_engine.kv import core_py as kv_core_py
 from mrt_engine.errors import OutOfBlocks
 
 try:

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from mrt_engine import kv_core_py
+from mrt_engine.kv import core_py as kv_core_py
 from mrt_engine.errors import OutOfBlocks
 
 try:

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from mrt_engine.attention_metadata import AttentionMetadata, PrefillSeq
+from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
 from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_model
 
 TOL = 1e-4

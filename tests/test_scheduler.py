@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from mrt_engine.errors import OutOfBlocks
-from mrt_engine.kv_cache import KVCacheManager
+from mrt_engine.kv.cache import KVCacheManager
 from mrt_engine.scheduler import Scheduler
 from mrt_engine.sequence import Request, Sequence, Status
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from mrt_engine import step_plan_py
-from mrt_engine.step_plan_py import plan_decode_groups
+from mrt_engine.kv import step_plan_py
+from mrt_engine.kv.step_plan_py import plan_decode_groups
 
 try:
     from mrt_engine import _C

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from mrt_engine import kv_core_py
+from mrt_engine.kv import core_py as kv_core_py
 from mrt_engine.errors import OutOfBlocks
 
 _choice = os.environ.get("MRT_ENGINE_KV_BACKEND", "auto").lower()

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mrt_engine.attention_metadata import AttentionMetadata
-from mrt_engine.share_tree import prefix_tree_segments
+from mrt_engine.attention.metadata import AttentionMetadata
+from mrt_engine.attention.share_tree import prefix_tree_segments
 from mrt_engine.kernels.cascade_decode import cascade_decode, cascade_decode_config, choose_chunk_size
 from mrt_engine.kernels.checks import cdiv, is_interpreted
 from mrt_engine.kernels.extend import extend

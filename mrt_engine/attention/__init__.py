@@ -2,10 +2,10 @@
 
 Backend interface (every backend, torch or Triton):
     forward(q [N, Hq, Dh], k [N, Hkv, Dh], v [N, Hkv, Dh], k_cache, v_cache, meta, scale) -> [N, Hq, Dh]
-It first stores the step's new K/V at `meta.slot_mapping`, then attends (see attention_metadata.py
+It first stores the step's new K/V at `meta.slot_mapping`, then attends (see metadata.py
 for the token order and the decode sharing groups). Backends:
-- "torch" (`attention_torch.TorchAttentionBackend`): CPU default and the oracle of the kernels;
-- "triton" (`attention_triton.TritonAttentionBackend`): the GPU default.
+- "torch" (`torch_backend.TorchAttentionBackend`): CPU default and the oracle of the kernels;
+- "triton" (`triton_backend.TritonAttentionBackend`): the GPU default.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from mrt_engine.attention_torch import TorchAttentionBackend, merge_lse, store_kv
+from mrt_engine.attention.torch_backend import TorchAttentionBackend, merge_lse, store_kv
 
 __all__ = ["BACKEND_ENV", "BACKENDS", "get_attention_backend", "TorchAttentionBackend", "merge_lse", "store_kv"]
 
@@ -35,7 +35,7 @@ def get_attention_backend(name: str = "auto", device="cpu"):
     if name == "torch":
         return TorchAttentionBackend()
     try:
-        from mrt_engine.attention_triton import TritonAttentionBackend
+        from mrt_engine.attention.triton_backend import TritonAttentionBackend
     except ImportError as exc:
         raise ValueError(f"attention backend 'triton' is not available ({exc}); use 'torch'") from exc
     return TritonAttentionBackend()

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mrt_engine.attention_metadata import AttentionMetadata
-from mrt_engine.share_tree import prefix_tree_segments
+from mrt_engine.attention.metadata import AttentionMetadata
+from mrt_engine.attention.share_tree import prefix_tree_segments
 
 # A padded batch may hold up to this factor of (rows x keys) over its real work before a new one starts.
 _SHARED_PAD_SLACK = 1.25

@@ -2,7 +2,7 @@
 
 The cascade decode kernel reads a group's shared blocks once for all of its rows (DESIGN.md §2), so
 the plan partitions the D decode rows into groups (CSR: `group_ptr`, `group_rows`,
-`group_num_shared`, see attention_metadata.py). This file is the specification; the C++ twin must
+`group_num_shared`, see attention/metadata.py). This file is the specification; the C++ twin must
 return identical lists, and tests/test_step_plan.py checks that.
 
 Algorithm:
