@@ -12,7 +12,8 @@ def test_group_by_hand():
     # group 1: [1, 0, 0, 1] mean .5, Bessel std sqrt(1/3); group 2: all 0
     a = group_advantages([1, 0, 0, 1, 0, 0, 0, 0], 4, "group")
     s = math.sqrt(1 / 3)
-    assert a.tolist() == pytest.approx([0.5 / (s + STD_EPS), -0.5 / (s + STD_EPS)] * 2 + [0.0] * 4)
+    u = 0.5 / (s + STD_EPS)
+    assert a.tolist() == pytest.approx([u, -u, -u, u] + [0.0] * 4)
 
 
 def test_none_and_batch_by_hand():
