@@ -99,7 +99,7 @@ def test_bad_files(tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("loss_type", "ppo"), ("importance_sampling_level", "seq"), ("scale_rewards", "std"),
     ("lr_scheduler_type", "poly"), ("reward_mode", "progress"), ("verifier", "sympy"),
-    ("report_to", "wandb"), ("dtype", "fp8"),
+    ("report_to", "wandb"), ("dtype", "fp8"), ("progress_norm", "std"),
     ("num_generations", 1), ("per_device_train_batch_size", 0), ("max_steps", 0),
     ("learning_rate", 0.0), ("warmup_ratio", 1.5), ("epsilon", 1.0), ("epsilon_high", -0.1),
     ("beta", -0.1), ("temperature", 0.0), ("top_p", 0.0), ("top_p", 1.1), ("save_steps", -1),

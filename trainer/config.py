@@ -33,6 +33,7 @@ LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 REWARD_MODES = ("outcome", "mrt_progress", "mrt_termination", "star", "mrt_star")
 VERIFIERS = ("toy", "math")
 REPORT_TO = ("none", "tensorboard")
+PROGRESS_NORMS = ("group", "raw")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -134,6 +135,10 @@ class GRPOConfig:
                                      "on-policy) | mrt_termination (paper's termination baseline) "
                                      "| star | mrt_star.")
     alpha: float = _f(1.0, "Weight of the normalised per-episode progress in the advantage.")
+    progress_norm: str = _f("group", "mrt_progress: how episode progress enters the advantage: "
+                                     "group (centred and divided by the std of all episode "
+                                     "progresses of the prompt's group) | raw (J differences "
+                                     "as they are). See trainer/mrt.py.")
     progress_k: int = _f(4, "K forced answers forked at every episode boundary to estimate J.")
     forced_suffix: Optional[str] = _f(None, "Text appended to cut thinking to force an answer. "
                                             "None: the toy task's / the paper's default.")
@@ -323,6 +328,7 @@ def _validate(c: GRPOConfig) -> None:
     _choice(c, "verifier", VERIFIERS)
     _choice(c, "report_to", REPORT_TO)
     _choice(c, "dtype", DTYPES)
+    _choice(c, "progress_norm", PROGRESS_NORMS)
     for name in ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
                  "num_iterations", "max_steps", "max_prompt_length", "max_completion_length",
                  "progress_k", "episode_max_episodes", "episode_group_size", "star_iterations",
