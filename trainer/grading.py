@@ -30,9 +30,8 @@ Verifier = Callable[[str, Any], float]
 MV_TIMEOUT_S = 5  # math-verify's own per-call limit, in the main thread only
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-# "final answer is X", "answer is X", "Answer: X"; X runs to the end of the line.
-_SENTENCE_RE = re.compile(
-    r"(?:final\s+answer\s+is|answer\s+is|answer\s*:)\**\s*:?\s*(?P<ans>[^\n]+)", re.IGNORECASE)
+# "final answer is X", "answer is X", "Answer: X": the marker; X follows it on the same line.
+_SENTENCE_RE = re.compile(r"(?:answer\s+is|answer\s*:)\**\s*:?[ \t]*", re.IGNORECASE)
 
 
 # ---- extraction ----
@@ -73,15 +72,19 @@ def _box_content(text: str, end: int) -> Optional[str]:
     return m.group(0).rstrip(".") if m else None
 
 
-def _strip_sentence_answer(ans: str) -> str:
-    """Tidy an "answer is X" capture: trailing period, markdown stars, one level of `$...$`."""
-    ans = ans.strip().strip("*").strip()
-    ans = ans.rstrip(".").strip()
+def _sentence_answer(rest: str) -> str:
+    """X in "answer is X": a `$...$` / `\\(...\\)` group when X opens with one, else the line up to
+    the first sentence end (a period before whitespace), without markdown stars."""
+    line = rest.split("\n", 1)[0].strip().strip("*").strip()
     for open_, close in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if ans.startswith(open_) and ans.endswith(close) and len(ans) > len(open_) + len(close):
-            ans = ans[len(open_):-len(close)].strip()
-            break
-    return ans.rstrip(".").strip()
+        if line.startswith(open_):
+            end = line.find(close, len(open_))
+            while end > 0 and close.startswith("$") and line[end - 1] == "\\":
+                end = line.find(close, end + 1)  # `\$` is a dollar sign, not the closing `$`
+            if end > len(open_):
+                return line[len(open_):end].strip()
+    m = re.search(r"\.(\s|$)", line)
+    return (line[:m.start()] if m else line).strip()
 
 
 def extract_answer(text: str) -> Optional[str]:
@@ -94,9 +97,8 @@ def extract_answer(text: str) -> Optional[str]:
         content = _box_content(text, m.end())
         if content is not None and content.strip():
             return content.strip()
-    found = list(_SENTENCE_RE.finditer(text))
-    for m in reversed(found):
-        ans = _strip_sentence_answer(m.group("ans"))
+    for m in reversed(list(_SENTENCE_RE.finditer(text))):
+        ans = _sentence_answer(text[m.end():])
         if ans:
             return ans
     return None
