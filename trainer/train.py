@@ -105,6 +105,12 @@ def round_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 1009 + rank) % (1 << 62)
 
 
+def build_optimizer(cfg, model):
+    """AdamW over the policy's parameters (shared with the STaR loop, star.py)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
 def build_scheduler(cfg, optimizer):
     from transformers import get_scheduler
 
@@ -206,8 +212,7 @@ def train(cfg, resume=None) -> dict:
     if cfg.beta > 0:
         ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dist.device).eval()
         ref.requires_grad_(False)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    optimizer = build_optimizer(cfg, policy)
     scheduler = build_scheduler(cfg, optimizer)
 
     # this rank's engine, holding the policy's weights
