@@ -103,13 +103,19 @@ def test_bad_files(tmp_path):
     ("num_generations", 1), ("per_device_train_batch_size", 0), ("max_steps", 0),
     ("learning_rate", 0.0), ("warmup_ratio", 1.5), ("epsilon", 1.0), ("epsilon_high", -0.1),
     ("beta", -0.1), ("temperature", 0.0), ("top_p", 0.0), ("top_p", 1.1), ("save_steps", -1),
-    ("toy_difficulty", 9), ("alpha", -1.0), ("termination_samples", 3), ("episode_triggers", []),
+    ("toy_difficulty", 9), ("alpha", -1.0), ("episode_triggers", []),
     ("progress_k", 0), ("adam_beta2", 1.0), ("max_grad_norm", -1.0), ("seed", -1),
     ("mask_truncated_completions", "maybe"), ("dataset", ""),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         GRPOConfig(**{field: value})
+
+
+def test_termination_needs_even_groups():
+    with pytest.raises(ValueError, match="num_generations"):
+        GRPOConfig(reward_mode="mrt_termination", num_generations=3, per_device_train_batch_size=3)
+    GRPOConfig(reward_mode="mrt_termination", num_generations=4, per_device_train_batch_size=4)
 
 
 def test_groups_must_be_whole():

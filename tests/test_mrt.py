@@ -225,3 +225,84 @@ def test_star_select_bad_input():
         star_select([1.0, 0.0, 1.0], 2)
     with pytest.raises(ValueError, match="points"):
         cumulative_progress(Trace([0, 3], [0.0, 1.0, 1.0], 4), 10)
+
+
+# ---- the reward modes' glue, with the engine side stubbed (the engine side has its own tests) ----
+
+class _Dist:
+    rank, world_size, device = 0, 1, "cpu"
+
+
+class _Batch:
+    def __init__(self, texts, problems):
+        self.texts, self.problems = texts, problems
+
+
+def _ctx(cfg):
+    from mrt_engine.trainer.reward_modes import RewardContext
+    from mrt_engine.trainer.rewards import combine
+
+    verifier = lambda text, prob: float(text == prob)  # noqa: E731
+    reward = combine({"outcome": lambda cs, ps: [verifier(c, p) for c, p in zip(cs, ps)]})
+    tok = lambda text, add_special_tokens=False: {"input_ids": [ord(ch) for ch in text]}  # noqa: E731
+    return RewardContext(llm=object(), cfg=cfg, tokenizer=tok, verifier=verifier, reward=reward,
+                         dist=_Dist(), step=3)
+
+
+def test_progress_mode_composes_the_math(monkeypatch):
+    from mrt_engine.trainer import mrt_rollout
+    from mrt_engine.trainer.config import GRPOConfig
+    from mrt_engine.trainer.reward_modes import get_reward_mode
+
+    cfg = GRPOConfig(reward_mode="mrt_progress", num_generations=2, per_device_train_batch_size=2,
+                     verifier="toy", alpha=0.5)
+    ctx = _ctx(cfg)
+    batch = _Batch(["x", "y"], ["x", "z"])  # rewards 1, 0: the A / B traces above
+    seen = {}
+
+    def fake_progress(llm, b, settings, seed):
+        seen["seed"] = seed
+        return [A, B], 0.25
+    monkeypatch.setattr(mrt_rollout, "progress_for_batch", fake_progress)
+    mode = get_reward_mode("mrt_progress", ctx)
+    assert mode.needs_handles
+    cr = mode.credit(ctx, batch)
+    assert torch.equal(cr.advantages, progress_advantages([1.0, 0.0], [A, B], 2, alpha=0.5))
+    assert cr.rewards == [1.0, 0.0] and cr.correct == [1.0, 0.0]
+    assert cr.metrics["fork_s"] == 0.25 and cr.metrics["progress_mean"] == pytest.approx(1 / 3)
+    assert cr.metrics["J_end_mean"] == 0.5 and cr.metrics["episodes_mean"] == 1.5
+    ctx.step = 4
+    mode.credit(ctx, batch)
+    assert seen["seed"] != 0  # derived from (seed, step, rank)
+
+
+def test_termination_mode_composes_the_math(monkeypatch):
+    from mrt_engine.trainer import mrt_rollout
+    from mrt_engine.trainer.config import GRPOConfig
+    from mrt_engine.trainer.reward_modes import get_reward_mode
+
+    cfg = GRPOConfig(reward_mode="mrt_termination", num_generations=4,
+                     per_device_train_batch_size=4, verifier="toy", scale_rewards="none")
+    ctx = _ctx(cfg)
+    monkeypatch.setattr(mrt_rollout.StalePolicy, "from_model", classmethod(lambda cls, *a, **k: "stale"))
+    batch = _Batch(["a", "b", "a", "a"], ["a"] * 4)
+    calls = {}
+
+    def fake_rollouts(llm, stale, prompt_ids, problems, **kw):
+        calls.update(kw, stale=stale)
+        return mrt_rollout.TerminationBatch(batch, [True, True, False, False], [1], [3], [9],
+                                            {"fork": 0.5, "stale_generate": 1.5})
+    monkeypatch.setattr(mrt_rollout, "termination_rollouts", fake_rollouts)
+    mode = get_reward_mode("mrt_termination", ctx)
+    assert mode.rollout(ctx, [[1, 2]], ["a"], seed=9) is batch
+    assert calls["num_samples"] == 4 and calls["seed"] == 9 and calls["stale"] == "stale"
+    assert calls["forced_suffix_ids"] == [ord(c) for c in mode.settings.forced_suffix]
+    cr = mode.credit(ctx, batch)
+    assert cr.advantages.tolist() == [0.5, -0.5, 0.5, 0.5]
+    assert cr.metrics["termination_reward"] == 0.5 and cr.metrics["continuation_reward"] == 1.0
+    with pytest.raises(ValueError, match="must follow"):
+        mode.credit(ctx, _Batch(["a"] * 4, ["a"] * 4))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        get_reward_mode("mrt_termination", _ctx(GRPOConfig(
+            reward_mode="mrt_termination", num_generations=4, per_device_train_batch_size=4,
+            scale_rewards="batch")))

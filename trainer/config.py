@@ -132,7 +132,8 @@ class GRPOConfig:
 
     # ---- MRT (issue 10) ----
     reward_mode: str = _f("outcome", "outcome (GRPO) | mrt_progress (per-episode progress bonus, "
-                                     "on-policy) | mrt_termination (paper's termination baseline) "
+                                     "on-policy) | mrt_termination (paper's termination baseline; "
+                                     "m = num_generations rows per prompt) "
                                      "| star | mrt_star.")
     alpha: float = _f(1.0, "Weight of the normalised per-episode progress in the advantage.")
     progress_norm: str = _f("group", "mrt_progress: how episode progress enters the advantage: "
@@ -148,8 +149,6 @@ class GRPOConfig:
     episode_max_episodes: int = _f(8, "At most this many episodes per trace (later boundaries are "
                                       "merged).")
     episode_group_size: int = _f(1, "Merge this many consecutive meta-steps into one episode.")
-    termination_samples: int = _f(4, "mrt_termination: m continuations per prefix, m/2 terminating "
-                                     "at once, m/2 continuing.")
     star_iterations: int = _f(2, "STaR / MRT-STaR: sample-filter-SFT iterations.")
     star_samples_per_prompt: int = _f(8, "STaR / MRT-STaR: traces sampled per prompt each iteration.")
     star_keep_per_prompt: int = _f(1, "STaR / MRT-STaR: at most this many kept traces per prompt.")
@@ -369,8 +368,10 @@ def _validate(c: GRPOConfig) -> None:
         _check(c.engine_num_blocks >= 1, "engine_num_blocks", "an int >= 1 or None", c)
     _check(c.engine_kv_memory_gb > 0, "engine_kv_memory_gb", "a number > 0", c)
     _check(c.alpha >= 0, "alpha", "a number >= 0", c)
-    _check(c.termination_samples >= 2 and c.termination_samples % 2 == 0, "termination_samples",
-           "an even int >= 2 (half terminate, half continue)", c)
+    if c.reward_mode == "mrt_termination":
+        _check(c.num_generations % 2 == 0, "num_generations",
+               "an even int with reward_mode mrt_termination (each prompt's group is m/2 "
+               "terminating + m/2 continuing rows)", c)
     if c.episode_triggers is not None:
         _check(len(c.episode_triggers) > 0 and all(t for t in c.episode_triggers),
                "episode_triggers", "a non-empty list of non-empty strings, or None", c)

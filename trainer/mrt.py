@@ -119,19 +119,26 @@ def normalised_progress(traces: Sequence[Any], num_generations: int,
 
 def progress_advantages(rewards, traces: Sequence[Any], num_generations: int, alpha: float,
                         scale_rewards: str = "group", progress_norm: str = "group",
-                        num_cols: Optional[int] = None) -> torch.Tensor:
+                        num_cols: Optional[int] = None, outcome=None) -> torch.Tensor:
     """[B, T] per-token advantages: outcome advantage + alpha * normalised episode progress on
     thinking tokens, outcome only after the thinking; 0 past a row's completion (padding).
 
     rewards [B]; traces[i] for row i (duck-typed TraceProgress); T = num_cols, default the longest
-    completion (len(episode_ids))."""
+    completion (len(episode_ids)). outcome [B]: the outcome advantages when the caller computed
+    them (e.g. "batch" scaling over all ranks); default group_advantages(rewards, ...)."""
     r = _floats(rewards, "rewards")
     if len(r) != len(traces):
         raise ValueError(f"got {len(r)} rewards for {len(traces)} traces")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
         raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
-    outcome = group_advantages(torch.tensor(r, dtype=torch.float32), num_generations,
-                               scale_rewards)  # validates the grouping
+    computed = group_advantages(torch.tensor(r, dtype=torch.float32), num_generations,
+                                scale_rewards)  # validates the grouping
+    if outcome is None:
+        outcome = computed
+    else:
+        outcome = torch.tensor(_floats(outcome, "outcome"), dtype=torch.float32)
+        if outcome.numel() != len(r):
+            raise ValueError(f"outcome: expected {len(r)} advantages, got {outcome.numel()}")
     fields = [_trace_fields(tr, i) for i, tr in enumerate(traces)]
     T = max(len(ids) for _, ids, _ in fields) if num_cols is None else int(num_cols)
     if T < max(len(ids) for _, ids, _ in fields):
@@ -223,3 +230,122 @@ def star_select(correct: Sequence[float], samples_per_prompt: int, mode: str = "
             rows = [i for _, _, i in sorted(scored)]
         kept += sorted(rows[:keep])
     return kept
+
+
+# ---- 4. the reward modes (registered with reward_modes.py on import) ----
+# Glue only: the engine work is in mrt_rollout.py, the math above. A mode's `rollout` builds the
+# round's rows, its `credit` turns them into per-token (or per-row) advantages for the loop.
+
+def _round_seed(ctx) -> int:
+    """Seed of a round's progress forks: a pure function of (run seed, step, rank), apart from
+    the rollout's own seed (which `train.round_seed` derives from the same three)."""
+    return ((ctx.cfg.seed + 17) * 1_000_003 + ctx.step * 1009 + ctx.dist.rank) % (1 << 62)
+
+
+def _outcome(ctx, batch):
+    rewards = ctx.reward(batch.texts, batch.problems)
+    last = getattr(ctx.reward, "last", {})
+    correct = last.get("outcome") or [float(ctx.verifier(t, p))
+                                      for t, p in zip(batch.texts, batch.problems)]
+    return rewards, correct
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _progress_mode(ctx):
+    from mrt_engine.trainer.mrt_rollout import progress_for_batch, settings_from_config
+    from mrt_engine.trainer.reward_modes import Credit, OutcomeMode, normalised_advantages
+
+    class ProgressMode(OutcomeMode):
+        """mrt_progress: outcome GRPO + alpha x per-episode progress from forks of kept traces."""
+
+        needs_handles = True  # the forks need the traces' KV
+
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.settings = settings_from_config(ctx.cfg)
+
+        def credit(self, ctx, batch):
+            cfg = ctx.cfg
+            rewards, correct = _outcome(ctx, batch)
+            outcome = normalised_advantages(ctx, rewards)
+            tps, secs = progress_for_batch(ctx.llm, batch, self.settings, _round_seed(ctx))
+            adv = progress_advantages(rewards, tps, cfg.num_generations, cfg.alpha,
+                                      cfg.scale_rewards, cfg.progress_norm, outcome=outcome)
+            prog = [p for tp in tps for p in tp.progress]
+            metrics = {"fork_s": secs, "progress_mean": _mean(prog),
+                       "progress_pos_frac": _mean(p > 0 for p in prog),
+                       "J_start_mean": _mean(tp.J[0] for tp in tps),
+                       "J_end_mean": _mean(tp.J[-1] for tp in tps),
+                       "episodes_mean": _mean(len(tp.progress) for tp in tps)}
+            return Credit(advantages=adv, rewards=rewards, correct=correct, batch=batch,
+                          metrics=metrics)
+
+    return ProgressMode(ctx)
+
+
+def _termination_mode(ctx):
+    from mrt_engine.trainer.mrt_rollout import (StalePolicy, settings_from_config,
+                                                termination_rollouts)
+    from mrt_engine.trainer.reward_modes import Credit
+
+    cfg = ctx.cfg
+    if cfg.scale_rewards == "batch":
+        raise ValueError("scale_rewards: mrt_termination takes none (the paper's README form) or "
+                         "group, got batch")
+
+    class TerminationMode:
+        """mrt_termination: stale partial rollout, m/2 terminating + m/2 continuing forks per
+        prompt (m = num_generations), A = r - mean reward of the terminating ones."""
+
+        def __init__(self, ctx):
+            self.settings = settings_from_config(ctx.cfg)
+            self.suffix_ids = list(ctx.tokenizer(self.settings.forced_suffix,
+                                                 add_special_tokens=False)["input_ids"])
+            # pi_old: the model training starts from (the paper's first MRT iteration)
+            self.stale = StalePolicy.from_model(
+                cfg.resolved_model_path(), dtype=cfg.dtype, device=ctx.dist.device,
+                seed=cfg.seed + ctx.dist.rank, num_blocks=cfg.engine_num_blocks,
+                kv_cache_memory_gb=cfg.engine_kv_memory_gb)
+            self.last = None
+
+        def rollout(self, ctx, prompt_ids, problems, seed):
+            self.last = termination_rollouts(
+                ctx.llm, self.stale, prompt_ids, problems,
+                boundaries_fn=self.settings.boundaries_fn(ctx.tokenizer),
+                forced_suffix_ids=self.suffix_ids, num_samples=cfg.num_generations,
+                max_completion_length=cfg.max_completion_length,
+                answer_max_tokens=self.settings.answer_max_tokens, temperature=cfg.temperature,
+                top_p=cfg.top_p, seed=seed)
+            return self.last.batch
+
+        def credit(self, ctx, batch):
+            tb = self.last
+            if tb is None or tb.batch is not batch:
+                raise ValueError("mrt_termination: credit() must follow this mode's rollout()")
+            rewards, correct = _outcome(ctx, batch)
+            adv = termination_advantages(rewards, tb.terminate, cfg.num_generations,
+                                         cfg.scale_rewards)
+            term = [r for r, t in zip(rewards, tb.terminate) if t]
+            cont = [r for r, t in zip(rewards, tb.terminate) if not t]
+            metrics = {"fork_s": tb.seconds.get("fork", 0.0),
+                       "stale_generate_s": tb.seconds.get("stale_generate", 0.0),
+                       "termination_reward": _mean(term), "continuation_reward": _mean(cont),
+                       "cut_episodes_mean": _mean(tb.cut_episodes),
+                       "prefix_tokens_mean": _mean(tb.prefix_tokens)}
+            return Credit(advantages=adv, rewards=rewards, correct=correct, batch=batch,
+                          metrics=metrics)
+
+    return TerminationMode(ctx)
+
+
+def _register() -> None:
+    from mrt_engine.trainer.reward_modes import register_reward_mode
+    register_reward_mode("mrt_progress", _progress_mode)
+    register_reward_mode("mrt_termination", _termination_mode)
+
+
+_register()
