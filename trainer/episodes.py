@@ -29,7 +29,7 @@ from __future__ import annotations
 import bisect
 import operator
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 PAPER_TRIGGERS = ("Wait", "But wait", "Alternatively", "Is there another way to think about this?",
                   "But let me double-check", "But hold on")
@@ -140,19 +140,35 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
                             clean_up_tokenization_spaces=False)
 
 
+def _decoder(tokenizer, ids: List[int]) -> Tuple[Callable[[List[int]], str], str]:
+    """A decode function for many small windows, and the full text. A fast tokenizer's Rust
+    backend decodes without transformers' per-call Python overhead (10x fewer microseconds); it is
+    used only if it reproduces `tokenizer.decode` on the whole completion."""
+    text = _decode(tokenizer, ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode"):
+        def fast(window: List[int]) -> str:
+            return backend.decode(window, skip_special_tokens=False)
+        try:
+            if fast(ids) == text:
+                return fast, text
+        except Exception:  # noqa: BLE001 - any backend quirk: use the public decode instead
+            pass
+    return (lambda window: _decode(tokenizer, window)), text
+
+
 def token_offsets(token_ids: Sequence[int], tokenizer) -> Tuple[List[int], str]:
     """End character offset of every token in the decoded text, and that text.
 
     Token k spans `text[ends[k-1]:ends[k]]` (ends[-1] taken as 0). Fast path: per-token decodes
     that concatenate to the full decode. Otherwise (SentencePiece leading spaces, multi-byte
     characters split over byte tokens) incremental detokenisation as vLLM does it: a token's text
-    is what decoding it after a few previous tokens adds; a token that leaves an incomplete
-    character adds nothing until the token that completes it.
+    is what decoding it after the previous emission's tokens adds; a token that leaves an
+    incomplete character adds nothing until the token that completes it.
     """
     ids = [int(i) for i in token_ids]
-    text = _decode(tokenizer, ids)
-    pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                    clean_up_tokenization_spaces=False) if ids else []
+    decode, text = _decoder(tokenizer, ids)
+    pieces = [decode([i]) for i in ids]
     if "".join(pieces) == text and not any("\ufffd" in p for p in pieces):
         ends, total = [], 0
         for p in pieces:
@@ -162,17 +178,18 @@ def token_offsets(token_ids: Sequence[int], tokenizer) -> Tuple[List[int], str]:
     ends = []
     emitted = 0
     prefix_offset = read_offset = 0
+    prefix_len = 0  # len(decode(ids[prefix_offset:read_offset]))
     for k in range(len(ids)):
-        prefix_text = _decode(tokenizer, ids[prefix_offset:read_offset])
-        new_text = _decode(tokenizer, ids[prefix_offset:k + 1])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            emitted += len(new_text) - len(prefix_text)
+        new_len = len(new_text := decode(ids[prefix_offset:k + 1]))
+        if new_len > prefix_len and not new_text.endswith("\ufffd"):
+            emitted += new_len - prefix_len
             # the tokens of the last emission stay as left context (leading-space rules)
             prefix_offset, read_offset = read_offset, k + 1
+            prefix_len = len(decode(ids[prefix_offset:read_offset]))
         ends.append(emitted)
     if emitted != len(text):
         # A tokenizer whose decoding is not left-to-right additive; fall back to exact prefixes.
-        ends = [len(_decode(tokenizer, ids[:k + 1])) for k in range(len(ids))]
+        ends = [len(decode(ids[:k + 1])) for k in range(len(ids))]
     return ends, text
 
 
