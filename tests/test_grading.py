@@ -121,6 +121,13 @@ def test_grade_reads_only_the_generated_text():
     assert grade("\\boxed{5}", "2+3 = \\boxed{5}")
 
 
+def test_runaway_answers_skip_math_verify():
+    long_sum = "+".join(["1"] * 300)  # 599 characters, equal to 300 only symbolically
+    assert not grade(f"\\boxed{{{long_sum}}}", "300")
+    assert grade(f"\\boxed{{{long_sum}}}", long_sum)  # the string fast path still applies
+    assert grade("\\boxed{1+1+1}", "3")  # short ones go through math-verify
+
+
 def test_grading_in_worker_threads():
     """math-verify's signal-based timeouts fail outside the main thread: the grader turns them off
     there, and the results match the main thread's."""

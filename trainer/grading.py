@@ -11,7 +11,7 @@
 math-verify guards its work with `signal.alarm`, which only works in the main thread: there we keep
 its timeouts; in any other thread we switch them off (`parsing_timeout=None`,
 `timeout_seconds=None`), so grading also works in worker threads, at the price of no time limit
-there.
+there; answers longer than MV_MAX_CHARS never reach math-verify, which bounds that risk.
 
 A verifier is any callable `(generated_text, problem) -> float in [0, 1]`; `get_verifier("math")`,
 `get_verifier("toy")` or a callable of your own plug into progress estimation and evaluation.
@@ -28,6 +28,9 @@ from typing import Any, Callable, Mapping, Optional, Union
 Verifier = Callable[[str, Any], float]
 
 MV_TIMEOUT_S = 5  # math-verify's own per-call limit, in the main thread only
+# Longer "answers" skip math-verify (string fast path only): MATH500's longest answer has 53
+# characters, and a runaway box of thousands could stall sympy where no timeout applies (threads).
+MV_MAX_CHARS = 400
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # "final answer is X", "answer is X", "Answer: X": the marker; X follows it on the same line.
@@ -236,6 +239,8 @@ def math_equal(pred: str, reference: str, fast_path: bool = True) -> bool:
     `fast_path=False` skips the string comparison (to test math-verify on its own)."""
     if fast_path and normalize_answer(pred) == normalize_answer(reference):
         return True
+    if len(pred) > MV_MAX_CHARS or len(reference) > MV_MAX_CHARS:
+        return False
     from math_verify import verify
     _silence_math_verify_warnings()
     main = _in_main_thread()
