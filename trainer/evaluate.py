@@ -372,6 +372,7 @@ def evaluate(llm, problems: Sequence[dict], verifier="math", *, prompts: Sequenc
                                "normalized_regret": regret_vs_episodes([tp.J for tp in tps], max_eps)},
         "maj_at_k": maj,
         "extrapolation": None,
+        "example_trace": comps[0].text,
         "seconds": {"traces": round(t_traces, 3), "progress": round(t_progress, 3),
                     "total": round(time.perf_counter() - t0, 3)},
     }
