@@ -79,7 +79,10 @@ class Scheduler:
                 f"blocks are free or evictable, the rest are pinned by kept sequences (handles of earlier "
                 f"calls, or this call's keep=True outputs); release handles (LLM.release), keep fewer "
                 f"outputs, or give the engine more num_blocks")
-        batch.copies = self.kv.take_copies()
+        # a sample spawned in the last update() and preempted above before its tail copy ran
+        # has freed the copy's target: drop such copies (the block is no one's, or is a fresh
+        # block of a sequence that writes it itself)
+        batch.copies = [(src, dst) for src, dst in self.kv.take_copies() if self.kv.ref_count(dst) > 0]
         used = self.kv.num_blocks - self.kv.num_available_blocks()
         st = self.stats
         st["peak_used_blocks"] = max(st["peak_used_blocks"], used)
@@ -129,10 +132,14 @@ class Scheduler:
             s = self.waiting[0]
             if self.running and len(self.running) + s.spawn > self.max_num_seqs:
                 break
+            before = kv.num_available_blocks()
             cached = self._admit(s)
             if cached is None:
                 break
-            avail = kv.num_available_blocks()
+            # `avail` is this step's budget, not the pool's count: the tail copies reserved for
+            # rows scheduled above are not allocated until update(), so re-reading the pool here
+            # would hand them out again (and their fork in update() would find no block)
+            avail -= before - kv.num_available_blocks()
             # admit only when the whole rest of the prompt fits: a sequence that could only take a
             # first chunk would be preempted and re-admitted forever
             n, need = self._fit(s, budget, avail)
