@@ -21,10 +21,10 @@ import triton.language as tl
 from mrt_engine.kernels.paged_range import attend_paged_range, finish_partial
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_partials,
                                        check_query, dot_rows, is_interpreted)
+from mrt_engine.kernels.tuning import num_stages, target_programs
 
 LOG2E = 1.4426950408889634
 MAX_TILE_ROWS = 64          # query rows (row x head pairs) per program; more rows -> more query tiles
-TARGET_PROGRAMS = 264       # about two waves on a 132-SM Hopper
 MIN_CHUNK = 256
 
 
@@ -108,9 +108,11 @@ def cascade_decode_config(dtype: torch.dtype, head_dim: int, group: int, max_gro
                 BLOCK_N=block_n, ABSOLUTE=absolute, DOT_FP32=interpreted)
 
 
-def choose_chunk_size(max_span: int, parallel: int, block_n: int) -> int:
-    """Equal chunks (a multiple of block_n) so that about TARGET_PROGRAMS programs run."""
-    chunks = max(1, min(cdiv(TARGET_PROGRAMS, max(parallel, 1)), cdiv(max_span, MIN_CHUNK)))
+def choose_chunk_size(max_span: int, parallel: int, block_n: int, programs: int | None = None) -> int:
+    """Equal chunks (a multiple of block_n) so that about `programs` (default:
+    tuning.target_programs()) programs run."""
+    programs = target_programs() if programs is None else programs
+    chunks = max(1, min(cdiv(programs, max(parallel, 1)), cdiv(max_span, MIN_CHUNK)))
     return max(block_n, cdiv(cdiv(max(max_span, 1), chunks), block_n) * block_n)
 
 
@@ -147,7 +149,8 @@ def _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_star
         cfg["BLOCK_M"] = block_m
     num_q_tiles = max(1, cdiv(max_group_rows * group, cfg["BLOCK_M"]))
     if chunk_size is None:
-        chunk_size = choose_chunk_size(max(spans, default=0), num_groups * hkv * num_q_tiles, cfg["BLOCK_N"])
+        chunk_size = choose_chunk_size(max(spans, default=0), num_groups * hkv * num_q_tiles, cfg["BLOCK_N"],
+                                       target_programs(dev))
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if num_chunks is None:
@@ -171,7 +174,7 @@ def _launch(q, k_cache, v_cache, block_tables, group_ptr, group_rows, range_star
         block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        bs, **cfg, num_warps=4, num_stages=2,
+        bs, **cfg, num_warps=4, num_stages=num_stages(),
     )
     return out
 

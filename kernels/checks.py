@@ -6,6 +6,8 @@ offsets never overflow.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 
@@ -13,10 +15,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def is_interpreted(kernel) -> bool:
-    """True when `kernel` runs under the Triton interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
+    """True when `kernel` runs under the Triton interpreter (TRITON_INTERPRET=1 at import).
 
-    return isinstance(kernel, InterpretedFunction)
+    Never imports the interpreter (it needs numpy, which neither torch nor Triton requires): if no
+    kernel was decorated under it, the module is not loaded and nothing is interpreted.
+    """
+    interpreter = sys.modules.get("triton.runtime.interpreter")
+    return interpreter is not None and isinstance(kernel, interpreter.InterpretedFunction)
 
 
 def check_launchable(kernel, *tensors: torch.Tensor) -> None:

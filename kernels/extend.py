@@ -3,7 +3,9 @@
 Kernel -> launcher -> public function. The step's new K/V are stored in the cache first (kv_store),
 so one loop over the sequence's block table covers both the cached prefix and the new tokens;
 only the tiles that reach the new tokens need the causal mask. Program (sequence, query tile,
-query head) holds BLOCK_M new tokens of one head.
+KV head) packs (new token, GQA head) pairs of one KV head into the BLOCK_M rows of its tl.dot tile,
+as paged_decode and cascade_decode do, so each K/V tile loaded serves all GROUP query heads
+(one program per query head would read the sequence's K/V GROUP times).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import triton.language as tl
 
 from mrt_engine.kernels.paged_range import attend_paged_range
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_query,
-                                       check_tensor, is_interpreted)
+                                       check_tensor, dot_rows, is_interpreted)
+from mrt_engine.kernels.tuning import num_stages
 
 LOG2E = 1.4426950408889634
 
@@ -38,14 +41,15 @@ def extend_kernel(
 ):
     seq = tl.program_id(0).to(tl.int64)
     m_tile = tl.program_id(1)
-    head = tl.program_id(2)
-    kv_head = head // GROUP
+    kv_head = tl.program_id(2)
 
     q0 = tl.load(q_start_ptr + seq)
     n_new = tl.load(num_new_ptr + seq)
     ctx = tl.load(context_lens_ptr + seq)
     prefix = ctx - n_new
-    qi = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)              # [BLOCK_M] index among the new tokens
+    f = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)               # [BLOCK_M] flat (new token, head) index
+    qi = f // GROUP                                              # index among the new tokens
+    head = kv_head * GROUP + f % GROUP
     qmask = qi < n_new
     qpos = prefix + qi                                           # absolute position of each query
     d = tl.arange(0, BLOCK_D)
@@ -55,8 +59,9 @@ def extend_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
 
-    # keys up to the tile's last query; a tile past the sequence's new tokens reads nothing
-    hi = tl.where(m_tile * BLOCK_M < n_new, tl.minimum(prefix + (m_tile + 1) * BLOCK_M, ctx), 0)
+    # keys up to the tile's last query token; a tile past the sequence's new tokens reads nothing
+    last = (m_tile * BLOCK_M + BLOCK_M - 1) // GROUP
+    hi = tl.where(m_tile * BLOCK_M < n_new * GROUP, tl.minimum(prefix + last + 1, ctx), 0)
     table = block_tables_ptr + seq * stride_btp
     m, l, acc = attend_paged_range(q, table, 0, hi, k_cache_ptr, v_cache_ptr,
                                    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
@@ -71,7 +76,9 @@ def extend_config(dtype: torch.dtype, head_dim: int, group: int, *, interpreted:
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     block = 32 if (dtype == torch.float32 or block_d > 128) else 64
-    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_D=block_d, BLOCK_N=block, DOT_FP32=interpreted)
+    # BLOCK_M rows hold BLOCK_M / GROUP new tokens x GROUP heads (a power of two >= the group's rows)
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(block, dot_rows(group)), BLOCK_D=block_d, BLOCK_N=block,
+                DOT_FP32=interpreted)
 
 
 def _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, scale, max_num_new, out):
@@ -98,7 +105,7 @@ def _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, s
         return out
     cfg = extend_config(q.dtype, dh, group, interpreted=is_interpreted(extend_kernel))
     check_launchable(extend_kernel, q, k_cache)
-    extend_kernel[(p, cdiv(max_num_new, cfg["BLOCK_M"]), hq)](
+    extend_kernel[(p, cdiv(max_num_new * group, cfg["BLOCK_M"]), hkv)](
         q, k_cache, v_cache, out, block_tables, q_start, num_new, context_lens,
         scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -106,7 +113,7 @@ def _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, s
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
-        bs, **cfg, num_warps=4, num_stages=2,
+        bs, **cfg, num_warps=4, num_stages=num_stages(),
     )
     return out
 

@@ -15,10 +15,10 @@ import triton.language as tl
 from mrt_engine.kernels.paged_range import attend_paged_range, finish_partial
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_partials,
                                        check_query, dot_rows, is_interpreted)
+from mrt_engine.kernels.tuning import num_stages, target_programs
 
 LOG2E = 1.4426950408889634
-# Enough programs for about two waves on a 132-SM Hopper; splits never go below MIN_SPLIT tokens.
-TARGET_PROGRAMS = 264
+# Splits aim at tuning.target_programs() programs (2 per SM by default) and never go below MIN_SPLIT tokens.
 MIN_SPLIT = 256
 
 
@@ -81,9 +81,11 @@ def paged_decode_config(dtype: torch.dtype, head_dim: int, group: int, *, interp
                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, DOT_FP32=interpreted)
 
 
-def choose_split_size(max_span: int, parallel: int, block_n: int) -> int:
-    """Split size (a multiple of block_n) giving about TARGET_PROGRAMS programs over `parallel` ones."""
-    splits = max(1, min(cdiv(TARGET_PROGRAMS, max(parallel, 1)), cdiv(max_span, MIN_SPLIT)))
+def choose_split_size(max_span: int, parallel: int, block_n: int, programs: int | None = None) -> int:
+    """Split size (a multiple of block_n) giving about `programs` (default: tuning.target_programs())
+    programs over `parallel` ones."""
+    programs = target_programs() if programs is None else programs
+    splits = max(1, min(cdiv(programs, max(parallel, 1)), cdiv(max_span, MIN_SPLIT)))
     return max(block_n, cdiv(cdiv(max(max_span, 1), splits), block_n) * block_n)
 
 
@@ -105,7 +107,7 @@ def _launch(q, k_cache, v_cache, block_tables, kv_start, context_lens, scale, sp
     if split_size is None or num_splits is None:
         max_span = int((context_lens - kv_start).clamp(min=0).max()) if d else 0  # one host sync
     if split_size is None:
-        split_size = choose_split_size(max_span, d * hkv, cfg["BLOCK_N"])
+        split_size = choose_split_size(max_span, d * hkv, cfg["BLOCK_N"], target_programs(dev))
     if split_size <= 0:
         raise ValueError(f"split_size must be positive, got {split_size}")
     if num_splits is None:
@@ -127,7 +129,7 @@ def _launch(q, k_cache, v_cache, block_tables, kv_start, context_lens, scale, sp
         block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        bs, **cfg, num_warps=4, num_stages=2,
+        bs, **cfg, num_warps=4, num_stages=num_stages(),
     )
     return out
 

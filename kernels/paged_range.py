@@ -29,16 +29,21 @@ def attend_paged_range(
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.full([ROWS], 0.0, tl.float32)
     acc = tl.full([ROWS, BLOCK_D], 0.0, tl.float32)
+    # block ids one tile ahead: the K/V addresses of a tile never wait on a load issued in the same
+    # iteration, so the pipeliner (num_stages) can put the K/V loads of later tiles in flight
+    first = lo + tl.arange(0, BLOCK_N)
+    blk = tl.load(table + first // block_size, mask=first < hi, other=0)
     for t0 in range(lo, hi, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         tmask = tok < hi
-        blk = tl.load(table + tok // block_size, mask=tmask, other=0)
         off = tok % block_size
         kmask = tmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + (blk * stride_kb + off * stride_kt + kv_head * stride_kh)[:, None] + d[None, :],
                     mask=kmask, other=0.0)                      # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + (blk * stride_vb + off * stride_vt + kv_head * stride_vh)[:, None] + d[None, :],
                     mask=kmask, other=0.0)
+        nxt = tok + BLOCK_N
+        blk = tl.load(table + nxt // block_size, mask=nxt < hi, other=0)   # next tile's block ids
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2   # [ROWS, BLOCK_N]
