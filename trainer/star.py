@@ -18,7 +18,8 @@ One iteration (mrt.md §2.2), `star_iterations` of them over `max_steps` optimiz
     After every optimizer step the engine gets the new weights (LLM.update_weights), as in RL.
 metrics.jsonl rows per optimizer step as the RL loop writes them (loss, accuracy of the
 iteration's samples, lengths, lr, grad_norm, generate_s / fork_s / train_s / weight_sync_s, held-out
-accuracy every eval_steps); the final model is saved as checkpoint-{max_steps} for `mrt eval`.
+accuracy every eval_steps); the model is saved every save_steps and at the end
+(checkpoint-{step}, for `mrt eval --model`).
 Single process only (kept sets differ between ranks, so DDP micro-steps would not line up), and
 no --resume.
 """
@@ -132,6 +133,12 @@ def train_star(cfg, resume=None) -> dict:
         r["eval_s"] = time.perf_counter() - t0
         return r
 
+    def save(at_step: int) -> None:
+        state = {"step": at_step, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "round": None}
+        ckpt.save(cfg.output_dir, at_step, model=policy, tokenizer=tok, state=state, cfg=cfg,
+                  dist=dist, llm=llm)
+
     summary: dict = {"start_step": 0, "reward_mode": cfg.reward_mode}
     if cfg.eval_steps:
         base = evaluate()
@@ -224,12 +231,10 @@ def train_star(cfg, resume=None) -> dict:
             last = row
             if cfg.logging_steps and step % cfg.logging_steps == 0:
                 print(_line(step, row), flush=True)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+                save(step)
     logger.close()
-    # the final model, loadable by `mrt eval --model RUN/checkpoint-N`
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "data": sampler.state_dict(), "round": None}
-    ckpt.save(cfg.output_dir, step, model=policy, tokenizer=tok, state=state, cfg=cfg, dist=dist,
-              llm=llm)
+    save(step)   # the final model, loadable by `mrt eval --model RUN/checkpoint-N`
     summary.update(final_step=step, last=last, iterations=iterations)
     if "eval_accuracy" in last:
         summary["final_eval"] = {k: v for k, v in last.items() if k.startswith("eval_")}
