@@ -108,9 +108,14 @@ class ModelRunner:
             meta.decode_block_tables = take(d * bmax).view(d, bmax)
             meta.group_ptr_host = gptr
             meta.group_num_shared_host = gshared
+            # host copies for the Triton backend's plan (no device reads back)
+            meta.decode_context_lens_host = ctx
+            meta.group_rows_host = grows
+            meta.decode_block_tables_host = tables
         assert off == tables_off
         for a, n, c, t in prefill_tables:
-            meta.prefill_seqs.append(PrefillSeq(token_start=a, num_new=n, context_len=c, block_table=take(len(t))))
+            meta.prefill_seqs.append(PrefillSeq(token_start=a, num_new=n, context_len=c, block_table=take(len(t)),
+                                                block_table_host=t))
         return input_ids, meta, logits_idx
 
     # 3. forward + sample -----------------------------------------------------------------------

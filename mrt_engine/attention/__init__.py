@@ -13,12 +13,22 @@ import os
 
 import torch
 
-from mrt_engine.attention.torch_backend import TorchAttentionBackend, merge_lse, store_kv
 
 __all__ = ["BACKEND_ENV", "BACKENDS", "get_attention_backend", "TorchAttentionBackend", "merge_lse", "store_kv"]
 
 BACKEND_ENV = "MRT_ENGINE_ATTENTION_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
+_TORCH_NAMES = ("TorchAttentionBackend", "merge_lse", "store_kv")
+
+
+def __getattr__(name):
+    # the torch backend (it uses numpy) loads on first use, so a bare GPU image with only torch and
+    # Triton can import the Triton backend (mrt_engine.attention.triton_backend)
+    if name in _TORCH_NAMES:
+        from mrt_engine.attention import torch_backend
+
+        return getattr(torch_backend, name)
+    raise AttributeError(f"module 'mrt_engine.attention' has no attribute {name!r}")
 
 
 def get_attention_backend(name: str = "auto", device="cpu"):
@@ -33,6 +43,8 @@ def get_attention_backend(name: str = "auto", device="cpu"):
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
+        from mrt_engine.attention.torch_backend import TorchAttentionBackend
+
         return TorchAttentionBackend()
     try:
         from mrt_engine.attention.triton_backend import TritonAttentionBackend

@@ -27,6 +27,9 @@ class PrefillSeq:
     num_new: int            # new tokens this step (a chunk of the prompt, a fork suffix, ...)
     context_len: int        # tokens in cache after this step (cached prefix + num_new)
     block_table: torch.Tensor  # [ceil(context_len / bs)] int64, on the model's device
+    # the same block ids on the host (model_runner has them): the Triton backend packs them into
+    # its one per-step copy instead of reading the device tensor back; None = not given
+    block_table_host: list[int] | None = None
 
 
 @dataclass
@@ -44,6 +47,11 @@ class AttentionMetadata:
     # host copies of the small CSR arrays, so the torch backend can loop over groups without syncs
     group_ptr_host: list[int] = field(default_factory=list)
     group_num_shared_host: list[int] = field(default_factory=list)
+    # more host copies (model_runner holds them anyway), so the Triton backend plans a step with no
+    # device-to-host reads; empty = not given, the backend then reads the device tensors (one sync each)
+    decode_context_lens_host: list[int] = field(default_factory=list)   # [D]
+    group_rows_host: list[int] = field(default_factory=list)            # [D]
+    decode_block_tables_host: list = field(default_factory=list)        # [D] unpadded block-id lists
     # per-step derived tensors a backend builds on its first layer and reuses for the others
     # (e.g. the torch backend's padded gather plan); the model runner leaves it empty
     backend_cache: dict = field(default_factory=dict)

@@ -8,8 +8,11 @@ the output. Sharing groups (more than one row, shared blocks) are arranged in a 
 their shared block ids: groups forked from one trace at several boundaries share the trace's
 trunk, and each tree segment (a run of blocks, every row below it) is one cascade group, so the
 trunk is read once per step, not once per group; each row's own tokens go through paged_decode.
-The launch plan (tree, slots, split sizes; a few host reads of small index tensors) is built on
-the first layer of a step and kept in `meta.backend_cache`.
+The launch plan (tree, slots, split sizes and every index array the kernels read) is built on the
+first layer of a step, on the host from the metadata's host copies (model_runner fills them; a
+caller that does not falls back to reading the device tensors), uploaded as ONE packed int64
+host-to-device copy, and kept in `meta.backend_cache`. Kernel launches then need no host sync, so
+a decode step can be captured in a CUDA graph (benchmarks/bench_kernels.py does).
 
 Deterministic mode (`deterministic=True` or MRT_ENGINE_DETERMINISTIC=1): every decode row is cut
 into fixed chunks of `det_chunk` tokens at absolute positions (k*det_chunk ...), tree segments are
@@ -34,6 +37,7 @@ from mrt_engine.kernels.extend import extend
 from mrt_engine.kernels.kv_store import kv_store
 from mrt_engine.kernels.merge import merge
 from mrt_engine.kernels.paged_decode import choose_split_size, paged_decode, paged_decode_config, paged_decode_kernel
+from mrt_engine.kernels.tuning import target_programs
 
 DETERMINISTIC_ENV = "MRT_ENGINE_DETERMINISTIC"
 DET_BLOCK_M = 64            # the one query-tile shape every deterministic decode launch uses
@@ -63,7 +67,7 @@ class _Plan:
     # decode
     shared: _Launch | None = None
     private: _Launch | None = None       # deterministic mode: rows' own parts as groups of one
-    kv_start: torch.Tensor | None = None  # [D] first token of each row's own part (fast mode)
+    kv_start: torch.Tensor | None = None  # [D] first token of each row's own part
     split_size: int = 0
     num_splits: int = 0
     shared_slots: int = 0                 # fast mode: slots [0, shared_slots) hold tree-segment partials
@@ -129,7 +133,7 @@ class TritonAttentionBackend:
         merge(o_parts, lse_parts, out=out)
 
     # --- the per-step plan ----------------------------------------------------------------------
-    def _shared_launch(self, segments, bs, dev, k_cache, group):
+    def _shared_launch(self, segments, bs, k_cache, group, pack):
         """Fast mode: one cascade launch over all tree segments; a row's segments (its chain from the
         root) get consecutive slot ranges: slot_base(child) = slot_base(parent) + chunks(parent).
         Returns (launch, slots used)."""
@@ -139,16 +143,17 @@ class TritonAttentionBackend:
         max_rows = max(len(rows) for _, _, rows, _ in segments)
         cfg = cascade_decode_config(k_cache.dtype, k_cache.shape[3], group, max_rows)
         tiles = cdiv(max_rows * group, cfg["BLOCK_M"])
-        chunk = choose_chunk_size(max(spans), len(segments) * k_cache.shape[2] * tiles, cfg["BLOCK_N"])
+        chunk = choose_chunk_size(max(spans), len(segments) * k_cache.shape[2] * tiles, cfg["BLOCK_N"],
+                                  target_programs(k_cache.device))
         chunks = [cdiv(sp, chunk) for sp in spans]
         base = []
         for i, (_, _, _, parent) in enumerate(segments):
             base.append(0 if parent < 0 else base[parent] + chunks[parent])
         launch = _launch_from([rows for _, _, rows, _ in segments], [s * bs for s, _, _, _ in segments],
-                              [e * bs for _, e, _, _ in segments], base, max_rows, chunk, max(chunks), dev)
+                              [e * bs for _, e, _, _ in segments], base, max_rows, chunk, max(chunks), pack)
         return launch, max(b + c for b, c in zip(base, chunks))
 
-    def _det_shared_launch(self, segments, bs, dev):
+    def _det_shared_launch(self, segments, bs, pack):
         """Deterministic mode: segments trimmed to whole chunks, written at their absolute chunk slots."""
         S = self.det_chunk
         kept = [((s * bs // S) * S, (e * bs // S) * S, rows) for s, e, rows, _ in segments]
@@ -157,77 +162,117 @@ class TritonAttentionBackend:
             return None
         max_rows = max(len(rows) for _, _, rows in kept)
         return _launch_from([rows for _, _, rows in kept], [s for s, _, _ in kept], [e for _, e, _ in kept], None,
-                            max_rows, S, max(e for _, e, _ in kept) // S, dev)
+                            max_rows, S, max(e for _, e, _ in kept) // S, pack)
 
     def _build_plan(self, meta: AttentionMetadata, k_cache: torch.Tensor, group: int) -> _Plan:
         plan = _Plan()
-        dev = k_cache.device
+        pack = _Pack()
         bs, hkv = k_cache.shape[1], k_cache.shape[2]
         if meta.prefill_seqs:
             seqs = meta.prefill_seqs
-            width = max(1, max(int(s.block_table.shape[0]) for s in seqs))
-            tables = torch.zeros(len(seqs), width, dtype=torch.int64, device=dev)
-            for i, s in enumerate(seqs):
-                tables[i, :s.block_table.shape[0]] = s.block_table
-            plan.p_tables = tables
-            plan.p_qstart = torch.tensor([s.token_start for s in seqs], dtype=torch.int64, device=dev)
-            plan.p_num_new = torch.tensor([s.num_new for s in seqs], dtype=torch.int64, device=dev)
-            plan.p_ctx = torch.tensor([s.context_len for s in seqs], dtype=torch.int64, device=dev)
+            tables = [s.block_table.tolist() if s.block_table_host is None else s.block_table_host for s in seqs]
+            width = max(1, max(len(t) for t in tables))
+            plan.p_qstart = pack.add([s.token_start for s in seqs])
+            plan.p_num_new = pack.add([s.num_new for s in seqs])
+            plan.p_ctx = pack.add([s.context_len for s in seqs])
+            padded = []
+            for t in tables:
+                padded += t
+                padded += [0] * (width - len(t))
+            plan.p_tables = pack.add(padded, (len(seqs), width))
             plan.p_max_new = max(s.num_new for s in seqs)
         d = meta.num_decode
         if d == 0:
+            pack.upload(k_cache.device, plan)
             return plan
-        ctx = meta.decode_context_lens
+        ctx = meta.decode_context_lens_host or meta.decode_context_lens.tolist()
 
         # 1. groups worth sharing (more than one row, shared blocks) -> prefix-tree segments
         ptr = meta.group_ptr_host if meta.group_rows is not None else []
         nshared = meta.group_num_shared_host
         groups = [(g, nshared[g]) for g in range(len(ptr) - 1) if ptr[g + 1] - ptr[g] > 1 and nshared[g] > 0]
-        kv_start = torch.zeros(d, dtype=torch.int64, device=dev)
+        kv_start = [0] * d
         segments = []
         if groups:
-            rows_host = meta.group_rows.tolist()
+            rows_host = meta.group_rows_host or meta.group_rows.tolist()
             members = [rows_host[ptr[g]:ptr[g + 1]] for g, _ in groups]
-            first = torch.tensor([m[0] for m in members], dtype=torch.int64, device=dev)
-            lists = meta.decode_block_tables.index_select(0, first).tolist()
-            segments = prefix_tree_segments([(lst[:ns], m) for lst, (_, ns), m in zip(lists, groups, members)])
+            if meta.decode_block_tables_host:
+                lists = [meta.decode_block_tables_host[m[0]] for m in members]
+            else:
+                first = torch.tensor([m[0] for m in members], dtype=torch.int64, device=k_cache.device)
+                lists = meta.decode_block_tables.index_select(0, first).tolist()
+            segments = prefix_tree_segments([(list(lst[:ns]), m) for lst, (_, ns), m in zip(lists, groups, members)])
             unit = self.det_chunk if self.deterministic else 1
-            own_start = {r: (ns * bs // unit) * unit for (_, ns), m in zip(groups, members) for r in m}
-            idx = torch.tensor(list(own_start), dtype=torch.int64, device=dev)
-            kv_start.index_copy_(0, idx, torch.tensor(list(own_start.values()), dtype=torch.int64, device=dev))
+            for (_, ns), m in zip(groups, members):
+                for r in m:
+                    kv_start[r] = (ns * bs // unit) * unit
         if self.deterministic:
-            plan.shared = self._det_shared_launch(segments, bs, dev)
+            plan.shared = self._det_shared_launch(segments, bs, pack)
         else:
-            plan.shared, plan.shared_slots = self._shared_launch(segments, bs, dev, k_cache, group)
+            plan.shared, plan.shared_slots = self._shared_launch(segments, bs, k_cache, group, pack)
 
         # 2. each row's own tokens [kv_start, ctx)
+        plan.kv_start = pack.add(kv_start)
         if self.deterministic:
-            max_ctx = int(ctx.max())   # host read of the step's lengths
-            num_slots = cdiv(max_ctx, self.det_chunk)
+            num_slots = cdiv(max(ctx), self.det_chunk)
             plan.private = _Launch(
-                group_ptr=torch.arange(d + 1, dtype=torch.int64, device=dev),
-                group_rows=torch.arange(d, dtype=torch.int64, device=dev), range_start=kv_start, range_end=ctx,
-                slot_base=None, max_group_rows=1, chunk_size=self.det_chunk, num_chunks=num_slots)
+                group_ptr=pack.add(list(range(d + 1))), group_rows=pack.add(list(range(d))),
+                range_start=plan.kv_start, range_end=meta.decode_context_lens, slot_base=None, max_group_rows=1,
+                chunk_size=self.det_chunk, num_chunks=num_slots)
             plan.num_slots = num_slots
         else:
-            max_own = int((ctx - kv_start).max())   # host read of the step's lengths
+            max_own = max(c - s for c, s in zip(ctx, kv_start))
             block_n = paged_decode_config(k_cache.dtype, k_cache.shape[3], group)["BLOCK_N"]
-            plan.split_size = choose_split_size(max_own, d * hkv, block_n)
+            plan.split_size = choose_split_size(max_own, d * hkv, block_n, target_programs(k_cache.device))
             plan.num_splits = cdiv(max_own, plan.split_size)
-            plan.kv_start = kv_start
             plan.num_slots = plan.shared_slots + plan.num_splits
+        pack.upload(k_cache.device, plan)
         return plan
 
 
-def _launch_from(rows_per_group, starts, ends, base, max_rows, chunk, num_chunks, dev) -> _Launch:
+class _Pack:
+    """The plan's int64 index arrays, gathered on the host and uploaded in one copy.
+
+    `add` returns a placeholder (its index); `upload` makes one tensor on the device and replaces
+    every placeholder held by the plan (and its launches) with its view.
+    """
+
+    def __init__(self):
+        self.flat: list[int] = []
+        self.views: list[tuple[int, int, tuple | None]] = []
+
+    def add(self, values, shape: tuple | None = None) -> "_Slot":
+        self.views.append((len(self.flat), len(values), shape))
+        self.flat += values
+        return _Slot(len(self.views) - 1)
+
+    def upload(self, device, plan: _Plan) -> None:
+        buf = torch.tensor(self.flat, dtype=torch.int64)
+        if device.type != "cpu":
+            buf = buf.to(device, non_blocking=True)
+        views = [buf.narrow(0, off, n) if shape is None else buf.narrow(0, off, n).view(shape)
+                 for off, n, shape in self.views]
+
+        def resolve(obj):
+            for name, value in vars(obj).items():
+                if isinstance(value, _Slot):
+                    setattr(obj, name, views[value.index])
+                elif isinstance(value, _Launch):
+                    resolve(value)
+
+        resolve(plan)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+
+
+def _launch_from(rows_per_group, starts, ends, base, max_rows, chunk, num_chunks, pack: _Pack) -> _Launch:
     ptr, rows = [0], []
     for group_rows in rows_per_group:
         rows += group_rows
         ptr.append(len(rows))
-
-    def t(x):
-        return torch.tensor(x, dtype=torch.int64, device=dev)
-
-    return _Launch(group_ptr=t(ptr), group_rows=t(rows), range_start=t(starts), range_end=t(ends),
-                   slot_base=None if base is None else t(base), max_group_rows=max_rows, chunk_size=chunk,
-                   num_chunks=num_chunks)
+    return _Launch(group_ptr=pack.add(ptr), group_rows=pack.add(rows), range_start=pack.add(starts),
+                   range_end=pack.add(ends), slot_base=None if base is None else pack.add(base),
+                   max_group_rows=max_rows, chunk_size=chunk, num_chunks=num_chunks)
