@@ -201,6 +201,28 @@ class LLM:
     def weight_version(self) -> int:
         return self.scheduler.version
 
+    def get_rng_state(self) -> dict:
+        """The engine's sampling-seed state: what draws the seed of every request whose
+        SamplingParams.seed is None. Save it with a training checkpoint for exact resume."""
+        return {"seed_rng": self._rng.getstate(), "num_requests": self._num_requests}
+
+    def set_rng_state(self, state: dict) -> None:
+        """Restore a state from get_rng_state(): the next unseeded requests draw the same seeds."""
+        if not isinstance(state, dict) or set(state) != {"seed_rng", "num_requests"}:
+            raise ValueError("expected the dict returned by LLM.get_rng_state() "
+                             "(keys 'seed_rng' and 'num_requests')")
+        num = state["num_requests"]
+        if isinstance(num, bool) or not isinstance(num, int) or num < 0:
+            raise ValueError(f"num_requests must be a non-negative int, got {num!r}")
+        rng = random.Random()
+        try:
+            # a checkpoint round trip may turn the state's tuples into lists
+            st = state["seed_rng"]
+            rng.setstate((st[0], tuple(st[1]), st[2]))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"seed_rng is not a random.Random state: {exc}") from exc
+        self._rng, self._num_requests = rng, num
+
     def reset_prefix_cache(self) -> None:
         self.kv.clear_prefix_cache()
 

@@ -189,8 +189,10 @@ def make_round(cfg, mode, ctx, policy, ref, data: Data, sampler: PromptSampler, 
 
 # ---- 3. the run -----------------------------------------------------------------------------------
 
-def train(cfg, resume=None) -> dict:
-    """Run (or resume) the configured training; returns a summary dict (also summary.json)."""
+def train(cfg, resume=None, stop_after: Optional[int] = None) -> dict:
+    """Run (or resume) the configured training; returns a summary dict (also summary.json).
+    stop_after: leave after this step (checkpointing it) as if the process were killed there:
+    the schedule is still the one of max_steps (tests of exact resume use it)."""
     from transformers import AutoModelForCausalLM
 
     from mrt_engine import LLM
@@ -277,7 +279,8 @@ def train(cfg, resume=None) -> dict:
         bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     last: dict = {}
     rd = pending
-    while step < cfg.max_steps:
+    end = cfg.max_steps if stop_after is None else min(stop_after, cfg.max_steps)
+    while step < end:
         t_step = time.perf_counter()
         new_round = rd is None or step % cfg.num_iterations == 0
         t_prep = 0.0
@@ -317,7 +320,7 @@ def train(cfg, resume=None) -> dict:
                             acc=f"{row['accuracy']:.3f}", refresh=False)
             if cfg.logging_steps and step % cfg.logging_steps == 0:
                 bar.write(_line(step, row))
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == end:
             save(step, rd)
     if bar is not None:
         bar.close()
