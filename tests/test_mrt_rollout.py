@@ -21,6 +21,17 @@ from mrt_engine.trainer.toy import task, traces
 MAX_TOKENS = 160
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # a shared 2-core machine: more threads spin against other processes
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def llm():
     return LLM(default_model_path(), dtype="float32", seed=0, kv_cache_memory_gb=0.1)
@@ -160,3 +171,87 @@ def test_progress_points_are_episode_boundaries(llm):
         b2 = generate_rollouts(llm, prompts, probs, num_generations=2, max_completion_length=8,
                                temperature=1.0, top_p=1.0, seed=2, keep=False)
         progress_for_batch(llm, b2, st, seed=0)
+
+
+# ---- one training round of the loop (train.make_round) in mrt_progress mode ----
+
+STEP_ARGS = ["--num_generations", "4", "--per_device_train_batch_size", "8",
+             "--gradient_accumulation_steps", "1", "--max_completion_length", "96",
+             "--progress_k", "2", "--episode_max_episodes", "3", "--eval_steps", "0",
+             "--num_train_problems", "16"]
+
+
+def _round(llm, mode_name, extra=()):
+    from transformers import AutoModelForCausalLM
+
+    from mrt_engine.trainer import dist as dist_mod
+    from mrt_engine.trainer.config import load_config
+    from mrt_engine.trainer.grading import get_verifier
+    from mrt_engine.trainer.reward_modes import RewardContext, get_reward_mode
+    from mrt_engine.trainer.rewards import build_reward
+    from mrt_engine.trainer.round import train_pass
+    from mrt_engine.trainer.sampler import PromptSampler
+    from mrt_engine.trainer.train import load_data, make_round
+
+    cfg = load_config("trainer/configs/toy_mrt.yaml",
+                      STEP_ARGS + ["--reward_mode", mode_name] + list(extra))
+    tok = llm.get_tokenizer()
+    data = load_data(cfg, tok)
+    dist = dist_mod.DistInfo()
+    ctx = RewardContext(llm=llm, cfg=cfg, tokenizer=tok, verifier=get_verifier(cfg.verifier),
+                        reward=build_reward(cfg), dist=dist)
+    mode = get_reward_mode(cfg.reward_mode, ctx)
+    rd, _ = make_round(cfg, mode, ctx, None, None, data, PromptSampler(len(data.problems), cfg.seed),
+                       dist, 0)
+    policy = AutoModelForCausalLM.from_pretrained(default_model_path())
+    loss = train_pass(policy, rd, cfg, 1, measure_mismatch=False)["loss"]
+    return cfg, rd, loss
+
+
+def test_mrt_progress_round_advantages_follow_episodes(llm):
+    import torch
+
+    from mrt_engine.trainer.advantages import group_advantages
+
+    cfg, rd, loss = _round(llm, "mrt_progress", ["--alpha", "0.5"])
+    _no_leak(llm)
+    st = settings_from_config(cfg)
+    tok = llm.get_tokenizer()
+    tb = rd.tb
+    comps = [tb.completion_ids[i, :int(tb.completion_mask[i].sum())].tolist() for i in range(len(tb))]
+    rewards = rd.metrics["reward"]
+    assert 0.0 <= rewards <= 1.0 and torch.isfinite(torch.tensor(loss))
+    outcome = None
+    n_multi = 0
+    for i, comp in enumerate(comps):
+        bounds, think = st.boundaries_fn(tok)(comp)
+        assert len(bounds) <= 3
+        ep = episodes.episode_ids(len(comp), bounds)
+        a = rd.advantages[i, :len(comp)]
+        # constant within an episode of the thinking ...
+        for e in set(ep[:think]):
+            vals = a[[t for t in range(think) if ep[t] == e]]
+            assert torch.all(vals == vals[0])
+        # ... the outcome advantage alone after it, and nothing past the completion
+        if think < len(comp):
+            tail = a[think:]
+            assert torch.all(tail == tail[0])
+        assert torch.all(rd.advantages[i, len(comp):] == 0)
+        n_multi += len(bounds) > 0
+    assert n_multi > 0, "no trace had an episode boundary: the test checks nothing"
+    assert rd.metrics["fork_s"] > 0
+
+
+def test_mrt_progress_alpha_zero_is_outcome_grpo(llm):
+    import torch
+
+    _, rd0, loss0 = _round(llm, "mrt_progress", ["--alpha", "0"])
+    _, rdg, lossg = _round(llm, "outcome")
+    _no_leak(llm)
+    assert torch.equal(rd0.tb.completion_ids, rdg.tb.completion_ids)
+    # equal on every trained token (outcome mode broadcasts its scalar over the padding too)
+    m = rdg.loss_mask.bool()
+    assert torch.equal(rd0.advantages[m], rdg.advantages[m])
+    assert loss0 == lossg
+    _, rd5, loss5 = _round(llm, "mrt_progress", ["--alpha", "0.5"])
+    assert not torch.equal(rd5.advantages[m], rdg.advantages[m])   # the bonus does change something
