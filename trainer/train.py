@@ -164,7 +164,8 @@ def make_round(cfg, mode, ctx, policy, ref, data: Data, sampler: PromptSampler, 
     ref_logps = None
     if ref is not None:
         ref_logps = forward_logps(ref, tb, cfg.temperature, cfg.gradient_accumulation_steps)
-    num_items = float(dist.all_reduce(loss_mask.sum().double()))
+    # every row masked (e.g. all truncated and masked): the loss is 0; 1 keeps the division defined
+    num_items = max(float(dist.all_reduce(loss_mask.sum().double())), 1.0)
     t_prep = time.perf_counter() - t1
 
     # metrics over the whole global batch (all ranks' rows)
