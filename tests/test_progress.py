@@ -200,3 +200,18 @@ def test_rewards_and_costs_are_consistent(toy_run):
         assert tp.cost == [at + sum(n) / 4 for at, n in zip(tp.fork_at, tp.answer_tokens)]
         assert tp.points == sorted(tp.points) and tp.points[0] == 0
         assert len(tp.episode_ids) == tp.completion_len and max(tp.episode_ids) == tp.num_episodes - 1
+
+
+def test_cuts_without_room_score_zero_and_are_not_sent(toy_tok):
+    from types import SimpleNamespace
+
+    prob = task.Problem((1, 2, 4, 5), 9, (4, 5))
+    pd = prob.to_json()
+    h, p, comp = _toy_trace(toy_tok, prob, "Let me try 4+5=9. Found it: 4+5.\n</think>\n\\boxed{4+5}")
+    llm = StubLLM(toy_tok, {(0, p): ["\\boxed{4+5}"] * 2}, [h])
+    llm.config = SimpleNamespace(max_model_len=p + 3)
+    cuts = [progress.Cut(h, p, (5,), 1), progress.Cut(h, p + 2, (5,), 1), progress.Cut(h, p, (5, 5, 5), 1)]
+    got = progress.forced_answers(llm, cuts, [pd] * 3, "toy", k=2)
+    assert [a.no_room for a in got] == [False, True, True]
+    assert [a.rewards for a in got] == [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+    assert len(llm.calls) == 1 and [r.at for r in llm.calls[0][0]] == [p]

@@ -185,11 +185,13 @@ def _strip_trailing_space(ids: Sequence[int], end: int, tok) -> int:
 def budget_forcing(llm, tps, handles, problems, verifier, *, extend: int, extend_tokens: int,
                    continue_strs: Sequence[str], k: int, sampling, natural_suffix, stop_at: str,
                    seed: int, use_tqdm: bool = False) -> list[list[tuple[float, float, int]]]:
-    """Per trace, (cost, J, thinking tokens) after each of `extend` budget-forcing extensions."""
+    """Per trace, (cost, J, thinking tokens) after each of `extend` budget-forcing extensions
+    (fewer when no trace has room left under max_model_len)."""
     from mrt_engine import Fork, SamplingParams
 
     tok = llm.get_tokenizer()
     natural = progress._suffix_ids(natural_suffix, tok, "natural_suffix")
+    max_len = getattr(getattr(llm, "config", None), "max_model_len", None) or float("inf")
     cur = list(handles)
     think = [tp.think_len for tp in tps]
     out = [[] for _ in tps]
@@ -198,32 +200,40 @@ def budget_forcing(llm, tps, handles, problems, verifier, *, extend: int, extend
         for w in range(extend):
             text = "\n\n" + continue_strs[w % len(continue_strs)]
             suffix = list(progress._suffix_ids(text, tok, "continuation"))
-            reqs = []
+            # a trace with no room left under max_model_len stops extending (held flat)
+            live, reqs = [], []
             for i, (h, tp) in enumerate(zip(cur, tps)):
-                ids = h.token_ids
-                cut = _strip_trailing_space(ids, tp.prompt_len + think[i], tok)
-                reqs.append(Fork(h, at=max(cut, 1), suffix=suffix))
+                cut = max(_strip_trailing_space(h.token_ids, tp.prompt_len + think[i], tok), 1)
+                if cut + len(suffix) + 1 < max_len and (not out[i] or out[i][-1][3]):
+                    live.append(i)
+                    reqs.append(Fork(h, at=cut, suffix=suffix))
+            if not live:
+                break
             params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                     max_tokens=extend_tokens, stop=[stop_at], seed=seed + 7919 * (w + 1))
             outs = llm.generate(reqs, params, keep=True, use_tqdm=use_tqdm)
-            cur = [o.outputs[0].handle for o in outs]
-            kept += cur
             cuts = []
-            for i, (h, tp) in enumerate(zip(cur, tps)):
-                comp = list(h.token_ids[tp.prompt_len:])
-                think[i] = episodes.think_length(comp, tok, stop_at)
+            for i, o in zip(live, outs):
+                h = cur[i] = o.outputs[0].handle
+                kept.append(h)
+                tp = tps[i]
+                think[i] = episodes.think_length(list(h.token_ids[tp.prompt_len:]), tok, stop_at)
                 c, _, _ = progress.trace_cuts(h, tp.prompt_len, tok, [think[i]], think[i], (),
                                               natural, stop_at, None if sampling.seed is None
                                               else sampling.seed + i)
                 cuts += c
-            answers = progress.forced_answers(llm, cuts, problems, verifier, k=k, sampling=sampling,
-                                              use_tqdm=use_tqdm)
-            for i, (c, a) in enumerate(zip(cuts, answers)):
-                out[i].append((c.at + a.mean_tokens, a.mean_reward, think[i]))
+            answers = progress.forced_answers(llm, cuts, [problems[i] for i in live], verifier, k=k,
+                                              sampling=sampling, use_tqdm=use_tqdm)
+            for i in range(len(tps)):
+                if i not in live:
+                    prev = out[i][-1] if out[i] else (tps[i].cost[-1], tps[i].J[-1], think[i], False)
+                    out[i].append(prev[:3] + (False,))
+            for i, c, a in zip(live, cuts, answers):
+                out[i].append((c.at + a.mean_tokens, a.mean_reward, think[i], True))
     finally:
         for h in kept:
             llm.release(h)
-    return out
+    return [[e[:3] for e in per] for per in out]
 
 
 def evaluate(llm, problems: Sequence[dict], verifier="math", *, prompts: Sequence | None = None,
@@ -269,6 +279,19 @@ def evaluate(llm, problems: Sequence[dict], verifier="math", *, prompts: Sequenc
         raise ValueError(f"got {len(prompts)} prompts for {len(problems)} problems")
     else:
         prompts = [data_mod.encode_prompt(p, tok) if isinstance(p, str) else list(p) for p in prompts]
+    # a prompt that leaves no room to think is dropped (and counted), not an error mid-run
+    max_len = getattr(getattr(llm, "config", None), "max_model_len", None)
+    room = [max_len is None or len(p) + 16 < max_len for p in prompts]
+    skipped = room.count(False)
+    if skipped:
+        import warnings
+
+        warnings.warn(f"{skipped} of {len(prompts)} prompts leave under 16 tokens before the "
+                      f"model's max_model_len ({max_len}); they are skipped")
+        problems = [p for p, ok in zip(problems, room) if ok]
+        prompts = [p for p, ok in zip(prompts, room) if ok]
+        if not problems:
+            raise ValueError(f"every prompt is too long for the model (max_model_len {max_len})")
     outs = llm.generate(prompts, SamplingParams(n=samples, temperature=temperature, top_p=top_p,
                                                 max_tokens=max_tokens, seed=seed),
                         keep=True, use_tqdm=use_tqdm)
@@ -354,6 +377,7 @@ def evaluate(llm, problems: Sequence[dict], verifier="math", *, prompts: Sequenc
                    "verifier": verifier if isinstance(verifier, str) else getattr(
                        verifier, "__name__", "custom"), "extend": extend},
         "num_traces": len(tps),
+        "skipped_problems": skipped,
         "natural_accuracy": _mean(natural),
         "closed_thinking_rate": _mean(tp.closed for tp in tps),
         "mean_completion_tokens": _mean(tp.completion_len for tp in tps),
@@ -377,15 +401,16 @@ def evaluate(llm, problems: Sequence[dict], verifier="math", *, prompts: Sequenc
                     "total": round(time.perf_counter() - t0, 3)},
     }
     if ext is not None:
+        done = len(ext[0])   # extensions made (fewer than asked when no trace had room left)
         ext_curves = [(tp.cost + [c for c, _, _ in e], tp.J + [j for _, j, _ in e])
                       for tp, e in zip(tps, ext)]
         top = max(max(xs) for xs, _ in ext_curves)
         ext_budgets = sorted({max(1, round(top * f / 8)) for f in range(1, 9)} | set(regret_budgets))
         res["extrapolation"] = {
-            "extensions": list(range(extend + 1)),
-            "accuracy": [res["J_natural_end"]] + [_mean(e[w][1] for e in ext) for w in range(extend)],
+            "extensions": list(range(done + 1)),
+            "accuracy": [res["J_natural_end"]] + [_mean(e[w][1] for e in ext) for w in range(done)],
             "mean_thinking_tokens": [res["mean_thinking_tokens"]] +
-                                    [_mean(e[w][2] for e in ext) for w in range(extend)],
+                                    [_mean(e[w][2] for e in ext) for w in range(done)],
             "regret_budgets": ext_budgets,
             "normalized_regret": [normalized_regret(ext_curves, b) for b in ext_budgets]}
     if keep_traces:
@@ -499,6 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(toy 16, else 512)")
     ap.add_argument("--temperature", type=float, default=None, help="toy 1.0, else 0.6")
     ap.add_argument("--top-p", type=float, default=None, help="toy 1.0, else 0.95")
+    ap.add_argument("--forced-suffix", default=None, help="text appended at a cut before the "
+                    "forced answer (default: the paper's 'Time is up. ... </think>' text; toy: its own)")
     ap.add_argument("--extend", type=int, default=0, help="budget-forcing extensions W (0: off)")
     ap.add_argument("--extend-tokens", type=int, default=None, help="tokens per extension")
     ap.add_argument("--verifier", choices=("auto", "math", "toy"), default="auto")
@@ -556,6 +583,8 @@ def main(argv=None) -> dict:
 
         kwargs.update(forced_suffix=toy_traces.FORCED_SUFFIX, natural_suffix=toy_traces.NATURAL_END,
                       continue_strs=toy_traces.TRIGGERS)
+    if a.forced_suffix is not None:
+        kwargs["forced_suffix"] = a.forced_suffix.replace("\\n", "\n")   # a typed \n: newline
     res = evaluate(llm, problems, verifier, **kwargs)
     res["config"].update(model=model, data=a.data, split=a.split, difficulty=a.difficulty if toy else None)
     print_tables(res)

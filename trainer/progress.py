@@ -47,6 +47,7 @@ STOP_AT = "</think>"
 DEFAULT_ANSWER_SAMPLING = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=512, seed=0)
 
 Verifier = Callable[[str, dict], float]
+RULE = object()   # estimate_progress(stop_at=RULE): the episode rule's stop_at
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Answers:
     texts: list[str]
     token_counts: list[int]
     rewards: list[float]
+    no_room: bool = False   # prefix + suffix did not fit in max_model_len: no answer, reward 0
 
     @property
     def mean_reward(self) -> float:
@@ -148,7 +150,9 @@ def _suffix_ids(suffix, tokenizer, what: str) -> tuple:
 def close_end(completion_ids: Sequence[int], tokenizer, think_len: int,
               stop_at: str = STOP_AT, lookahead: int = 32) -> int | None:
     """Completion position just after the tokens that spell `stop_at` (which starts at or after
-    `think_len`), or None when the thinking was never closed."""
+    `think_len`), or None when the thinking was never closed (or `stop_at` is None)."""
+    if stop_at is None:
+        return None
     end = min(len(completion_ids), think_len + lookahead)
     for n in range(think_len + 1, end + 1):
         if stop_at in tokenizer.decode(list(completion_ids[think_len:n]), skip_special_tokens=False):
@@ -169,18 +173,25 @@ def _check_sampling(sampling, k):
 def forced_answers(llm, cuts: Sequence[Cut], problems: Sequence[dict], verifier, *, k: int = 8,
                    sampling: SamplingParams | None = None, use_tqdm: bool = False) -> list[Answers]:
     """K answers at every cut, in ONE generate call; each graded by `verifier(text, problem)` on
-    the generated answer text only (never the prefix or the suffix)."""
+    the generated answer text only (never the prefix or the suffix). A cut whose prefix + suffix
+    leaves no room under the engine's max_model_len gets no answers and reward 0 (`no_room`), as
+    a budget that ran out would."""
     if len(cuts) != len(problems):
         raise ValueError(f"got {len(cuts)} cuts but {len(problems)} problems")
     params = _check_sampling(sampling, k)
     verify = grading.get_verifier(verifier)
-    if not cuts:
-        return []
-    reqs = [Fork(c.handle, at=c.at, suffix=list(c.suffix)) for c in cuts]
-    per = [dataclasses.replace(params, seed=c.seed) if c.seed is not None else params for c in cuts]
-    outs = llm.generate(reqs, per, use_tqdm=use_tqdm)
+    max_len = getattr(getattr(llm, "config", None), "max_model_len", None)
+    fits = [max_len is None or c.at + len(c.suffix) < max_len for c in cuts]
+    todo = [c for c, ok in zip(cuts, fits) if ok]
+    reqs = [Fork(c.handle, at=c.at, suffix=list(c.suffix)) for c in todo]
+    per = [dataclasses.replace(params, seed=c.seed) if c.seed is not None else params for c in todo]
+    outs = iter(llm.generate(reqs, per, use_tqdm=use_tqdm) if reqs else [])
     result = []
-    for out, prob in zip(outs, problems):
+    for ok, prob in zip(fits, problems):
+        if not ok:
+            result.append(Answers([""] * params.n, [0] * params.n, [0.0] * params.n, no_room=True))
+            continue
+        out = next(outs)
         texts = [c.text for c in out.outputs]
         result.append(Answers(texts, [len(c.token_ids) for c in out.outputs],
                               [float(verify(t, prob)) for t in texts]))
@@ -208,7 +219,7 @@ def estimate_progress(llm, traces: Sequence, problems: Sequence[dict], verifier=
                       boundaries: Sequence[Sequence[int]] | None = None,
                       rule: "episodes.EpisodeRule | None" = None, k: int = 8,
                       forced_suffix=DEFAULT_FORCED_SUFFIX, natural_suffix=DEFAULT_NATURAL_SUFFIX,
-                      sampling: SamplingParams | None = None, stop_at: str | None = None,
+                      sampling: SamplingParams | None = None, stop_at=RULE,
                       use_tqdm: bool = False) -> list[TraceProgress]:
     """J at every point (empty thinking, each episode boundary, natural end) of each kept trace.
 
@@ -217,7 +228,8 @@ def estimate_progress(llm, traces: Sequence, problems: Sequence[dict], verifier=
     boundaries: per trace, sorted episode-boundary positions in completion tokens, each in
     (0, think_len); default `episodes.segment(completion, tokenizer, rule)`. rule: default
     `episodes.EpisodeRule()` (the paper's triggers); its `stop_at` ends the thinking unless
-    `stop_at` is given. k answers per point, sampled with `sampling` (temperature, top_p,
+    `stop_at` is given (None: no end marker, the whole completion is thinking and its end gets
+    `natural_suffix`). k answers per point, sampled with `sampling` (temperature, top_p,
     max_tokens, seed; its n is ignored). The handles stay pinned; release them yourself.
     """
     handles = [_as_handle(t) for t in traces]
@@ -231,7 +243,8 @@ def estimate_progress(llm, traces: Sequence, problems: Sequence[dict], verifier=
         raise ValueError("progress estimation needs the model's tokenizer (episodes and answers "
                          "are text); the model folder has none")
     rule = rule if rule is not None else episodes.EpisodeRule()
-    stop_at = stop_at if stop_at is not None else (getattr(rule, "stop_at", None) or STOP_AT)
+    if stop_at is RULE:
+        stop_at = rule.stop_at
     forced = _suffix_ids(forced_suffix, tok, "forced_suffix")
     natural = _suffix_ids(natural_suffix, tok, "natural_suffix")
 
