@@ -55,7 +55,7 @@ def test_sft_nll_equals_transformers_loss(policy):
         total += float(out.loss.detach()) * len(c)
         count += len(c)
     assert int(tb.completion_mask.sum()) == count
-    assert float(got) == pytest.approx(total, rel=1e-5)
+    assert float(got.detach()) == pytest.approx(total, rel=1e-5)
 
 
 def test_sft_step_lowers_nll_of_kept_rows():

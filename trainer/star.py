@@ -159,7 +159,7 @@ def train_star(cfg, resume=None) -> dict:
         batch = generate_rollouts(llm, prompts, problems, num_generations=samples,
                                   max_completion_length=cfg.max_completion_length,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
-                                  seed=round_seed(cfg.seed, step, 0),
+                                  seed=round_seed(cfg.seed, step),
                                   max_prompt_length=cfg.max_prompt_length, keep=mrt_star)
         t_gen = time.perf_counter() - t0
         # 2. progress of every trace (mrt_star), then no KV stays pinned
@@ -168,7 +168,7 @@ def train_star(cfg, resume=None) -> dict:
             correct = [float(verifier(t, p)) for t, p in zip(batch.texts, batch.problems)]
             if mrt_star:
                 tps, t_fork = progress_for_batch(llm, batch, settings,
-                                                 round_seed(cfg.seed + 17, step, 0))
+                                                 round_seed(cfg.seed + 17, step))
         finally:
             batch.release(llm)
         st = llm.kv_stats()
