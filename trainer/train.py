@@ -100,9 +100,12 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)
 
 
-def round_seed(seed: int, step: int, rank: int) -> int:
-    """The engine seed of a generation round: a pure function of (run seed, step, rank)."""
-    return (seed * 1_000_003 + step * 1009 + rank) % (1 << 62)
+def round_seed(seed: int, step: int) -> int:
+    """The engine seed of a generation round: a pure function of (run seed, step). The same on
+    every rank: the engine mixes each prompt's ids into the seed, so ranks (holding different
+    prompts) still draw differently, and a prompt draws the same completions whichever rank
+    holds it (a 2-rank run samples what one process with the whole batch samples)."""
+    return (seed * 1_000_003 + step * 1009) % (1 << 62)
 
 
 def build_optimizer(cfg, model):
@@ -134,7 +137,7 @@ def make_round(cfg, mode, ctx, policy, ref, data: Data, sampler: PromptSampler, 
     # lost, since every optimizer step changes the weights and so the cache version anyway
     llm.reset_prefix_cache()
     t0 = time.perf_counter()
-    batch = mode.rollout(ctx, prompts, problems, round_seed(cfg.seed, step, dist.rank))
+    batch = mode.rollout(ctx, prompts, problems, round_seed(cfg.seed, step))
     t_gen = time.perf_counter() - t0
     try:
         credit = mode.credit(ctx, batch)
