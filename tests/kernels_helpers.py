@@ -1,4 +1,5 @@
-"""Shared pieces of the kernel tests: interpreter switch, random paged caches, tolerances, NaN poison.
+"""Shared pieces of the kernel tests: interpreter switch, random paged caches, tolerances, NaN poison,
+and the deterministic-mode batch-invariance check (run under the interpreter and natively on CUDA).
 
 Importing mrt_engine.kernels first turns the Triton interpreter on when CUDA is absent (it must be on
 before triton is imported; tests/conftest.py imports the package for that reason).
@@ -107,3 +108,80 @@ def build_step(prefills, groups, block_size, seed=0, num_blocks=None):
     meta = AttentionMetadata(slot_mapping=torch.tensor(slots), positions=torch.tensor(positions),
                              num_prefill_tokens=n, prefill_seqs=pseqs, **kw)
     return meta, num_blocks
+
+
+# --- deterministic mode: the batch-invariance property (tests/test_kernels_determinism.py, and
+# natively on CUDA tests/test_kernels_gpu.py) -----------------------------------------------------
+DET_BS, DET_HKV, DET_GRP, DET_DH = 16, 2, 4, 64
+DET_SHARED = [0, 1, 2, 3, 4]                    # 80 shared tokens: not a multiple of the 32-token chunk
+DET_ROWS = {                                     # name: (block table, context length)
+    "T": (DET_SHARED + [5, 6], 100),
+    "S1": (DET_SHARED + [7, 8], 101),
+    "S2": (DET_SHARED + [9], 85),
+    "S3": (DET_SHARED + [10, 11], 110),
+    "U": (list(range(12, 26)), 220),
+}
+
+
+def det_meta(decode_rows, groups, prefill=None, device="cpu"):
+    """decode_rows: names in row order; groups: [(row indices, num_shared)]; prefill: (table, n) or None."""
+    from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
+
+    slots, positions, seqs, n = [], [], [], 0
+    if prefill is not None:
+        table, num_new = prefill
+        seqs.append(PrefillSeq(0, num_new, num_new, torch.tensor(table)))
+        slots += [table[p // DET_BS] * DET_BS + p % DET_BS for p in range(num_new)]
+        positions += list(range(num_new))
+        n = num_new
+    width = max(len(DET_ROWS[r][0]) for r in decode_rows)
+    tables, lens = [], []
+    for r in decode_rows:
+        table, ctx = DET_ROWS[r]
+        tables.append(table + [0] * (width - len(table)))
+        lens.append(ctx)
+        slots.append(table[(ctx - 1) // DET_BS] * DET_BS + (ctx - 1) % DET_BS)
+        positions.append(ctx - 1)
+    ptr, rows, ns = [0], [], []
+    for members, shared in groups:
+        rows += members
+        ptr.append(len(rows))
+        ns.append(shared)
+    t = lambda x: torch.tensor(x, device=device)  # noqa: E731
+    for s in seqs:
+        s.block_table = s.block_table.to(device)
+    return AttentionMetadata(
+        slot_mapping=t(slots), positions=t(positions), num_prefill_tokens=n, prefill_seqs=seqs,
+        decode_block_tables=t(tables), decode_context_lens=t(lens), group_ptr=t(ptr), group_rows=t(rows),
+        group_num_shared=t(ns), group_ptr_host=ptr, group_num_shared_host=ns)
+
+
+def det_run(backend, meta, q_by_row, kv_by_row, decode_rows, prefill_n=0, dtype=torch.float32):
+    dev = meta.slot_mapping.device
+    k_cache, v_cache = (c.to(dev) for c in random_cache(40, DET_BS, DET_HKV, DET_DH, dtype, seed=1))
+    g = torch.Generator().manual_seed(5)
+    q = [torch.randn(prefill_n, DET_HKV * DET_GRP, DET_DH, generator=g)] + [q_by_row[r][None] for r in decode_rows]
+    k = [torch.randn(prefill_n, DET_HKV, DET_DH, generator=g)] + [kv_by_row[r][0][None] for r in decode_rows]
+    v = [torch.randn(prefill_n, DET_HKV, DET_DH, generator=g)] + [kv_by_row[r][1][None] for r in decode_rows]
+    q, k, v = (torch.cat(x).to(dev, dtype) for x in (q, k, v))
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, DET_DH ** -0.5)
+    return {r: out[prefill_n + i] for i, r in enumerate(decode_rows)}
+
+
+def check_bitwise_independence(q, kv, device="cpu", dtype=torch.float32):
+    """The property itself; also run natively on CUDA by tests/test_kernels_gpu.py."""
+    from mrt_engine.attention.triton_backend import TritonAttentionBackend
+
+    det = TritonAttentionBackend(deterministic=True, det_chunk=32)
+    alone = det_run(det, det_meta(["T"], [([0], 5)], device=device), q, kv, ["T"], dtype=dtype)["T"]
+    batch = ["U", "S1", "T", "S2", "S3"]
+    shared_meta = det_meta(batch, [([0], 0), ([2, 1, 3, 4], 5)], prefill=([30, 31], 21), device=device)
+    shared = det_run(det, shared_meta, q, kv, batch, prefill_n=21, dtype=dtype)
+    assert shared_meta.backend_cache["triton_plan_det"].shared is not None, "the cascade path was not taken"
+    unshared = det_run(det, det_meta(batch, [([i], 0) for i in range(5)], prefill=([30, 31], 21), device=device), q, kv,
+                    batch, prefill_n=21, dtype=dtype)
+    assert torch.equal(alone, shared["T"])
+    assert torch.equal(alone, unshared["T"])
+    for r in ("S1", "S2", "S3"):
+        assert torch.equal(shared[r], unshared[r])
+    return alone

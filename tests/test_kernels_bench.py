@@ -39,3 +39,16 @@ def test_main_without_cuda_exits_cleanly(capsys):
         return
     assert _bench().main([]) == 0
     assert "no CUDA" in capsys.readouterr().out
+
+
+def test_sweep_covers_the_grid_and_restores_the_environment(monkeypatch):
+    from mrt_engine.kernels.tuning import NUM_STAGES_ENV, PROGRAMS_PER_SM_ENV
+
+    monkeypatch.setenv(NUM_STAGES_ENV, "2")
+    monkeypatch.delenv(PROGRAMS_PER_SM_ENV, raising=False)
+    r = _bench().sweep(2, 2, 64, 5, 1, 1.0, [1, 3], [1, 2], device="cpu", hq=4, hkv=2, dh=64, bs=16,
+                       dtype=torch.float32)
+    assert [(row["num_stages"], row["programs_per_sm"]) for row in r["rows"]] == [(1, 1), (1, 2), (3, 1), (3, 2)]
+    assert all(row[m]["ms"] > 0 for row in r["rows"] for m in ("cascade", "paged", "tree_cascade"))
+    assert set(r["best"]) == {"cascade", "paged", "tree_cascade"}
+    assert os.environ[NUM_STAGES_ENV] == "2" and PROGRAMS_PER_SM_ENV not in os.environ

@@ -2,7 +2,9 @@
 natively by Triton on CUDA vs their torch twins, the Triton backend vs the torch backend, and
 deterministic mode's bitwise batch invariance on real hardware (MMA tiles, not the interpreter).
 
-Runs without pytest too (`python tests/test_kernels_gpu.py`), for GPU machines that lack it.
+Runs without pytest too (`python tests/test_kernels_gpu.py`, see tests/gpu_runner.py), for GPU
+images that have only torch and Triton; the one test that needs the torch backend (numpy) skips
+when numpy is missing.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+from gpu_runner import gpu_marks, missing_modules, run_tests, skip  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = gpu_marks()
 
-from kernels_helpers import TOL, LSE_TOL, build_step, random_cache, random_tables  # noqa: E402
+from kernels_helpers import (DET_DH, DET_GRP, DET_HKV, DET_ROWS, TOL, LSE_TOL, build_step,  # noqa: E402
+                             check_bitwise_independence, random_cache, random_tables)
 
 from mrt_engine.kernels import reference as ref  # noqa: E402
 from mrt_engine.kernels.cascade_decode import cascade_decode  # noqa: E402
@@ -104,6 +107,8 @@ def test_extend_cuda():
 
 
 def test_backend_matches_torch_backend_cuda():
+    if missing_modules("numpy"):
+        skip("the torch attention backend (the oracle here) needs numpy, which is not installed")
     from mrt_engine.attention import TorchAttentionBackend
     from mrt_engine.attention.triton_backend import TritonAttentionBackend
 
@@ -124,13 +129,11 @@ def test_backend_matches_torch_backend_cuda():
 
 
 def test_deterministic_mode_bitwise_on_gpu():
-    import test_kernels_determinism as det
-
     g = torch.Generator().manual_seed(0)
-    q = {r: torch.randn(det.HKV * det.GRP, det.DH, generator=g) for r in det.ROWS}
-    kv = {r: (torch.randn(det.HKV, det.DH, generator=g), torch.randn(det.HKV, det.DH, generator=g)) for r in det.ROWS}
+    q = {r: torch.randn(DET_HKV * DET_GRP, DET_DH, generator=g) for r in DET_ROWS}
+    kv = {r: (torch.randn(DET_HKV, DET_DH, generator=g), torch.randn(DET_HKV, DET_DH, generator=g)) for r in DET_ROWS}
     for dtype in (torch.bfloat16, torch.float32):
-        det.check_bitwise_independence(q, kv, device=CUDA, dtype=dtype)
+        check_bitwise_independence(q, kv, device=CUDA, dtype=dtype)
 
 
 def _to_cuda(meta):
@@ -145,16 +148,4 @@ def _to_cuda(meta):
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        print("no CUDA: nothing to run")
-        sys.exit(0)
-    failed = 0
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
-            try:
-                fn()
-                print(f"PASSED {name}")
-            except Exception as exc:   # report all, fail at the end
-                failed += 1
-                print(f"FAILED {name}: {type(exc).__name__}: {exc}")
-    sys.exit(1 if failed else 0)
+    sys.exit(run_tests(globals(), only_if=lambda: None if torch.cuda.is_available() else "needs CUDA"))
