@@ -9,6 +9,7 @@ greedy) before any truncation: what a GRPO trainer recomputes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,18 +156,35 @@ class SamplingTensors:
 
 
 class Sampler:
-    """logits [M, V] float32 -> (tokens [R] int64, logprobs [R] float32).
+    """logits [M, V] (any float dtype) -> (tokens [R] int64, logprobs [R] float32).
 
-    One fused softmax per step (cheaper on CPU than logsumexp plus exp): its probabilities give
-    the logprob of the sampled token, min-p, top-k/top-p and inverse-CDF sampling."""
+    Without top-k/top-p/min-p in the step (the common RL case) it samples by a two-level inverse
+    CDF and never sorts, normalises or cumsums the whole vocabulary:
+      1. w = exp(x/T - max) into a reused fp32 workspace (a fresh 100+ MB tensor per step costs
+         page faults on every step), one pass;
+      2. block sums of w over C ~ sqrt(V) consecutive ids, their cumsum per row (small);
+      3. the block holding u * total, then the id inside that block by a cumsum of its C weights.
+    That is inverse-CDF sampling of softmax(x/T) (the same distribution as one big cumsum), on the
+    same counter-based uniform, so rows stay seeded and batch-invariant. The logprob is
+    x[tok]/T - max - log(total) = log_softmax(x/T)[tok]. Rows share a logits row (a request's n
+    samples at its prompt end) without copying it: the vocab-sized work runs once per logits row.
+    With top-k/top-p/min-p a step takes the general path: one softmax, a sort, masks, one cumsum.
+    """
+
+    def __init__(self):
+        self._work: torch.Tensor | None = None
+
+    def _workspace(self, shape, device) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        if self._work is None or self._work.numel() < n or self._work.device != torch.device(device):
+            self._work = torch.empty(n, dtype=torch.float32, device=device)
+        return self._work[:n].view(shape)
 
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (st.any_top_k or st.any_top_p or st.any_min_p):
+            return self._sample_full(logits, st)
         x = logits if st.logit_rows is None else logits.index_select(0, st.logit_rows)
         x = x.float()
-        if st.all_greedy:
-            tokens = x.argmax(dim=-1)
-            logprobs = torch.log_softmax(x, dim=-1).gather(1, tokens[:, None])[:, 0]
-            return tokens, logprobs
         greedy = st.temperature == 0
         if st.all_unit_temperature:   # x * 1.0 == x exactly: skip a vocab-sized multiply
             probs = torch.softmax(x, dim=-1)                           # [R, V]
@@ -178,6 +196,62 @@ class Sampler:
         if st.any_greedy:
             tokens = torch.where(greedy, argmax, tokens)
         logprobs = probs.gather(1, tokens[:, None])[:, 0].log_()
+        return tokens, logprobs
+
+    def _sample_full(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """No truncation in any row: two-level inverse CDF over the unique logits rows."""
+        m_rows, V = logits.shape
+        rows = st.logit_rows                                   # sample row -> logits row (None: same)
+        # 1/T per logits row (rows sharing a logits row share their request's T); greedy: 1
+        inv_t = torch.where(st.temperature == 0, torch.ones_like(st.temperature),
+                            1.0 / st.temperature.clamp(min=1e-30))
+        if rows is not None:
+            inv_t = torch.ones(m_rows, dtype=inv_t.dtype, device=inv_t.device).index_copy_(0, rows, inv_t)
+        w = self._workspace((m_rows, V), logits.device)
+        w.copy_(logits)                                        # the one cast / copy of the logits
+        if not st.all_unit_temperature:
+            w.mul_(inv_t[:, None])
+        mx = w.amax(dim=-1)                                    # [M] exact: a max has no rounding
+        w.sub_(mx[:, None]).exp_()                             # weights in (0, 1], max 1
+        C = math.isqrt(V - 1) + 1 if V > 1 else 1              # block size ~ sqrt(V)
+        full = V // C
+        bsum = w.as_strided((m_rows, full, C), (V, C, 1)).sum(dim=-1)      # [M, full]
+        if full * C < V:
+            bsum = torch.cat((bsum, w[:, full * C:].sum(dim=-1, keepdim=True)), dim=1)
+        cb = bsum.cumsum(dim=-1)                               # [M, B]
+        total = cb[:, -1]
+        if rows is not None:
+            cb, total, mx_r = cb.index_select(0, rows), total.index_select(0, rows), mx.index_select(0, rows)
+        else:
+            mx_r = mx
+        r = cb.shape[0]
+        ar = torch.arange(r, device=w.device)
+        if st.all_greedy:
+            tokens = logits.argmax(dim=-1) if rows is None else logits.argmax(dim=-1).index_select(0, rows)
+        else:
+            # u < 1 with 23 bits: target < total strictly, so the block found has weight > 0
+            target = st.uniform * total
+            b = torch.searchsorted(cb, target[:, None], right=True)[:, 0].clamp_(max=cb.shape[1] - 1)
+            before = torch.where(b > 0, cb.gather(1, (b - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(target))
+            cols = b[:, None] * C + torch.arange(C, device=w.device)[None, :]          # [R, C]
+            src = ar if rows is None else rows
+            wb = w.view(-1).index_select(0, (src[:, None] * V + cols.clamp(max=V - 1)).view(-1)).view(r, C)
+            wb = wb.masked_fill_(cols >= V, 0.0)
+            cc = wb.cumsum(dim=-1)
+            j = torch.searchsorted(cc, (target - before)[:, None], right=True)
+            # rounding (block sum vs its cumsum) may put the residual past the block's last
+            # weight: stop at the last id of positive weight, never on a zero-weight id
+            last = torch.searchsorted(cc, cc[:, -1:].contiguous(), right=False)
+            tokens = b * C + torch.minimum(j, last)[:, 0]
+            if st.any_greedy:
+                best = logits.argmax(dim=-1)
+                tokens = torch.where(st.temperature == 0, best if rows is None else best.index_select(0, rows), tokens)
+        src = ar if rows is None else rows
+        x_tok = logits[src, tokens].float()
+        scale = inv_t if rows is None else inv_t.index_select(0, rows)
+        if not st.all_unit_temperature:
+            x_tok = x_tok * scale
+        logprobs = x_tok - mx_r - total.log()
         return tokens, logprobs
 
     @staticmethod

@@ -119,3 +119,100 @@ def test_shared_logits_rows():
     ref = torch.log_softmax(logits[[0, 0, 0, 1]], -1).gather(1, tok[:, None])[:, 0]
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
     assert math.isfinite(lp.sum().item())
+
+
+# ---- the two-level inverse CDF (no top-k/top-p/min-p in the step) ------------------------------
+
+def _exact_inverse_cdf(logits, temps, u):
+    """float64 reference: the token whose CDF interval (ids in order) holds u, and its margin to
+    the nearest interval edge relative to the total (rows within float32 rounding of an edge may
+    legitimately differ)."""
+    x = logits.double() / temps.double()[:, None]
+    p = torch.softmax(x, -1)
+    c = p.cumsum(-1)
+    tgt = u.double() * c[:, -1]
+    tok = torch.searchsorted(c, tgt[:, None], right=True)[:, 0].clamp(max=logits.shape[1] - 1)
+    lo = torch.where(tok > 0, c.gather(1, (tok - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(tgt))
+    hi = c.gather(1, tok[:, None])[:, 0]
+    margin = torch.minimum(tgt - lo, hi - tgt) / c[:, -1]
+    return tok, margin
+
+
+@pytest.mark.parametrize("vocab", [5003, 4096, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_sampler_is_the_inverse_cdf_in_id_order(vocab, dtype):
+    """Same uniform, same token as one big inverse CDF over softmax(x/T) in float64 (vocab not a
+    multiple of the block size, a prime, a power of two), except within rounding of an edge."""
+    torch.manual_seed(5)
+    r = 300
+    logits = (torch.randn(r, vocab) * 4).to(dtype)
+    temps = [0.6, 1.0, 1.7]
+    params = [SamplingParams(temperature=temps[i % 3], seed=i) for i in range(r)]
+    st = _st(params, seeds=list(range(r)), idx=[0] * r, steps=list(range(r)))
+    tok, lp = Sampler()(logits, st)
+    ref, margin = _exact_inverse_cdf(logits.float(), st.temperature, st.uniform)
+    clear = margin > 1e-5
+    assert clear.sum() > 0.95 * r
+    assert torch.equal(tok[clear], ref[clear])
+    ref_lp = torch.log_softmax(logits.double() / st.temperature.double()[:, None], -1).gather(1, tok[:, None])[:, 0]
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=0, atol=2e-5)
+
+
+def test_two_level_sampler_never_picks_a_zero_weight_token():
+    """-inf logits (masked ids: whole blocks, the short tail block, neighbours of the only live
+    ids) are never sampled, whatever the uniform."""
+    vocab = 1000                      # block size 32: 31 full blocks and a tail of 8
+    logits = torch.full((64, vocab), float("-inf"))
+    live = [0, 31, 32, 500, 991, 999]
+    logits[:, live] = torch.tensor([0.0, 2.0, -1.0, 0.5, 3.0, 1.0])
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(64)]
+    for step in range(40):
+        tok, lp = Sampler()(logits, _st(params, seeds=list(range(64)), steps=[step] * 64))
+        assert set(tok.tolist()) <= set(live)
+        assert torch.isfinite(lp).all()
+
+
+def test_two_level_sampler_frequencies_large_vocab():
+    torch.manual_seed(6)
+    vocab = 1001                       # block size 32: 31 full blocks and a tail of 9
+    row = torch.randn(vocab) * 3
+    row[[5, 500, 1000]] += 6.0         # a few heavy ids, one in the tail block
+    n = 20000
+    logits = row[None].expand(n, -1).contiguous()
+    tok, _ = Sampler()(logits, _st([SamplingParams(temperature=0.8)] * n, seeds=[3] * n, idx=list(range(n))))
+    emp = torch.bincount(tok, minlength=vocab).double() / n
+    exp = torch.softmax(row.double() / 0.8, -1)
+    assert (emp - exp).abs().max() < 0.015
+    heavy = exp > 0.01
+    assert (emp[heavy] - exp[heavy]).abs().max() < 0.015 and heavy.sum() >= 3
+
+
+def test_two_level_sampler_batch_invariant_bitwise():
+    """A seeded row gets the same token AND the same logprob bits alone, in a batch of 37, and
+    when its logits row is shared with other samples."""
+    torch.manual_seed(7)
+    vocab = 4099
+    logits = torch.randn(37, vocab) * 3
+    params = [SamplingParams(temperature=0.9, seed=5)] * 37
+    tok_all, lp_all = Sampler()(logits, _st(params, [5] * 37, [0] * 37, list(range(37))))
+    for i in (0, 17, 36):
+        tok_one, lp_one = Sampler()(logits[i:i + 1], _st(params[:1], [5], [0], [i]))
+        assert tok_one.item() == tok_all[i].item() and lp_one.item() == lp_all[i].item()
+    # row 17 shared by 3 samples (sample indices 0..2), as a request's n samples at its prompt end
+    tok_sh, lp_sh = Sampler()(logits[16:19], _st([params[0]] * 5, [5] * 5, [0, 0, 1, 2, 0], [16, 17, 17, 17, 18],
+                                                 rows=[0, 1, 1, 1, 2]))
+    assert tok_sh[1].item() == tok_all[17].item() and lp_sh[1].item() == lp_all[17].item()
+    assert tok_sh[0].item() == tok_all[16].item() and tok_sh[4].item() == tok_all[18].item()
+
+
+def test_greedy_and_sampled_rows_mixed_on_the_fast_path():
+    torch.manual_seed(8)
+    logits = (torch.randn(6, 2000) * 2).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, seed=1)] * 3
+    st = _st(params, seeds=[0, 1] * 3)
+    assert not (st.any_top_k or st.any_top_p or st.any_min_p)
+    tok, lp = Sampler()(logits, st)
+    assert torch.equal(tok[0::2], logits[0::2].float().argmax(-1))
+    temps = torch.tensor([1.0, 0.5] * 3)
+    ref = torch.log_softmax(logits.float() / temps[:, None], -1).gather(1, tok[:, None])[:, 0]
+    torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)

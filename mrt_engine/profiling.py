@@ -1,0 +1,139 @@
+"""Per-step time breakdown of the engine, off by default (issue 11, item 2).
+
+When enabled, named sections record their EXCLUSIVE wall time (a nested section's time is taken
+out of its parent), so the categories of one step add up to the time measured around it:
+
+    from mrt_engine import profiling
+    profiling.enable(model)        # also hooks the model's Linear / RMSNorm / decoder layers
+    ... run steps ...
+    profiling.report()             # {category: {"s": seconds, "calls": n}}
+    profiling.disable()
+
+Categories: gemm (every nn.Linear of the layers), gemm_lm_head, norm (RMSNorm incl. its own
+casts), layer_other (RoPE, SiLU*up, residual adds: a layer's time minus its children),
+attn_store / attn_plan / attn_own / attn_shared / attn_merge / attn_prefill (torch backend),
+cast (explicit bf16<->fp32 copies outside the norm), sampler, step_build (integer step tensors
+and sampling inputs), kv_copy (fork tail / copy-on-write block copies), embed, runner_other
+(the rest of ModelRunner.execute).
+
+Off, a section is one global read and a shared no-op context manager, and the model carries no
+hooks, so the normal path pays (almost) nothing. CPU ops are synchronous, so wall time around an
+op is its cost; on CUDA the numbers would need a synchronize and are not meaningful as is.
+"""
+from __future__ import annotations
+
+import time
+
+__all__ = ["enable", "disable", "enabled", "reset", "report", "section"]
+
+
+class _Off:
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_OFF = _Off()
+
+
+class _Profiler:
+    def __init__(self):
+        self.on = False
+        self.totals: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.stack: list[list] = []      # [name, start, time spent in children]
+        self.hooks: list = []
+
+    def push(self, name: str) -> None:
+        self.stack.append([name, time.perf_counter(), 0.0])
+
+    def pop(self) -> None:
+        name, start, child = self.stack.pop()
+        elapsed = time.perf_counter() - start
+        self.totals[name] = self.totals.get(name, 0.0) + elapsed - child
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.stack:
+            self.stack[-1][2] += elapsed
+
+
+_P = _Profiler()
+
+
+class _Section:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        _P.push(self.name)
+
+    def __exit__(self, *exc):
+        _P.pop()
+        return False
+
+
+def section(name: str):
+    """A context manager timing `name` (exclusive time) when profiling is on; a no-op otherwise."""
+    return _Section(name) if _P.on else _OFF
+
+
+def enabled() -> bool:
+    return _P.on
+
+
+def _hook_pair(module, name: str):
+    def pre(mod, args):
+        _P.push(name)
+
+    def post(mod, args, out):
+        _P.pop()
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+def enable(model=None) -> None:
+    """Turns profiling on; with `model` (our LlamaModel), hooks its layers, Linear and RMSNorm
+    modules so their time is attributed without any check in their forward."""
+    import torch
+
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module (the engine's model), got {type(model).__name__}")
+    disable()
+    _P.on = True
+    reset()
+    if model is None:
+        return
+    from mrt_engine.models.llama import DecoderLayer, RMSNorm
+
+    for mod in model.modules():
+        if isinstance(mod, DecoderLayer):
+            _P.hooks += _hook_pair(mod, "layer_other")
+        elif isinstance(mod, torch.nn.Linear):
+            _P.hooks += _hook_pair(mod, "gemm")
+        elif isinstance(mod, RMSNorm):
+            _P.hooks += _hook_pair(mod, "norm")
+        elif isinstance(mod, torch.nn.Embedding):
+            _P.hooks += _hook_pair(mod, "embed")
+
+
+def disable() -> None:
+    _P.on = False
+    for h in _P.hooks:
+        h.remove()
+    _P.hooks = []
+    _P.stack = []
+
+
+def reset() -> None:
+    _P.totals, _P.calls, _P.stack = {}, {}, []
+
+
+def report() -> dict[str, dict]:
+    """{category: {"s": exclusive seconds, "calls": count}}, largest first."""
+    return {k: {"s": round(v, 4), "calls": _P.calls[k]}
+            for k, v in sorted(_P.totals.items(), key=lambda kv: -kv[1])}
