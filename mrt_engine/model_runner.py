@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
+from mrt_engine.profiling import section
 from mrt_engine.sampling import Sampler, SamplingTensors
 from mrt_engine.kv.step_plan import plan_decode_groups
 
@@ -24,6 +25,18 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.sampler = Sampler()
+        self._logits_buf: torch.Tensor | None = None
+
+    def _logits_buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """[rows, V] view of a flat logits buffer kept across steps (grown when needed)."""
+        vocab = getattr(self.model, "vocab_size", None)
+        if not isinstance(vocab, int):
+            return None
+        n = rows * vocab
+        buf = self._logits_buf
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._logits_buf = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(rows, vocab)
 
     # 1. KV block copies ------------------------------------------------------------------------
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -123,13 +136,32 @@ class ModelRunner:
     def execute(self, batch, sample_rows, want_logprobs: bool = True):
         """Runs one step; returns (tokens, logprobs) lists, one entry per sample, in the order of
         sample_rows [(seq, k)]: k samples from that sequence's logits row."""
-        self.copy_blocks(batch.copies)
-        input_ids, meta, logits_idx = self.build(batch)
+        with section("runner_other"):
+            return self._execute(batch, sample_rows, want_logprobs)
+
+    def _execute(self, batch, sample_rows, want_logprobs):
+        with section("kv_copy"):
+            self.copy_blocks(batch.copies)
+        with section("step_build"):
+            input_ids, meta, logits_idx = self.build(batch)
         hidden = self.model.forward(input_ids, meta, self.kv_caches)
         if not sample_rows:
             return [], []
-        logits = self.model.compute_logits(hidden.index_select(0, logits_idx))   # [M, V] fp32
+        # logits in the model dtype, into a buffer reused across steps; the sampler casts once
+        logits = self.model.compute_logits(hidden.index_select(0, logits_idx), float32=False,
+                                           out=self._logits_buffer(logits_idx.shape[0], hidden.dtype))
 
+        with section("step_build"):
+            st = self._sampling_tensors(sample_rows)
+        with section("sampler"):
+            tokens, logprobs = self.sampler(logits, st)
+            if self.device.type == "cpu":
+                return tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
+            # one device-to-host read: token ids are exact in float64
+            both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
+            return both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
+
+    def _sampling_tensors(self, sample_rows) -> SamplingTensors:
         rows, params, seeds, sample_idx, steps = [], [], [], [], []
         for m, (s, k) in enumerate(sample_rows):
             req = s.request
@@ -145,11 +177,5 @@ class ModelRunner:
                 seeds.extend([req.seed] * k)
                 sample_idx.extend(range(k))
                 steps.extend([0] * k)
-        st = SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
-                                   sample_idx, steps, self.device)
-        tokens, logprobs = self.sampler(logits, st)
-        if self.device.type == "cpu":
-            return tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
-        # one device-to-host read: token ids are exact in float64
-        both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
-        return both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
+        return SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
+                                     sample_idx, steps, self.device)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mrt_engine.attention.metadata import AttentionMetadata
 from mrt_engine.attention.share_tree import prefix_tree_segments
+from mrt_engine.profiling import section
 
 # A padded batch may hold up to this factor of (rows x keys) over its real work before a new one starts.
 _SHARED_PAD_SLACK = 1.25
@@ -272,13 +273,17 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        with section("attn_store"):
+            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.num_prefill_tokens:
-            self._prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+            with section("attn_prefill"):
+                self._prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         if meta.num_decode:
             n0 = meta.num_prefill_tokens
-            out[n0:] = self._decode(q[n0:], k_cache, v_cache, meta, scale).to(q.dtype)
+            o = self._decode(q[n0:], k_cache, v_cache, meta, scale)
+            with section("cast"):
+                out[n0:] = o
         return out
 
     @staticmethod
@@ -311,27 +316,36 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta, scale):
-        """Decode rows: own parts, prefix-tree segment parts, LSE-merged; returns fp32 [D, Hq, Dh]."""
+        """Decode rows: own parts, prefix-tree segment parts, LSE-merged; returns [D, Hq, Dh] (fp32
+        after a merge, q's dtype when no row shares)."""
         plan = meta.backend_cache.get("torch_decode_plan")
         if plan is None:
-            plan = _build_decode_plan(meta, k_cache.shape[1], q.device)
+            with section("attn_plan"):
+                plan = _build_decode_plan(meta, k_cache.shape[1], q.device)
             meta.backend_cache["torch_decode_plan"] = plan
-        own = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.own]
-        # the buckets hold the rows in `order`; one selection puts them back in row order
-        o_own = (torch.cat([o for o, _ in own]) if len(own) > 1 else own[0][0]).index_select(0, plan.own_inv)
-        lse_own = (torch.cat([x for _, x in own]) if len(own) > 1 else own[0][1]).index_select(0, plan.own_inv)
-        o_own = o_own.float()
+        with section("attn_own"):
+            own = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.own]
+            # the buckets hold the rows in `order`; one selection puts them back in row order
+            o_own = (torch.cat([o for o, _ in own]) if len(own) > 1 else own[0][0]).index_select(0, plan.own_inv)
+            lse_own = (torch.cat([x for _, x in own]) if len(own) > 1 else own[0][1]).index_select(0, plan.own_inv)
         if not plan.shared:
             return o_own
-        parts = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.shared]
-        o_p = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]       # [P, Hq, Dh]
-        lse_p = torch.cat([lse for _, lse in parts]) if len(parts) > 1 else parts[0][1]  # [P, Hq]
-        # LSE merge of each row's own part with any number of tree segments, in a fixed order
-        # (own first, then segments in plan order), so results do not depend on timing
-        idx = plan.shared_rows
-        mx = lse_own.scatter_reduce(0, idx[:, None].expand_as(lse_p), lse_p, "amax")  # own lse finite
-        w_own = torch.exp(lse_own - mx)
-        w_p = torch.exp(lse_p - mx.index_select(0, idx))
-        num = (o_own * w_own[..., None]).index_add_(0, idx, o_p * w_p[..., None])
-        den = w_own.index_add_(0, idx, w_p)
-        return num.div_(den[..., None])
+        with section("attn_shared"):
+            parts = [_attend_batch(q, k_cache, v_cache, b, scale) for b in plan.shared]
+            o_p = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]       # [P, Hq, Dh]
+            lse_p = torch.cat([lse for _, lse in parts]) if len(parts) > 1 else parts[0][1]  # [P, Hq]
+        with section("attn_merge"):
+            return _merge_parts(o_own, lse_own, o_p, lse_p, plan.shared_rows)
+
+
+def _merge_parts(o_own, lse_own, o_p, lse_p, idx):
+    """LSE merge of each row's own part with its prefix-tree segment parts; fp32 [D, Hq, Dh]."""
+    o_own = o_own.float()
+    # LSE merge of each row's own part with any number of tree segments, in a fixed order
+    # (own first, then segments in plan order), so results do not depend on timing
+    mx = lse_own.scatter_reduce(0, idx[:, None].expand_as(lse_p), lse_p, "amax")  # own lse finite
+    w_own = torch.exp(lse_own - mx)
+    w_p = torch.exp(lse_p - mx.index_select(0, idx))
+    num = (o_own * w_own[..., None]).index_add_(0, idx, o_p * w_p[..., None])
+    den = w_own.index_add_(0, idx, w_p)
+    return num.div_(den[..., None])

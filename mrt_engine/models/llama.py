@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrt_engine.models.rope import Rope, apply_rope
+from mrt_engine.profiling import section
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
@@ -139,15 +140,28 @@ class LlamaModel(nn.Module):
         if self.attn_backend is None:
             raise ValueError("no attention backend set: pass one to load_model or set model.attn_backend")
         h = self.embed_tokens(input_ids)
-        cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
+        with section("layer_other"):
+            cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, k_cache, v_cache, meta, self.attn_backend)
         return h
 
     @torch.no_grad()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, H] from forward -> float32 logits [M, V]."""
-        return F.linear(self.norm(hidden), self.lm_head_weight).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [M, H] from forward -> logits [M, V], float32 unless `float32=False` (then in
+        the model dtype: the sampler reads them once into its fp32 workspace, which saves a
+        vocab-sized cast). `out`: an [M, V] tensor of the model dtype to write into (the runner
+        reuses one across steps; a fresh vocab-sized tensor page-faults on every step)."""
+        h = self.norm(hidden)
+        with section("gemm_lm_head"):
+            if out is None:
+                logits = F.linear(h, self.lm_head_weight)
+            else:
+                logits = torch.mm(h, self.lm_head_weight.t(), out=out)
+        if not float32 or logits.dtype == torch.float32:
+            return logits
+        with section("cast"):
+            return logits.float()
 
     # 2. weights with Hugging Face names
     def _build_hf_name_map(self) -> dict[str, tuple[torch.Tensor, int, int]]:
