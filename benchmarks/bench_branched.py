@@ -15,6 +15,13 @@ branched.png under --out-dir and ends with `fork-phase speedup vs transformers: 
     python benchmarks/bench_branched.py                       # the issue's default workload
     python benchmarks/bench_branched.py --vllm-python /work/vllm-venv/bin/python
     python benchmarks/bench_branched.py --quick --out-dir /tmp/b   # tiny smoke run (tests)
+    python benchmarks/bench_branched.py --shape qwen2.5-0.5b --dtype bfloat16 --trace-len 3072 \
+        --vllm-python /work/vllm-venv/bin/python   # Qwen2.5-0.5B's shape, random weights
+
+(a) also gets a per-step time breakdown (GEMMs, attention parts, sampler, casts, step tensors,
+scheduler + Python) from one extra profiled repetition (mrt_engine.profiling), unless --no-profile.
+With --hf-forks N transformers runs only N of the forks (the ones nearest the mean fork length)
+and its figures are marked as a subset; its wall time is then extrapolated by fork count.
 """
 from __future__ import annotations
 
@@ -32,8 +39,8 @@ from dataclasses import asdict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import engine_forks  # noqa: E402
-from workload import (QUICK_MODEL, ModelShape, Workload, fork_prompts, kv_bytes_per_token,  # noqa: E402
-                      machine_info, random_traces, read_config, suffix_ids, tiny_llama)
+from workload import (QUICK_MODEL, SHAPES, Workload, fork_prompts, kv_bytes_per_token,  # noqa: E402
+                      machine_info, random_model, random_traces, read_config, suffix_ids)
 
 ENGINES = ("mrt_engine", "mrt_engine_no_sharing", "transformers", "vllm")
 LABELS = {"mrt_engine": "(a) mrt_engine, sharing on",
@@ -45,11 +52,23 @@ QUICK = Workload(traces=2, trace_len=48, prompt_len=8, positions=2, suffix_len=4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
+def _loadavg() -> str | None:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     d = Workload()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Hugging Face model folder (default: a seeded random tiny Llama, "
-                   "6 layers, hidden 384, 6/2 heads, head_dim 64, vocab 8192, cached)")
+    p.add_argument("--model", help="Hugging Face model folder (default: a seeded random model of "
+                   "--shape, built once and cached)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small",
+                   help="random model shape: 'small' = Llama, 6 layers, hidden 384, 6/2 heads, "
+                   "head_dim 64, vocab 8192; 'qwen2.5-0.5b' = Qwen2, 24 layers, hidden 896, 14/2 "
+                   "heads, intermediate 4864, vocab 151936, tied embeddings, bf16 weights")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
                    help="one dtype for every engine (default float32: the dtype the engine is "
                    "tested against transformers in, and transformers' usual CPU dtype)")
@@ -66,9 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vllm-reps", type=int, default=3)
     p.add_argument("--hf-max-rows", type=int, default=256,
                    help="most rows (prompts x K) per transformers generate call")
-    p.add_argument("--trace-source", choices=("generate", "prefill"), default="generate",
-                   help="traces sampled by the engine (default), or random ids prefilled with keep=True "
-                   "(same fork phase, skips the slow trace decode: for checks on a busy machine)")
+    p.add_argument("--hf-forks", type=int, default=None,
+                   help="transformers runs only this many forks (nearest the mean fork length; "
+                   "wall time extrapolated by fork count). Default: all for --shape small, 1 for "
+                   "qwen2.5-0.5b (re-prefilling every branch is hours there)")
+    p.add_argument("--trace-source", choices=("generate", "prefill"), default=None,
+                   help="traces sampled by the engine, or random ids prefilled with keep=True "
+                   "(same fork phase, skips the slow trace decode). Default: generate for --shape "
+                   "small, prefill for qwen2.5-0.5b")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="one extra profiled repetition of (a) for the per-step breakdown (default on)")
     p.add_argument("--light-warmup", action="store_true",
                    help="engine warm-up on one trace's forks instead of the whole fork workload")
     p.add_argument("--no-sharing-mode", choices=("branch", "fork"), default="branch",
@@ -81,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "when --vllm-python is given)")
     p.add_argument("--vllm-python", help="a Python interpreter that has vllm (CPU build) installed")
     p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results/ for --shape small, "
+                   "benchmarks/results/qwen0.5b-L<trace-len>-<dtype>/ for qwen2.5-0.5b")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and workload, one repetition: a smoke run for tests")
     args = p.parse_args(argv)
@@ -101,6 +128,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("reps", "hf_reps", "vllm_reps", "hf_max_rows", "block_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    small = args.shape == "small"
+    if args.trace_source is None:
+        args.trace_source = "generate" if small else "prefill"
+    if args.hf_forks is None:
+        args.hf_forks = 0 if small else 1
+    elif args.hf_forks < 0:
+        p.error("--hf-forks must be >= 0 (0 = all forks)")
+    if args.out_dir is None:
+        results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        args.out_dir = results if small else os.path.join(
+            results, f"qwen0.5b-L{args.trace_len}-{'bf16' if args.dtype == 'bfloat16' else 'fp32'}")
     return args
 
 
@@ -123,16 +161,36 @@ def run_transformers(model_dir: str, w: Workload, traces, args) -> dict:
     warm = fork_prompts(traces[:1], w, suffix_ids(w, forker.model.config.vocab_size, -1))[:1]
     forker.fork_phase(warm, min(2, w.branches), w.answer_len, w.seed, args.hf_max_rows)
     walls, last = [], None
+    total = w.fork_tokens()
+    pick = hf_subset(w, args.hf_forks)
     for rep in range(args.hf_reps):
         prompts = fork_prompts(traces, w, suffix_ids(w, forker.model.config.vocab_size, rep))
+        prompts = [prompts[i] for i in pick]
         last = forker.fork_phase(prompts, w.branches, w.answer_len, w.seed + rep, args.hf_max_rows)
-        walls.append(last["wall_s"])
-        print(f"  rep {rep}: fork phase {last['wall_s']:.3f} s ({last['generate_calls']} generate calls)",
-              flush=True)
+        # a subset's wall time, scaled to every fork (its forks sit at the mean length)
+        walls.append(last["wall_s"] * total / len(pick))
+        print(f"  rep {rep}: fork phase {last['wall_s']:.3f} s on {len(pick)}/{total} forks "
+              f"({last['generate_calls']} generate calls)", flush=True)
     del forker
     gc.collect()
     extra = {k: v for k, v in last.items() if k not in ("wall_s", "gen_tokens")}
-    return summarize("transformers", walls, last["gen_tokens"], **extra)
+    if len(pick) < total:
+        scale = total / len(pick)
+        extra.update(subset_forks=len(pick), subset_fork_lengths=[len(prompts[i]) for i in range(len(pick))],
+                     subset_wall_s=round(last["wall_s"], 4), extrapolated=True,
+                     prefill_tokens=round(last["prefill_tokens"] * scale))
+    return summarize("transformers", walls, w.generated_tokens(), **extra)
+
+
+def hf_subset(w: Workload, n: int) -> list[int]:
+    """Indices (into the fork list) of the n forks whose prefix is nearest the mean fork position
+    (0 = all), so a subset's time per fork approximates the whole workload's."""
+    total = w.fork_tokens()
+    if n <= 0 or n >= total:
+        return list(range(total))
+    pos = [t for _ in range(w.traces) for t in w.fork_positions()]
+    mean = sum(pos) / len(pos)
+    return sorted(sorted(range(total), key=lambda i: (abs(pos[i] - mean), i))[:n])
 
 
 def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
@@ -156,6 +214,37 @@ def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
             res = json.load(f)
     walls = res.pop("walls_s")
     return summarize("vllm", walls, res.pop("gen_tokens"), **res)
+
+
+def gemm_roofline(config: dict, w: Workload, r: dict) -> dict:
+    """Matmul work of the fork phase and the rate the profiled GEMMs ran at: every fed token
+    (prefill + decode) goes through every layer's projections, every sampled row through the LM
+    head (a fork's K samples share its first row). The GEMM floor = this work at that rate."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kvh = config.get("num_key_value_heads") or heads
+    dh = config.get("head_dim") or h // heads
+    layer = h * (heads * dh + 2 * kvh * dh) + heads * dh * h + 3 * h * inter
+    fed = (r.get("prefill_tokens") or 0) + w.fork_tokens() * w.branches * (w.answer_len - 1)
+    logit_rows = w.fork_tokens() * (1 + w.branches * (w.answer_len - 1))
+    flop_layers = 2 * layer * config["num_hidden_layers"] * fed
+    flop_head = 2 * h * config["vocab_size"] * logit_rows
+    bd = r["breakdown"]["seconds"]
+    out = {"gemm_gflop": round((flop_layers + flop_head) / 1e9, 1)}
+    if bd.get("gemm"):
+        out["gemm_gflop_per_s"] = round(flop_layers / bd["gemm"] / 1e9, 1)
+    if bd.get("gemm_lm_head"):
+        out["lm_head_gflop_per_s"] = round(flop_head / bd["gemm_lm_head"] / 1e9, 1)
+    return out
+
+
+def print_breakdown(bd: dict) -> None:
+    print(f"\n(a) per-step breakdown ({bd['steps']} steps, profiled wall {bd['wall_s']:.3f} s):")
+    for k, ms in bd["per_step_ms"].items():
+        print(f"  {k:18s} {ms:9.2f} ms/step  {100 * bd['share'][k]:5.1f} %")
+    if "gemm_gflop_per_s" in bd:
+        print(f"  GEMMs: {bd['gemm_gflop']} GFLOP; layers at {bd['gemm_gflop_per_s']} GFLOP/s, LM head at "
+              f"{bd.get('lm_head_gflop_per_s')} GFLOP/s")
 
 
 def print_one(r: dict) -> None:
@@ -224,7 +313,7 @@ def main(argv=None) -> int:
                  positions=args.positions, suffix_len=args.suffix_len, branches=args.branches,
                  answer_len=args.answer_len, seed=args.seed)
     # 1. workload, model, machine
-    model_dir = args.model or tiny_llama(QUICK_MODEL if args.quick else ModelShape())
+    model_dir = args.model or random_model(QUICK_MODEL if args.quick else SHAPES[args.shape])
     config = read_config(model_dir)
     vocab, max_pos = config["vocab_size"], config.get("max_position_embeddings", 1 << 30)
     w.validate(vocab, max_pos)
@@ -233,7 +322,8 @@ def main(argv=None) -> int:
     workload_info = dict(asdict(w), fork_positions=w.fork_positions(), forks=w.fork_tokens(),
                          branches_total=w.fork_tokens() * w.branches,
                          generated_tokens=w.generated_tokens(), dtype=args.dtype,
-                         block_size=args.block_size, model_dir=model_dir,
+                         block_size=args.block_size, model_dir=model_dir, shape=args.shape,
+                         trace_source=args.trace_source,
                          model=f"{config.get('model_type')} layers={config['num_hidden_layers']} "
                                f"hidden={config['hidden_size']} heads={config['num_attention_heads']}/"
                                f"{config.get('num_key_value_heads')} vocab={vocab}",
@@ -267,6 +357,9 @@ def main(argv=None) -> int:
         except (RuntimeError, OSError) as e:
             print(f"vLLM failed: {e}", file=sys.stderr)
             results["vllm"] = {"label": LABELS["vllm"], "skipped": str(e)[-500:]}
+    a = results.get("mrt_engine")
+    if a and a.get("breakdown"):
+        a["breakdown"].update(gemm_roofline(config, w, a))
     # 5. ratios: wall time of the reference / wall time of the engine (same work everywhere)
     for ref, key in (("transformers", "speedup_vs_transformers"), ("vllm", "speedup_vs_vllm")):
         base = results.get(ref)
@@ -274,13 +367,15 @@ def main(argv=None) -> int:
             if base and "wall_s" in base and "wall_s" in r:
                 r[key] = round(base["wall_s"] / r["wall_s"], 2)
     print_table(results)
+    if a and a.get("breakdown"):
+        print_breakdown(a["breakdown"])
     os.makedirs(args.out_dir, exist_ok=True)
     a = results.get("mrt_engine", {})
     headline = a.get("speedup_vs_transformers")
     report = {"workload": workload_info, "machine": machine, "results": results,
               "speedup_vs_transformers": headline, "speedup_vs_vllm": a.get("speedup_vs_vllm"),
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
+              "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "loadavg_at_end": _loadavg()}
     json_path = os.path.join(args.out_dir, "branched.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=2)

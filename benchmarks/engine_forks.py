@@ -135,9 +135,51 @@ def _check_and_release(llm, outs, w: Workload, traces: int) -> tuple[int, int]:
     return sum(len(c.token_ids) for c in comps), distinct
 
 
-def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call):
-    """Warm-up, then `reps` timed calls; returns the result dict (without the trace phase).
-    run_call(suffix, rep, traces) runs the forks of the first `traces` traces."""
+def _engine_model(llm):
+    model = getattr(llm, "model", None)
+    if model is None:
+        import torch
+
+        model = _find_module(llm, torch.nn.Module)
+    return model
+
+
+def profiled_call(llm, w: Workload, run_call, rep: int) -> dict:
+    """One extra, untimed-for-the-median repetition with mrt_engine.profiling on: the per-step
+    time breakdown. Categories are exclusive wall times; what no section covers inside the call
+    (the scheduler, request bookkeeping, Python glue) is `scheduler_python`."""
+    from mrt_engine import profiling
+
+    vocab = llm_vocab(llm)
+    gc.collect()
+    llm.reset_stats()
+    profiling.enable(_engine_model(llm))
+    try:
+        t0 = time.perf_counter()
+        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
+        wall = time.perf_counter() - t0
+        sections = profiling.report()
+    finally:
+        profiling.disable()
+    steps = llm.kv_stats().get("num_steps") or 0
+    _check_and_release(llm, outs, w, w.traces)
+    covered = sum(v["s"] for v in sections.values())
+    cats = {k: v["s"] for k, v in sections.items()}
+    cats["scheduler_python"] = round(max(wall - covered, 0.0), 4)
+    order = sorted(cats, key=lambda k: -cats[k])
+    return {"wall_s": round(wall, 4), "steps": steps,
+            "seconds": {k: cats[k] for k in order},
+            "share": {k: round(cats[k] / wall, 4) for k in order},
+            "per_step_ms": {k: round(1000 * cats[k] / max(steps, 1), 2) for k in order},
+            "calls": {k: v["calls"] for k, v in sections.items()},
+            "how": "one extra repetition with mrt_engine.profiling on (exclusive wall time per "
+                   "category; not one of the timed repetitions)"}
+
+
+def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=False):
+    """Warm-up, then `reps` timed calls (and one profiled call when `profile`); returns the
+    result dict (without the trace phase). run_call(suffix, rep, traces) runs the forks of the
+    first `traces` traces."""
     counter = EmbeddingCounter(llm)
     vocab = llm_vocab(llm)
     t0 = time.perf_counter()
@@ -162,6 +204,7 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call):
                      # every branch feeds A-1 decode tokens; the rest of what was fed is prefill
                      "prefill": fed - n_seq * (w.answer_len - 1) if counter.module is not None else None})
     counter.close()
+    breakdown = profiled_call(llm, w, run_call, reps) if profile else None
     med = sorted(runs, key=lambda r: r["wall"])[reps // 2]
     st = med["stats"]
     peak = max(r["stats"].get("peak_used_blocks", blocks_in_use(r["stats"])) for r in runs)
@@ -170,7 +213,8 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call):
             "prefix_cache_hit_tokens": st.get("prefix_cache_hit_tokens"),
             "preemptions": st.get("num_preemptions"), "steps": st.get("num_steps"),
             "peak_kv_blocks": peak, "peak_kv_bytes": peak * kv_block_bytes,
-            "kv_blocks_after_call": blocks_in_use(st), "distinct_branches": med["distinct"]}
+            "kv_blocks_after_call": blocks_in_use(st), "distinct_branches": med["distinct"],
+            **({"breakdown": breakdown} if breakdown else {})}
 
 
 def llm_vocab(llm) -> int:
@@ -222,7 +266,8 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
     if "mrt_engine" in args.engines:
         print("running (a) mrt_engine, sharing on ...", flush=True)
         r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
-                        lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep))
+                        lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep),
+                        profile=getattr(args, "profile", False))
         r.update(trace_phase_s=round(trace_s, 3), trace_source=args.trace_source,
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
                  # the suffix, plus the fork point's last token re-fed for its logits

@@ -23,7 +23,9 @@ FIRST_PLAIN_ID = 3
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A random-init Llama; the default is the MRT-shaped 6-layer, 384-wide model of the issue."""
+    """A random-init Llama-family model; the default is the MRT-shaped 6-layer, 384-wide Llama of
+    issue 3. `arch` "qwen2" builds a Qwen2ForCausalLM (q/k/v bias); `save_dtype` is the dtype of
+    the saved weights (engines load them in the benchmark's --dtype either way)."""
 
     num_layers: int = 6
     hidden: int = 384
@@ -33,11 +35,35 @@ class ModelShape:
     intermediate: int = 1024
     vocab: int = 8192
     max_positions: int = 4096
+    arch: str = "llama"
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    save_dtype: str = "float32"
 
+    def cache_key(self) -> str:
+        # fields at their defaults stay out of the key, so folders built before a field existed
+        # are still found
+        d = {k: v for k, v in asdict(self).items()
+             if k in _LEGACY_SHAPE_FIELDS or v != getattr(ModelShape, k)}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_LEGACY_SHAPE_FIELDS = ("num_layers", "hidden", "num_heads", "num_kv_heads", "head_dim", "intermediate",
+                        "vocab", "max_positions")
 
 # head_dim 32: the smallest head size vLLM's CPU attention accepts, so --quick runs there too
 QUICK_MODEL = ModelShape(num_layers=2, hidden=64, num_heads=2, num_kv_heads=1, head_dim=32,
                          intermediate=128, vocab=512, max_positions=512)
+
+# Qwen2.5-0.5B's published config (24 layers, hidden 896, 14/2 heads, intermediate 4864, vocab
+# 151,936, tied embeddings, RoPE theta 1e6, bf16 weights) with seeded random weights
+QWEN25_05B = ModelShape(num_layers=24, hidden=896, num_heads=14, num_kv_heads=2, head_dim=64,
+                        intermediate=4864, vocab=151936, max_positions=32768, arch="qwen2",
+                        tie_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+                        save_dtype="bfloat16")
+
+SHAPES = {"small": ModelShape(), "qwen2.5-0.5b": QWEN25_05B}
 
 
 @dataclass(frozen=True)
@@ -125,38 +151,56 @@ def read_config(model_dir: str) -> dict:
         return json.load(f)
 
 
-def tiny_llama(shape: ModelShape, cache_root: str | None = None) -> str:
-    """Folder of a seeded random Llama of this shape (config.json + safetensors, float32, no
-    tokenizer: the benchmark speaks token ids). Built once per shape and cached; written to a
-    temporary folder and renamed so concurrent runs never see half a model."""
-    key = hashlib.sha1(json.dumps(asdict(shape), sort_keys=True).encode()).hexdigest()[:12]
+def random_model(shape: ModelShape, cache_root: str | None = None) -> str:
+    """Folder of a seeded random model of this shape (config.json + safetensors in
+    `shape.save_dtype`, no tokenizer: the benchmark speaks token ids), saved with transformers'
+    save_pretrained so every engine loads it through its real loading path. Built once per shape
+    and cached; written to a temporary folder and renamed so concurrent runs never see half a model."""
+    if shape.arch not in ("llama", "qwen2"):
+        raise ValueError(f"shape.arch must be 'llama' or 'qwen2', got {shape.arch!r}")
+    if shape.save_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"shape.save_dtype must be 'float32' or 'bfloat16', got {shape.save_dtype!r}")
     root = cache_root or os.environ.get("MRT_BENCH_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mrt-engine", "bench")
-    final = os.path.join(root, f"tinyllama-{key}")
+    name = "tinyllama" if shape.arch == "llama" else shape.arch
+    final = os.path.join(root, f"{name}-{shape.cache_key()}")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
     os.makedirs(root, exist_ok=True)
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    common = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                  num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                  num_key_value_heads=shape.num_kv_heads, max_position_embeddings=shape.max_positions,
+                  rms_norm_eps=shape.rms_norm_eps, rope_theta=shape.rope_theta,
+                  tie_word_embeddings=shape.tie_embeddings, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                  eos_token_id=EOS_ID)
+    if shape.arch == "llama":
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
 
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                      intermediate_size=shape.intermediate, num_hidden_layers=shape.num_layers,
-                      num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
-                      head_dim=shape.head_dim, max_position_embeddings=shape.max_positions,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                      pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+        cfg = Config(head_dim=shape.head_dim, **common)
+    else:
+        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+
+        if shape.hidden != shape.num_heads * shape.head_dim:
+            raise ValueError("a qwen2 shape needs hidden == num_heads * head_dim (Qwen2 has no head_dim field)")
+        cfg = Config(use_sliding_window=False, **common)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
-    tmp = tempfile.mkdtemp(prefix="tinyllama-", dir=root)
+    model = Model(cfg).to(getattr(torch, shape.save_dtype))
+    tmp = tempfile.mkdtemp(prefix=f"{name}-", dir=root)
     model.save_pretrained(tmp)
     try:
         os.rename(tmp, final)
     except OSError:  # another run finished first: use its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def tiny_llama(shape: ModelShape, cache_root: str | None = None) -> str:
+    """The old name of `random_model` (Llama shapes)."""
+    return random_model(shape, cache_root)
 
 
 def machine_info() -> dict:
@@ -181,7 +225,23 @@ def machine_info() -> dict:
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable,
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = sorted({x for x in line.split(":", 1)[1].split()
+                                    if x.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))})
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            loadavg = f.read().strip()
+    except OSError:
+        loadavg = None
+    return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "usable_cores": usable,
+            "loadavg_at_start": loadavg,
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "transformers": tf_version, "python": platform.python_version(),
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}
