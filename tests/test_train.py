@@ -191,7 +191,7 @@ def test_mrt_train_cli_end_to_end(tmp_path, monkeypatch):
     summary = mrt(["train", "--config", os.path.join(os.path.dirname(__file__), "..", "trainer", "configs",
                                                       "toy_grpo.yaml"),
                    *TINY, "--max-steps", "2", "--output-dir", str(out), "--eval_steps", "2",
-                   "--num_eval_problems", "3", "--save_steps", "1"])
+                   "--num_eval_problems", "3", "--save_steps", "1", "--report_to", "tensorboard"])
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
     need = ["loss", "reward", "reward_std", "accuracy", "completion_length_mean", "completion_length_max",
@@ -202,7 +202,7 @@ def test_mrt_train_cli_end_to_end(tmp_path, monkeypatch):
         assert r["logprob_mismatch_max"] < 1e-3
     assert summary["final_step"] == 2 and (out / "summary.json").is_file()
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "grpo_config.yaml", "metrics.jsonl",
-                                       "summary.json"]
+                                       "summary.json", "tensorboard"]
     # the checkpoint is a model folder the engine loads, holding the weights that were synced
     ck = str(out / "checkpoint-2")
     trained = AutoModelForCausalLM.from_pretrained(ck)
@@ -231,6 +231,17 @@ def test_mask_truncated_completions_drops_them_from_the_loss(tmp_path, monkeypat
         assert out["last"]["truncated_ratio"] == 1.0
         sd = out["policy"].state_dict()
         assert any(not torch.equal(sd[k], base[k]) for k in sd) == moved
+
+
+def test_kl_to_the_reference_policy(tmp_path, monkeypatch):
+    """beta > 0 keeps a frozen copy of the start weights: k3 KL is exactly 0 while the policy
+    equals it (step 1) and positive once it has moved (step 2)."""
+    from mrt_engine.trainer.train import train
+
+    monkeypatch.setitem(reward_modes._REGISTRY, "outcome", ParityMode)
+    out = train(load_config(None, TINY + ["--max_steps", "2", "--beta", "0.1", "--output_dir", str(tmp_path)]))
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0 and out["final_step"] == 2
 
 
 def test_cli_errors(tmp_path):

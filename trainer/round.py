@@ -7,7 +7,7 @@ built once per round and reused `num_iterations` times; a checkpoint taken mid-r
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,8 +28,14 @@ class RoundData:
 
     def state_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "tb"}
-        d["tb"] = asdict(self.tb)
+        d["tb"] = dict(vars(self.tb))
         return d
+
+    def to(self, device) -> "RoundData":
+        tb = TensorBatch(**{k: v.to(device) for k, v in vars(self.tb).items()})
+        ref = self.ref_logps.to(device) if self.ref_logps is not None else None
+        return RoundData(tb, self.advantages.to(device), self.loss_mask.to(device),
+                         self.old_logps.to(device), ref, self.num_items, self.metrics)
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "RoundData":

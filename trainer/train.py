@@ -154,12 +154,13 @@ def make_round(cfg, mode, ctx, policy, ref, data: Data, sampler: PromptSampler, 
     from mrt_engine.trainer.reward_modes import per_token
 
     t1 = time.perf_counter()
-    tb = b.to_tensors(ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0)
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    tb = b.to_tensors(pad, device=dist.device)
     t = tb.completion_mask.shape[1]
-    adv = per_token(credit.advantages, len(b), t)
+    adv = per_token(credit.advantages, len(b), t).to(dist.device)
     loss_mask = tb.completion_mask.clone()
     if cfg.mask_truncated_completions:
-        loss_mask[torch.tensor(b.truncated, dtype=torch.bool)] = 0.0
+        loss_mask[torch.tensor(b.truncated, dtype=torch.bool, device=dist.device)] = 0.0
     if cfg.num_iterations == 1:
         old = tb.engine_logps
     else:
@@ -237,7 +238,7 @@ def train(cfg, resume=None, stop_after: Optional[int] = None) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["data"])
         step = int(state["step"])
-        pending = RoundData.from_state_dict(state["round"]) if state.get("round") else None
+        pending = RoundData.from_state_dict(state["round"]).to(dist.device) if state.get("round") else None
         llm.update_weights(policy.state_dict())
         ckpt.set_rng_state(rng, llm)
     model = policy
