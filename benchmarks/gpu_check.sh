@@ -146,9 +146,14 @@ with open(os.path.join(dest, "gpu_check_steps.tsv")) as f:
         name, status, rc, s, note = line.rstrip("\n").split("\t")
         steps.append({"step": name, "status": status, "rc": None if rc == "-" else int(rc), "seconds": int(s),
                       "note": note})
-tests = []
 with open(os.path.join(dest, "gpu_tests.jsonl")) as f:
-    tests = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+tests = []   # per file: counts and its tests' records
+for r in records:
+    if not tests or tests[-1]["file"] != r["file"]:
+        tests.append({"file": r["file"], "passed": 0, "skipped": 0, "failed": 0, "tests": []})
+    tests[-1][r["status"]] += 1
+    tests[-1]["tests"].append(r)
 report = {"seconds": secs, "environment": load("gpu_check_env.json"), "steps": steps, "tests": tests,
           "bench_kernels": load("bench_kernels.json"), "bench_branched_gpu": load("bench_branched_gpu.json")}
 report["ok"] = all(s["status"] in ("ok", "skipped") for s in steps) and all(t["failed"] == 0 for t in tests)

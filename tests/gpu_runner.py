@@ -5,7 +5,7 @@ calls `skip(reason)` for a test that cannot run, and ends with
     if __name__ == "__main__": sys.exit(run_tests(globals()))
 which calls every `test_*` function that takes no arguments, prints PASSED / SKIPPED / FAILED
 per test (failures with their traceback) and a count line, and returns 1 if any failed; with
-MRT_TEST_REPORT set it also appends the results as one JSON line to that file.
+MRT_TEST_REPORT set it also appends one JSON line per test to that file as the test ends.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ except ImportError:   # the GPU image may lack it; run_tests() below stands in f
     pytest = None
 
 
-REPORT_ENV = "MRT_TEST_REPORT"   # a file: run_tests() appends one JSON line of results per test file
+REPORT_ENV = "MRT_TEST_REPORT"   # a file: run_tests() appends one JSON line per finished test
 
 
 class Skipped(Exception):
@@ -88,13 +88,14 @@ def run_tests(namespace: dict, only_if=None) -> int:
                 status, detail = "failed", f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
         secs = round(time.time() - t0, 1)
-        records.append({"test": name, "status": status, "seconds": secs, "detail": detail[:500]})
+        record = {"file": os.path.basename(namespace.get("__file__", "?")), "test": name, "status": status,
+                  "seconds": secs, "detail": detail[:500]}
+        records.append(record)
         print(f"{status.upper()} {name} ({secs}s){': ' + detail if detail else ''}", flush=True)
+        report = os.environ.get(REPORT_ENV)
+        if report:   # one line per test as it ends, so a run cut off by a timeout keeps what it did
+            with open(report, "a") as f:
+                f.write(json.dumps(record) + "\n")
     counts = {s: sum(r["status"] == s for r in records) for s in ("passed", "skipped", "failed")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
-    report = os.environ.get(REPORT_ENV)
-    if report:   # one JSON line per file, for benchmarks/gpu_check.sh's summary
-        with open(report, "a") as f:
-            f.write(json.dumps({"file": os.path.basename(namespace.get("__file__", "?")), **counts,
-                                "tests": records}) + "\n")
     return 1 if counts["failed"] else 0
