@@ -230,7 +230,7 @@ def gemm_roofline(config: dict, w: Workload, r: dict) -> dict:
     flop_layers = 2 * layer * config["num_hidden_layers"] * fed
     flop_head = 2 * h * config["vocab_size"] * logit_rows
     bd = r["breakdown"]["seconds"]
-    out = {"gemm_gflop": round((flop_layers + flop_head) / 1e9, 1)}
+    out = {"gemm_flop": flop_layers + flop_head, "gemm_gflop": round((flop_layers + flop_head) / 1e9, 3)}
     if bd.get("gemm"):
         out["gemm_gflop_per_s"] = round(flop_layers / bd["gemm"] / 1e9, 1)
     if bd.get("gemm_lm_head"):

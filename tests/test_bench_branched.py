@@ -19,6 +19,7 @@ sys.path.insert(0, BENCH)
 import bench_branched  # noqa: E402
 import engine_forks  # noqa: E402
 import hf_baseline  # noqa: E402
+import workload  # noqa: E402
 from workload import Workload  # noqa: E402
 
 HEADLINE = re.compile(r"^fork-phase speedup vs transformers: ([0-9]+(?:\.[0-9]+)?)x$")
@@ -124,3 +125,86 @@ def test_cli_rejects_bad_flags():
     args = bench_branched.parse_args(["--quick"])
     assert args.reps == 1 and args.traces == bench_branched.QUICK.traces
     assert args.engines == ["mrt_engine", "mrt_engine_no_sharing", "transformers"]
+
+
+def test_quick_breakdown_accounts_for_the_profiled_call(quick_run):
+    """The per-step breakdown of (a): exclusive categories that add up to the profiled wall time,
+    with the GEMMs, attention parts, sampler and step building all present."""
+    _, report, _ = quick_run
+    a = report["results"]["mrt_engine"]
+    bd = a["breakdown"]
+    assert bd["steps"] == a["steps"] > 0
+    secs = bd["seconds"]
+    for key in ("gemm", "gemm_lm_head", "attn_store", "attn_own", "attn_shared", "attn_merge", "sampler",
+                "step_build", "norm", "layer_other", "scheduler_python"):
+        assert key in secs, key
+    assert all(v >= 0 for v in secs.values())
+    assert sum(secs.values()) == pytest.approx(bd["wall_s"], rel=0.02, abs=0.01)
+    assert sum(bd["share"].values()) == pytest.approx(1.0, abs=0.02)
+    # every layer's 4 projections ran on every step; the LM head once per step
+    layers = int(report["workload"]["model"].split("layers=")[1].split()[0])
+    assert bd["calls"]["gemm"] == 4 * layers * bd["steps"]
+    assert bd["calls"]["gemm_lm_head"] == bd["calls"]["sampler"] == bd["steps"]
+    assert bd["gemm_flop"] > 0
+
+
+def test_hf_subset_picks_forks_nearest_the_mean_length():
+    w = Workload(traces=2, trace_len=64, prompt_len=8, positions=4)     # positions 16, 32, 48, 64
+    assert bench_branched.hf_subset(w, 0) == list(range(8))
+    assert bench_branched.hf_subset(w, 99) == list(range(8))
+    pick = bench_branched.hf_subset(w, 2)                # mean 40: positions 32 and 48 of trace 0
+    assert pick == [1, 2]
+    assert len(bench_branched.hf_subset(w, 3)) == 3
+
+
+def test_shape_flag_defaults():
+    args = bench_branched.parse_args(["--shape", "qwen2.5-0.5b", "--trace-len", "3072"])
+    assert args.trace_source == "prefill" and args.hf_forks == 1
+    assert args.out_dir.endswith(os.path.join("results", "qwen0.5b-L3072-fp32"))
+    args = bench_branched.parse_args([])
+    assert args.shape == "small" and args.trace_source == "generate" and args.hf_forks == 0
+    with pytest.raises(SystemExit):
+        bench_branched.parse_args(["--shape", "qwen7b"])
+    with pytest.raises(SystemExit):
+        bench_branched.parse_args(["--hf-forks", "-1"])
+
+
+def test_qwen_shape_is_qwen25_05b():
+    q = workload.SHAPES["qwen2.5-0.5b"]
+    assert (q.num_layers, q.hidden, q.num_heads, q.num_kv_heads, q.head_dim, q.intermediate, q.vocab) == \
+        (24, 896, 14, 2, 64, 4864, 151936)
+    assert q.arch == "qwen2" and q.tie_embeddings and q.save_dtype == "bfloat16" and q.rope_theta == 1e6
+    # the default shape keeps the folder name it had before the new fields existed
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    legacy = {k: v for k, v in asdict(workload.ModelShape()).items() if k in workload._LEGACY_SHAPE_FIELDS}
+    assert workload.ModelShape().cache_key() == hashlib.sha1(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:12]
+    assert q.cache_key() != workload.ModelShape().cache_key()
+
+
+def test_random_qwen2_model_loads_through_the_real_paths(tmp_path):
+    """A small qwen2 shape saved like the 0.5B one (tied embeddings, bf16 weights) loads in the
+    engine and in transformers, and both give the same greedy continuation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mrt_engine import LLM, SamplingParams
+
+    shape = workload.ModelShape(arch="qwen2", num_layers=2, hidden=64, num_heads=2, num_kv_heads=1,
+                                head_dim=32, intermediate=96, vocab=300, max_positions=256,
+                                tie_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, save_dtype="bfloat16")
+    path = workload.random_model(shape, cache_root=str(tmp_path))
+    cfg = workload.read_config(path)
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["tie_word_embeddings"] is True
+    assert cfg["dtype"] == "bfloat16"
+    assert workload.random_model(shape, cache_root=str(tmp_path)) == path      # cached
+    prompt = [5, 17, 42, 99, 7]
+    llm = LLM(path, dtype="float32", num_blocks=16, block_size=8)
+    ours = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    assert list(ours) == ref[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="arch"):
+        workload.random_model(workload.ModelShape(arch="gpt2"), cache_root=str(tmp_path))
