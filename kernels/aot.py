@@ -4,7 +4,9 @@
 whole compiler (TTIR -> TTGIR -> LLVM -> PTX -> cubin via ptxas), so code that the interpreter
 accepts but a GPU compile rejects (dot shapes, layouts, shared memory, unsupported ops) fails here.
 Configurations are the ones the engine launches (the launchers' *_config functions), for the
-dtypes, head dims and GQA groups of the models we serve (Llama-8B: bf16, Dh 128, group 4).
+dtypes, head dims and GQA groups of the models we serve (Llama-8B: bf16, Dh 128, group 4), with the
+argument divisibility Triton's JIT specializes at those launches (`divisibility_attrs`), and for
+the Llama-8B shape also the deeper pipelines gpu_check.sh sweeps (Hopper).
 
 Must run WITHOUT the interpreter: `TRITON_INTERPRET=0 python -m mrt_engine.kernels.aot [caps...]`
 prints one JSON line per compile and exits non-zero if any failed.
@@ -19,6 +21,9 @@ import torch
 import triton
 
 TL_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+SWEEP_STAGES = (3, 4)
+# dynamic shared memory one block may use (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _signature(kernel, pointers: dict, floats=(), constexprs: dict = None) -> dict:
@@ -74,21 +79,54 @@ def configurations():
         out[f"extend-{tag}"] = (extend_kernel, _signature(extend_kernel, dict(
             q_ptr=t, k_cache_ptr=t, v_cache_ptr=t, o_ptr=t, block_tables_ptr=i64, q_start_ptr=i64,
             num_new_ptr=i64, context_lens_ptr=i64), floats=("scale_log2",)), extend_config(dtype, dh, group))
+        if dtype == torch.bfloat16:
+            # deeper pipelines for the sweep of benchmarks/gpu_check.sh (MRT_KERNEL_NUM_STAGES): the
+            # decode kernels the benchmark times, Hopper only (the lent GPU), so their shared memory
+            # is known to fit before a GPU minute is spent on them
+            for stages in SWEEP_STAGES:
+                out[f"paged_decode-{tag}-s{stages}"] = out[f"paged_decode-{tag}"] + (stages,)
+                wide = cascade_decode_config(dtype, dh, group, 16)
+                out[f"cascade_decode-{tag}-m{wide['BLOCK_M']}-s{stages}"] = (cascade_decode_kernel, casc_sig, wide,
+                                                                            stages)
         if "merge" in names:
             out[f"merge-{tag}"] = (merge_kernel, _signature(merge_kernel, dict(
                 o_parts_ptr=f32, lse_parts_ptr=f32, out_ptr=t, out_lse_ptr=f32)), merge_config(dh))
-    return [(label, *rest) for label, rest in out.items()]
+    # (label, kernel, signature, constexprs, num_stages): the engine's default depth unless given
+    return [(label, *rest) if len(rest) == 4 else (label, *rest, 2) for label, rest in out.items()]
 
 
-def compile_one(kernel, signature: dict, constexprs: dict, cap: int):
+# integer arguments the engine's launches pass as multiples of 16 (strides of tensors whose inner
+# dim is head_dim, the block size, split/chunk sizes); lse strides and block-table rows need not be
+_NOT_DIVISIBLE = ("stride_lr", "stride_lh", "stride_ls", "stride_olr", "stride_olh", "stride_btr", "stride_btp")
+
+
+def divisibility_attrs(kernel, signature: dict) -> dict:
+    """What Triton's JIT specializes at launch: 16-byte aligned pointers and ints divisible by 16.
+
+    Without it the compiler cannot vectorise the K/V loads or turn them into cp.async copies, so
+    the software pipeline (num_stages) would be absent here although the GPU compile has it.
+    """
+    attrs = {}
+    for i, name in enumerate(kernel.arg_names):
+        kind = signature[name]
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*") or (kind == "i32" and name not in _NOT_DIVISIBLE and (
+                name.startswith("stride_") or name in ("block_size", "split_size", "chunk_size"))):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, cap: int, num_stages: int = 2):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
+                    attrs=divisibility_attrs(kernel, signature))
     return triton.compile(src, target=GPUTarget("cuda", cap, 32),
                           options=dict(num_warps=4 if "decode" in kernel.__name__ or "extend" in kernel.__name__
-                                       else 1, num_stages=2))
+                                       else 1, num_stages=num_stages))
 
 
 def main(argv) -> int:
@@ -96,18 +134,22 @@ def main(argv) -> int:
 
     caps = [int(a) for a in argv] or [80, 90]
     failed = 0
-    for label, kernel, sig, consts in configurations():
+    for label, kernel, sig, consts, stages in configurations():
         if not isinstance(kernel, JITFunction):
             print(json.dumps({"error": "kernels are interpreted: run with TRITON_INTERPRET=0"}))
             return 2
         for cap in caps:
+            if stages != 2 and cap != 90:
+                continue
             t0 = time.time()
-            rec = {"kernel": label, "cap": cap, "triton": triton.__version__}
+            rec = {"kernel": label, "cap": cap, "triton": triton.__version__, "num_stages": stages,
+                   "shared_limit": SHARED_LIMIT.get(cap)}
             try:
-                compiled = compile_one(kernel, sig, consts, cap)
+                compiled = compile_one(kernel, sig, consts, cap, stages)
                 ptx = compiled.asm["ptx"]
                 rec.update(ok=True, seconds=round(time.time() - t0, 2), cubin_bytes=len(compiled.asm["cubin"]),
                            mma="wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none"),
+                           pipelined="cp.async" in ptx,
                            shared=compiled.metadata.shared)
             except Exception as exc:   # report every failure, then fail at the end
                 failed += 1

@@ -54,3 +54,19 @@ def test_16bit_attention_kernels_use_tensor_cores(compiled):
             assert r["mma"] != "none", f"{name} sm_{r['cap']} compiled without MMA instructions"
     # a 64-row query tile on Hopper takes the warpgroup MMA path
     assert any(r["cap"] == 90 and r["mma"] == "wgmma" for r in compiled if "cascade_decode" in r["kernel"])
+
+
+def test_every_compile_fits_the_shared_memory_of_its_gpu(compiled):
+    # a launch over the limit fails only at load time on the GPU (OutOfResources); catch it here
+    over = [r for r in compiled if r.get("ok") and r["shared"] > r["shared_limit"]]
+    assert not over, [(r["kernel"], r["cap"], r["shared"], r["shared_limit"]) for r in over]
+    assert {r["num_stages"] for r in compiled if r["cap"] == 90} == {2, 3, 4}
+
+
+def test_16bit_decode_kernels_pipeline_their_kv_loads(compiled):
+    # with the launch-time divisibility the paged K/V loads become cp.async copies that num_stages
+    # keeps in flight; without them every tile would wait on its own loads
+    for r in compiled:
+        name = r["kernel"]
+        if name.split("-")[0] in ("paged_decode", "cascade_decode") and "fp32" not in name:
+            assert r["pipelined"], f"{name} sm_{r['cap']} (num_stages {r['num_stages']}) has no cp.async"

@@ -50,7 +50,7 @@ class _Launch:
     group_rows: torch.Tensor
     range_start: torch.Tensor
     range_end: torch.Tensor
-    slot_base: torch.Tensor | None       # [G] first slot of each group (None: 0, absolute chunks)
+    slot_base: torch.Tensor              # [G] first slot of each group (deterministic mode: 0, absolute chunks)
     max_group_rows: int
     chunk_size: int
     num_chunks: int
@@ -161,8 +161,8 @@ class TritonAttentionBackend:
         if not kept:
             return None
         max_rows = max(len(rows) for _, _, rows in kept)
-        return _launch_from([rows for _, _, rows in kept], [s for s, _, _ in kept], [e for _, e, _ in kept], None,
-                            max_rows, S, max(e for _, e, _ in kept) // S, pack)
+        return _launch_from([rows for _, _, rows in kept], [s for s, _, _ in kept], [e for _, e, _ in kept],
+                            [0] * len(kept), max_rows, S, max(e for _, e, _ in kept) // S, pack)
 
     def _build_plan(self, meta: AttentionMetadata, k_cache: torch.Tensor, group: int) -> _Plan:
         plan = _Plan()
@@ -217,7 +217,8 @@ class TritonAttentionBackend:
             num_slots = cdiv(max(ctx), self.det_chunk)
             plan.private = _Launch(
                 group_ptr=pack.add(list(range(d + 1))), group_rows=pack.add(list(range(d))),
-                range_start=plan.kv_start, range_end=meta.decode_context_lens, slot_base=None, max_group_rows=1,
+                range_start=plan.kv_start, range_end=meta.decode_context_lens, slot_base=pack.add([0] * d),
+                max_group_rows=1,
                 chunk_size=self.det_chunk, num_chunks=num_slots)
             plan.num_slots = num_slots
         else:
@@ -274,5 +275,5 @@ def _launch_from(rows_per_group, starts, ends, base, max_rows, chunk, num_chunks
         rows += group_rows
         ptr.append(len(rows))
     return _Launch(group_ptr=pack.add(ptr), group_rows=pack.add(rows), range_start=pack.add(starts),
-                   range_end=pack.add(ends), slot_base=None if base is None else pack.add(base),
+                   range_end=pack.add(ends), slot_base=pack.add(base),
                    max_group_rows=max_rows, chunk_size=chunk, num_chunks=num_chunks)
