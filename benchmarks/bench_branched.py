@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "when --vllm-python is given)")
     p.add_argument("--vllm-python", help="a Python interpreter that has vllm (CPU build) installed")
     p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
+    p.add_argument("--vllm-peak-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="an extra untimed vLLM fork call that polls its KV usage for peak KV (default on)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/ for --shape small, "
                    "benchmarks/results/qwen0.5b-L<trace-len>-<dtype>/ for qwen2.5-0.5b")
     p.add_argument("--quick", action="store_true",
@@ -198,7 +200,7 @@ def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
     job = {"model_dir": model_dir, "dtype": args.dtype, "traces": traces,
            "positions": w.fork_positions(), "branches": w.branches, "answer_len": w.answer_len,
            "suffixes": [suffix_ids(w, vocab, rep) for rep in range(args.vllm_reps)],
-           "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed}
+           "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed, "peak_pass": args.vllm_peak_pass}
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gib))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")   # both cores compute (peers-cpu.md)
     with tempfile.TemporaryDirectory() as tmp:

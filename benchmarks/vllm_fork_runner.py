@@ -6,10 +6,14 @@ JOB.json (written by bench_branched.py): model_dir, dtype, traces (token ids), p
 branches K, answer_len A, suffixes (one forced suffix per timed repetition), warmup_suffix, seed.
 Only the standard library and vllm are imported: this runs in a venv without mrt_engine.
 
-What runs, per repetition: reset the prefix cache, prefill the traces (untimed, max_tokens=1) so
-their blocks are cached, then time one generate() with every fork prompt (trace[:t] + suffix) and
+What runs: prefill the traces once (untimed, max_tokens=1) so their blocks are cached; then, per
+repetition, time one generate() with every fork prompt (trace[:t] + suffix) and
 SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0). Prefix caching is vLLM's
-way to share a prefix: each of the K children finds the prompt's full blocks in the cache.
+way to share a prefix: each of the K children finds the prompt's full blocks in the cache. Every
+repetition has its own fresh suffix, so nothing a previous repetition computed past the traces
+can be reused (the cache is not reset between repetitions: re-prefilling long traces after a
+reset costs minutes at a real model's size and changes nothing that is timed; `reset_each_rep`
+in the job restores the old behaviour).
 Prefill tokens computed and cache hits come from vLLM's own counters (deltas around the timed
 call). Peak KV comes from an extra untimed pass that polls vLLM's kv_cache_usage gauge, so polling
 never perturbs a timed run; it counts blocks held by requests (shared blocks once).
@@ -69,13 +73,15 @@ def main() -> int:
     fork_params = SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0, top_p=1.0,
                                  top_k=-1, detokenize=False)
 
-    # warm-up: same shapes of work, a different suffix (its blocks are dropped by the reset below)
+    # warm-up: same shapes of work, a different suffix
+    reset_each_rep = bool(job.get("reset_each_rep", False))
     prefill_traces()
     llm.generate(fork_prompts(job["warmup_suffix"]), fork_params, use_tqdm=False)
     walls, gen, counts = [], None, []
     for suffix in job["suffixes"]:
-        llm.reset_prefix_cache()
-        prefill_traces()
+        if reset_each_rep:
+            llm.reset_prefix_cache()
+            prefill_traces()
         before = metric_totals(llm)
         t0 = time.perf_counter()
         outs = llm.generate(fork_prompts(suffix), fork_params, use_tqdm=False)
@@ -88,9 +94,8 @@ def main() -> int:
                                f"expected {n_branches} of {A}")
         gen = sum(lens)
 
-    # untimed pass for peak KV: poll the usage gauge while the fork call runs
-    llm.reset_prefix_cache()
-    prefill_traces()
+    # untimed pass for peak KV: poll the usage gauge while the fork call runs (blocks held by
+    # requests; cached blocks nobody holds count as free); skipped when the job says so
     peak = [0.0]
     done = threading.Event()
 
@@ -101,11 +106,12 @@ def main() -> int:
                 peak[0] = max(peak[0], usage)
             time.sleep(0.005)
 
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    llm.generate(fork_prompts(job["suffixes"][0]), fork_params, use_tqdm=False)
-    done.set()
-    poller.join()
+    if job.get("peak_pass", True):
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        llm.generate(fork_prompts(job["suffixes"][0]), fork_params, use_tqdm=False)
+        done.set()
+        poller.join()
 
     c = counts[len(counts) // 2]
     hf_cfg = llm.llm_engine.vllm_config.model_config.hf_config
@@ -122,7 +128,8 @@ def main() -> int:
         "peak_kv_bytes": peak_blocks * block_bytes if peak_blocks else None,
         "peak_kv_blocks": peak_blocks, "block_size": block_size, "num_blocks": num_blocks,
         "vllm": vllm.__version__, "torch": torch.__version__,
-        "engine_startup_s": round(startup, 2),
+        "engine_startup_s": round(startup, 2), "reset_each_rep": reset_each_rep,
+        "max_num_batched_tokens": getattr(llm.llm_engine.vllm_config.scheduler_config, "max_num_batched_tokens", None),
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k == "VLLM_TARGET_DEVICE"},
     }
     with open(sys.argv[2], "w") as f:

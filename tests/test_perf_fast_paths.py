@@ -2,7 +2,8 @@
 
 - the sampler skips the logits * (1/T) multiply when every row has T == 1: tokens and logprobs
   must equal the general path bit for bit (with and without top-k/top-p/min-p);
-- the bf16 RMSNorm uses the fused fp32 normalisation, then casts and scales like transformers.
+- the bf16 RMSNorm uses the fused fp32 normalisation, then casts and scales like transformers;
+- the LM head writes into a reused buffer in the model dtype: same values as fresh fp32 logits.
 """
 import dataclasses
 
@@ -45,3 +46,22 @@ def test_bf16_rms_norm_matches_transformers_arithmetic():
     ref = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     # the fused fp32 reduction may round its last bit differently: allow one bf16 ulp
     torch.testing.assert_close(norm(x), ref, rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_head_into_reused_buffer_matches_fresh_logits(tiny_llama_dir, dtype):
+    """The runner writes logits into one buffer kept across steps (model dtype, no fp32 copy):
+    the values equal compute_logits' fresh fp32 result bit for bit once cast, for several row
+    counts written into the same buffer in turn."""
+    from mrt_engine.models.loader import load_model
+
+    model, _ = load_model(tiny_llama_dir, dtype, "cpu", "torch")
+    torch.manual_seed(0)
+    buf = torch.empty(7 * model.vocab_size, dtype=dtype)
+    for rows in (7, 3, 5):
+        hidden = torch.randn(rows, model.hidden_size).to(dtype)
+        fresh = model.compute_logits(hidden)
+        out = model.compute_logits(hidden, float32=False, out=buf[:rows * model.vocab_size].view(rows, -1))
+        assert fresh.dtype == torch.float32 and out.dtype == dtype
+        assert out.data_ptr() == buf.data_ptr()
+        assert torch.equal(out.float(), fresh)
