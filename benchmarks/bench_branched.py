@@ -94,9 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(same fork phase, skips the slow trace decode). Default: generate for --shape "
                    "small, prefill for qwen2.5-0.5b")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                   help="one extra profiled repetition of (a) for the per-step breakdown (default on)")
+                   help="per-step time breakdown of (a) with mrt_engine.profiling (default on)")
+    p.add_argument("--profile-rep", choices=("extra", "last"), default="extra",
+                   help="profile one extra repetition (default) or the last timed one (slow shapes, "
+                   "where the timers' cost is noise)")
     p.add_argument("--light-warmup", action="store_true",
-                   help="engine warm-up on one trace's forks instead of the whole fork workload")
+                   help="engine and vLLM warm-up on one trace's forks instead of the whole fork workload")
     p.add_argument("--no-sharing-mode", choices=("branch", "fork"), default="branch",
                    help="(b): 'branch' = every branch its own request (re-prefills its prefix, own "
                    "KV); 'fork' = one request per fork with n=K")
@@ -111,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an extra untimed vLLM fork call that polls its KV usage for peak KV (default on)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/ for --shape small, "
                    "benchmarks/results/qwen0.5b-L<trace-len>-<dtype>/ for qwen2.5-0.5b")
+    p.add_argument("--mode", choices=("forks", "mrt"), default="forks",
+                   help="forks: the fork phase (default); mrt: progress estimation through "
+                   "trainer/progress.py vs trace generation and transformers (bench_progress.py)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and workload, one repetition: a smoke run for tests")
     args = p.parse_args(argv)
@@ -200,7 +206,8 @@ def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
     job = {"model_dir": model_dir, "dtype": args.dtype, "traces": traces,
            "positions": w.fork_positions(), "branches": w.branches, "answer_len": w.answer_len,
            "suffixes": [suffix_ids(w, vocab, rep) for rep in range(args.vllm_reps)],
-           "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed, "peak_pass": args.vllm_peak_pass}
+           "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed, "peak_pass": args.vllm_peak_pass,
+           "warmup_traces": 1 if args.light_warmup else len(traces)}
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gib))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")   # both cores compute (peers-cpu.md)
     with tempfile.TemporaryDirectory() as tmp:
@@ -307,6 +314,10 @@ def plot(results: dict, path: str, title: str) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.mode == "mrt":
+        import bench_progress
+
+        return bench_progress.run(args)
     import torch
 
     if args.threads:

@@ -163,6 +163,12 @@ def profiled_call(llm, w: Workload, run_call, rep: int) -> dict:
         profiling.disable()
     steps = llm.kv_stats().get("num_steps") or 0
     _check_and_release(llm, outs, w, w.traces)
+    return _breakdown(wall, sections, steps, "one extra repetition with mrt_engine.profiling on (not "
+                      "one of the timed repetitions)")
+
+
+def _breakdown(wall: float, sections: dict, steps: int, how: str) -> dict:
+    """Per-category seconds, shares and ms per step; what no section covers is scheduler_python."""
     covered = sum(v["s"] for v in sections.values())
     cats = {k: v["s"] for k, v in sections.items()}
     cats["scheduler_python"] = round(max(wall - covered, 0.0), 4)
@@ -172,14 +178,14 @@ def profiled_call(llm, w: Workload, run_call, rep: int) -> dict:
             "share": {k: round(cats[k] / wall, 4) for k in order},
             "per_step_ms": {k: round(1000 * cats[k] / max(steps, 1), 2) for k in order},
             "calls": {k: v["calls"] for k, v in sections.items()},
-            "how": "one extra repetition with mrt_engine.profiling on (exclusive wall time per "
-                   "category; not one of the timed repetitions)"}
+            "how": how + "; exclusive wall time per category"}
 
 
-def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=False):
-    """Warm-up, then `reps` timed calls (and one profiled call when `profile`); returns the
-    result dict (without the trace phase). run_call(suffix, rep, traces) runs the forks of the
-    first `traces` traces."""
+def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=False, profile_rep="extra"):
+    """Warm-up, then `reps` timed calls, and the breakdown when `profile`: from one extra call
+    (profile_rep "extra"), or from the last timed call itself ("last": for slow shapes, where
+    the timers' ~1 ms per step is noise); returns the result dict (without the trace phase).
+    run_call(suffix, rep, traces) runs the forks of the first `traces` traces."""
     counter = EmbeddingCounter(llm)
     vocab = llm_vocab(llm)
     t0 = time.perf_counter()
@@ -188,15 +194,30 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=F
     _check_and_release(llm, run_call(suffix_ids(w, vocab, -1), -1, warmup_traces), w, warmup_traces)
     print(f"  warm-up: {time.perf_counter() - t0:.3f} s", flush=True)
     runs = []
+    breakdown = None
     for rep in range(reps):
         gc.collect()
         counter.count = 0
         llm.reset_stats()
+        profiled = profile and profile_rep == "last" and rep == reps - 1
+        if profiled:
+            from mrt_engine import profiling
+
+            profiling.enable(_engine_model(llm))
         t0 = time.perf_counter()
-        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
-        wall = time.perf_counter() - t0
+        try:
+            outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
+            wall = time.perf_counter() - t0
+            if profiled:
+                sections = profiling.report()
+        finally:
+            if profiled:
+                profiling.disable()
         print(f"  rep {rep}: fork phase {wall:.3f} s", flush=True)
         stats = llm.kv_stats()
+        if profiled:
+            breakdown = _breakdown(wall, sections, stats.get("num_steps") or 0,
+                                   "the last timed repetition, run with mrt_engine.profiling on")
         fed = counter.count
         gen, distinct = _check_and_release(llm, outs, w, w.traces)
         n_seq = w.fork_tokens() * w.branches
@@ -204,7 +225,8 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=F
                      # every branch feeds A-1 decode tokens; the rest of what was fed is prefill
                      "prefill": fed - n_seq * (w.answer_len - 1) if counter.module is not None else None})
     counter.close()
-    breakdown = profiled_call(llm, w, run_call, reps) if profile else None
+    if profile and profile_rep == "extra":
+        breakdown = profiled_call(llm, w, run_call, reps)
     med = sorted(runs, key=lambda r: r["wall"])[reps // 2]
     st = med["stats"]
     peak = max(r["stats"].get("peak_used_blocks", blocks_in_use(r["stats"])) for r in runs)
@@ -267,7 +289,8 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
         print("running (a) mrt_engine, sharing on ...", flush=True)
         r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
                         lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep),
-                        profile=getattr(args, "profile", False))
+                        profile=getattr(args, "profile", False),
+                        profile_rep=getattr(args, "profile_rep", "extra"))
         r.update(trace_phase_s=round(trace_s, 3), trace_source=args.trace_source,
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
                  # the suffix, plus the fork point's last token re-fed for its logits

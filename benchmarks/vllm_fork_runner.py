@@ -63,8 +63,8 @@ def main() -> int:
     cache_cfg = llm.llm_engine.vllm_config.cache_config
     block_size, num_blocks = cache_cfg.block_size, cache_cfg.num_gpu_blocks
 
-    def fork_prompts(suffix):
-        return [TokensPrompt(prompt_token_ids=tr[:t] + suffix) for tr in traces for t in positions]
+    def fork_prompts(suffix, n_traces=None):
+        return [TokensPrompt(prompt_token_ids=tr[:t] + suffix) for tr in traces[:n_traces] for t in positions]
 
     def prefill_traces():
         llm.generate([TokensPrompt(prompt_token_ids=tr) for tr in traces],
@@ -73,10 +73,10 @@ def main() -> int:
     fork_params = SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0, top_p=1.0,
                                  top_k=-1, detokenize=False)
 
-    # warm-up: same shapes of work, a different suffix
+    # warm-up: same shapes of work (the forks of `warmup_traces` traces), a different suffix
     reset_each_rep = bool(job.get("reset_each_rep", False))
     prefill_traces()
-    llm.generate(fork_prompts(job["warmup_suffix"]), fork_params, use_tqdm=False)
+    llm.generate(fork_prompts(job["warmup_suffix"], job.get("warmup_traces")), fork_params, use_tqdm=False)
     walls, gen, counts = [], None, []
     for suffix in job["suffixes"]:
         if reset_each_rep:
