@@ -63,9 +63,11 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, s.num_kv_heads, s.head_dim)
         o = backend.forward(q, k, v, k_cache, v_cache, meta, s.scale)
-        h = h + self.o_proj(o.reshape(n, self.q_size))
+        # residual adds and SiLU * up in place on fresh GEMM outputs (y + h == h + y bit for bit):
+        # fewer [N, H] / [N, I] temporaries per layer
+        h = self.o_proj(o.reshape(n, self.q_size)).add_(h)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up)).add_(h)
 
 
 class ModelSpec:
