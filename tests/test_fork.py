@@ -94,8 +94,52 @@ def test_seeded_forks_sample_like_scratch(engines):
     sp = SamplingParams(n=4, temperature=1.0, top_k=20, max_tokens=8, seed=123)
     forked = llm.fork(h, at=[33], suffix=[1, 2], params=sp)[0]
     ref = scratch.generate([full[:33] + [1, 2]], sp)[0]
-    assert [c.token_ids for c in forked.outputs] == [c.token_ids for c in ref.outputs]
+    for c, r in zip(forked.outputs, ref.outputs, strict=True):
+        _same(c, r)                                                  # tokens and logprobs
     assert len({tuple(c.token_ids) for c in forked.outputs}) > 1    # the n samples differ
+    llm.release(h)
+
+
+def test_fork_decode_reads_the_shared_trace_once(engines, monkeypatch):
+    """The CPU torch backend must really share: in a decode step of 12 branches forked at 3 points
+    of one trace, the blocks it gathers are far fewer than one pass per sequence, and the trunk's
+    shared blocks are read about once (a prefix tree), not once per group or per row."""
+    import mrt_engine.attention.torch_backend as tb
+
+    llm, scratch = engines
+    if not isinstance(llm.model.attn_backend, tb.TorchAttentionBackend):
+        pytest.skip("the engine does not run the torch attention backend")
+    h, full = _trace(llm, 17, plen=40, gen=40)                      # 80 tokens, 10 blocks of 8
+    plans = []
+    build = tb._build_decode_plan
+
+    def spy(meta, block_size, device):
+        plan = build(meta, block_size, device)
+        # the blocks the step plan's groups share (each group: its rows' common leading blocks)
+        ptr, ns = meta.group_ptr_host, meta.group_num_shared_host
+        rows, tables = meta.group_rows.tolist(), meta.decode_block_tables.tolist()
+        distinct = {b for g in range(len(ptr) - 1) if ptr[g + 1] - ptr[g] > 1
+                    for b in tables[rows[ptr[g]]][:ns[g]]}
+        plans.append((meta.decode_context_lens.tolist(), distinct, plan))
+        return plan
+    monkeypatch.setattr(tb, "_build_decode_plan", spy)
+    positions = [40, 60, 79]
+    outs = llm.fork(h, at=positions, n=4, params=SamplingParams(max_tokens=5, **GREEDY))
+    monkeypatch.undo()
+    refs = scratch.generate([full[:t] for t in positions], SamplingParams(max_tokens=5, **GREEDY))
+    for o, r in zip(outs, refs):
+        for c in o.outputs:
+            _same(c, r.outputs[0])
+    steps = [p for p in plans if len(p[0]) == 12]
+    assert steps, "no decode step held all 12 branches"
+    for ctx, distinct, plan in steps:
+        per_sequence = sum(-(-n // 8) for n in ctx)
+        shared = sum(b.blocks.numel() for b in plan.shared)
+        gathered = shared + sum(b.blocks.numel() for b in plan.own)
+        # every shared block is read about once for all the rows under it (padding aside): the
+        # trace's first blocks are common to the 3 fork points' groups and must not be re-read
+        assert len(distinct) >= 7 and len(distinct) <= shared <= 1.25 * len(distinct), (shared, distinct)
+        assert gathered <= 0.4 * per_sequence, (gathered, per_sequence)
     llm.release(h)
 
 
@@ -145,7 +189,16 @@ def test_forks_under_block_pressure_preempt_and_match(engines, tiny_llama_dir):
     refs = scratch.generate([full[:t] + [7, 8, 9] for t in positions], SamplingParams(max_tokens=24, **GREEDY))
     for o, r in zip(outs, refs):
         for c in o.outputs:
-            assert c.token_ids == r.outputs[0].token_ids
+            _same(c, r.outputs[0])
+    # seeded sampling under the same pressure: every sample's tokens and logprobs as from scratch
+    before = tight.kv_stats()["num_preemptions"]
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=24, seed=5, ignore_eos=True)
+    outs = tight.generate([Fork(h, at=t, suffix=[7, 8, 9]) for t in positions], sp)
+    assert tight.kv_stats()["num_preemptions"] > before
+    refs = scratch.generate([full[:t] + [7, 8, 9] for t in positions], sp)
+    for o, r in zip(outs, refs):
+        for c, rc in zip(o.outputs, r.outputs, strict=True):
+            _same(c, rc)
     tight.release(h)
     tight.reset_prefix_cache()
     st = tight.kv_stats()
