@@ -80,11 +80,23 @@ def test_seeded_sampling_is_batch_invariant_and_engine_seed_reproducible(llm, ti
     alone = llm.generate([_prompt(3)], sp)[0]
     mixed = llm.generate([_prompt(4, 33), _prompt(3), _prompt(5, 7)],
                          [SamplingParams(n=2, max_tokens=20), sp, SamplingParams(temperature=0.5, max_tokens=4)])[1]
-    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in mixed.outputs]
+    for x, y in zip(alone.outputs, mixed.outputs, strict=True):
+        assert x.token_ids == y.token_ids
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-5)
     # unseeded requests draw their seed from LLM(seed=...)
     a = LLM(tiny_qwen2_dir, num_blocks=64, seed=7).generate([_prompt(6)], SamplingParams(max_tokens=10))
     b = LLM(tiny_qwen2_dir, num_blocks=64, seed=7).generate([_prompt(6)], SamplingParams(max_tokens=10))
     assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+
+
+@pytest.mark.xfail(strict=True, reason="sampler: a step with any top-k/top-p row samples the untruncated "
+                   "rows by a CDF in probability order, alone they use token-id order (different tokens "
+                   "for the same uniform); fix belongs in mrt_engine/sampling.py")
+def test_untruncated_seeded_request_is_batch_invariant_next_to_top_k(llm):
+    sp = SamplingParams(temperature=1.0, max_tokens=12, seed=42)
+    alone = llm.generate([_prompt(3)], sp)[0].outputs[0]
+    mixed = llm.generate([_prompt(4, 33), _prompt(3)], [SamplingParams(top_k=5, max_tokens=12), sp])[1].outputs[0]
+    assert alone.token_ids == mixed.token_ids
 
 
 def test_shared_seed_differs_per_prompt(llm):
@@ -188,6 +200,74 @@ def test_model_folder_errors(tmp_path, tiny_llama_dir):
         LLM(tiny_llama_dir, dtype="int8")
     cfg = json.loads((broken.parent / "noweights" / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_generation_reaching_max_model_len_stops_with_length(tiny_qwen2_dir):
+    """Sequences (n > 1, a fork of a kept one) that run into max_model_len finish with "length"
+    exactly there; a fork prompt that fills max_model_len is refused up front."""
+    small = LLM(tiny_qwen2_dir, num_blocks=32, block_size=8, max_model_len=40)
+    roomy = LLM(tiny_qwen2_dir, num_blocks=64, block_size=8)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=100, seed=3, ignore_eos=True)
+    prompt = _prompt(20, 29)
+    outs = small.generate([prompt, prompt[:5]], sp, keep=True)
+    ref = roomy.generate([prompt, prompt[:5]], sp)
+    for o, r in zip(outs, ref):
+        for c, rc in zip(o.outputs, r.outputs, strict=True):
+            assert c.finish_reason == "length" and len(o.prompt_token_ids) + len(c.token_ids) == 40
+            assert c.token_ids == rc.token_ids[:len(c.token_ids)]
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(rc.logprobs[:len(c.logprobs)]),
+                                       rtol=0, atol=1e-5)
+    h = outs[0].outputs[1].handle
+    assert len(h) == 40
+    branch = small.fork(h, at=[35], suffix=[1, 2], params=SamplingParams(max_tokens=50, **GREEDY))[0].outputs[0]
+    assert branch.finish_reason == "length" and len(branch.token_ids) == 40 - 37
+    with pytest.raises(ValueError, match="max_model_len"):
+        small.fork(h, at=[40], params=SamplingParams(max_tokens=1))
+    for o in outs:
+        for c in o.outputs:
+            small.release(c.handle)
+    small.reset_prefix_cache()
+    assert small.kv_stats()["free_blocks"] == small.kv_stats()["total_blocks"]
+
+
+@pytest.mark.parametrize("fail_at", [1, 4])
+def test_exception_mid_step_frees_the_call_and_keeps_handles(tiny_qwen2_dir, monkeypatch, fail_at):
+    """The model raising on the k-th step of a call: the exception reaches the caller, the call's
+    blocks are all freed, and earlier handles still hold valid KV (a fork from one equals the
+    same prompt computed from scratch by a fresh engine); the engine keeps working."""
+    llm = LLM(tiny_qwen2_dir, num_blocks=64, block_size=8)
+    scratch = LLM(tiny_qwen2_dir, num_blocks=64, block_size=8, enable_prefix_caching=False)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=9, ignore_eos=True)
+    kept = llm.generate([_prompt(30, 21)], sp, keep=True)[0]
+    st0 = llm.kv_stats()
+    calls = [0]
+    execute = llm.runner.execute
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("injected failure")
+        return execute(*args, **kwargs)
+    monkeypatch.setattr(llm.runner, "execute", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        llm.generate([_prompt(31, 30), Fork(kept.outputs[0].handle, 25, [5, 6])], sp, keep=True)
+    monkeypatch.undo()
+    st = llm.kv_stats()
+    assert st["used_blocks"] == st0["used_blocks"] and st["kept_handles"] == 2
+    assert not llm.scheduler.has_unfinished()
+    assert set(llm.kv.sequence_ids()) == {c.handle.seq_id for c in kept.outputs}
+    full = kept.prompt_token_ids + kept.outputs[1].token_ids
+    fork_sp = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=4, ignore_eos=True)
+    got = llm.fork(kept.outputs[1].handle, at=[10, 27, len(full)], suffix=[7], params=fork_sp)
+    want = scratch.generate([full[:t] + [7] for t in (10, 27, len(full))], fork_sp)
+    for o, r in zip(got, want):
+        for c, rc in zip(o.outputs, r.outputs, strict=True):
+            assert c.token_ids == rc.token_ids
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(rc.logprobs), rtol=0, atol=1e-5)
+    for c in kept.outputs:
+        llm.release(c.handle)
+    llm.reset_prefix_cache()
+    assert llm.kv_stats()["free_blocks"] == llm.kv_stats()["total_blocks"]
 
 
 def test_all_blocks_free_at_the_end(llm):
