@@ -309,7 +309,9 @@ class TorchAttentionBackend:
                 # query j sits at position ctx - n + j and sees keys 0 .. ctx - n + j
                 hidden = torch.ones(n, ctx, dtype=torch.bool, device=q.device).triu_(ctx - n + 1)
                 mask = torch.zeros(n, ctx, dtype=torch.float32, device=q.device).masked_fill_(hidden, float("-inf"))
-                mask = masks[i] = mask.repeat_interleave(grp, 0)[None, None]          # [1, 1, n*grp, ctx]
+                # built once per step in q's dtype (the kernel takes the mask in q's dtype: no
+                # per-layer cast)
+                mask = masks[i] = mask.repeat_interleave(grp, 0)[None, None].to(q.dtype)   # [1, 1, n*grp, ctx]
             qb = q[a:a + n].view(n, hkv, grp, dh).transpose(0, 1).reshape(1, hkv, n * grp, dh)
             o, _ = _partial_attention(qb, kk, vv, mask, scale)                        # [1, Hkv, n*grp, Dh]
             out[a:a + n] = o.view(hkv, n, grp, dh).transpose(0, 1).reshape(n, hkv * grp, dh)
