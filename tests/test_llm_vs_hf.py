@@ -74,10 +74,21 @@ def test_chunked_prefill_and_preemption_keep_greedy_outputs(pair):
     path, hf, llm = pair
     prompts = _prompts(5, seed=3, lo=20, hi=60)
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    ref = llm.generate(prompts, sp)
     small = LLM(path, dtype="float32", num_blocks=14, block_size=8, max_num_batched_tokens=24)
     outs = small.generate(prompts, sp)
-    assert [o.outputs[0].token_ids for o in outs] == ref
+    for p, o, r in zip(prompts, outs, ref):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        _check_against_hf(hf, p, o.outputs[0])              # logprobs after recompute, too
+    # seeded sampling with n > 1 under the same pressure: tokens and logprobs as the roomy engine's
+    sampled = SamplingParams(n=2, temperature=1.0, max_tokens=30, seed=8, ignore_eos=True)
+    before = small.kv_stats()["num_preemptions"]
+    outs = small.generate(prompts[:3], sampled)
+    assert small.kv_stats()["num_preemptions"] > before
+    for p, o, r in zip(prompts, outs, llm.generate(prompts[:3], sampled)):
+        for c, rc in zip(o.outputs, r.outputs, strict=True):
+            assert c.token_ids == rc.token_ids
+            _check_against_hf(hf, p, c, greedy=False)
     st = small.kv_stats()
     assert st["num_preemptions"] > 0
     small.reset_prefix_cache()
