@@ -15,7 +15,8 @@ Timed in the same run, on the same model and token ids:
   (b) transformers doing the same estimation: every point's prefix + suffix as a prompt, K samples
       of A tokens by `generate` (batched by length, KV cache on), decode, grade, J.
 Ends with `progress estimation: <C>x of trace generation time, <S>x faster than transformers`,
-C = (p) / (a), S = (b) / (p); writes progress.json under --out-dir.
+C = (p) / (a), S = (b) / (p) in wall time (the same ratios in this process's CPU seconds are printed
+and saved too: steadier on a shared machine); writes progress.json under --out-dir.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from workload import (EOS_ID, QUICK_MODEL, ModelShape, Workload, machine_info, read_config,  # noqa: E402
-                      suffix_ids, tiny_llama, trace_prompts)
+from workload import (EOS_ID, QUICK_MODEL, SHAPES, Workload, machine_info, random_model,  # noqa: E402
+                      read_config, suffix_ids, trace_prompts)
 
 NATURAL_SUFFIX_LEN = 4   # stands for "\n</think>\n\n"
 VERIFIER = "math"
@@ -87,9 +88,9 @@ def run_engine(model_dir: str, w: Workload, args) -> tuple[list[list[int]], dict
     llm.generate(prompts, [SamplingParams(temperature=1.0, max_tokens=min(new, 32), ignore_eos=True)] *
                  w.traces)
     # (a) the traces themselves
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, trace_params, keep=True)
-    trace_s = time.perf_counter() - t0
+    trace_s, trace_cpu = time.perf_counter() - t0, time.process_time() - c0
     handles = [o.outputs[0].handle for o in outs]
     traces = [list(h.token_ids) for h in handles]
     print(f"(a) traces: {w.traces} x {w.trace_len} tokens sampled by mrt_engine (keep=True) in "
@@ -109,13 +110,14 @@ def run_engine(model_dir: str, w: Workload, args) -> tuple[list[list[int]], dict
     t0 = time.perf_counter()
     estimate(-1, handles[:1] if args.light_warmup else handles)
     print(f"(p) warm-up: {time.perf_counter() - t0:.2f} s", flush=True)
-    walls, stats, tps = [], [], None
+    walls, cpus, stats, tps = [], [], [], None
     for rep in range(args.reps):
         gc.collect()
         llm.reset_stats()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tps = estimate(rep, handles)   # a fresh suffix per rep: no cached suffix KV is reused
         walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         stats.append(llm.kv_stats())
         print(f"(p) rep {rep}: progress estimation {walls[-1]:.3f} s", flush=True)
     for h in handles:
@@ -124,6 +126,8 @@ def run_engine(model_dir: str, w: Workload, args) -> tuple[list[list[int]], dict
     expected_prefill = w.traces * ((w.positions + 1) * (w.suffix_len + 1) + NATURAL_SUFFIX_LEN + 1)
     res = {"trace_s": round(trace_s, 4), "progress_walls_s": [round(x, 4) for x in walls],
            "progress_s": round(statistics.median(walls), 4),
+           # CPU seconds of this process: steadier than wall time on a shared machine
+           "trace_cpu_s": round(trace_cpu, 4), "progress_cpu_s": round(statistics.median(cpus), 4),
            "points": points, "answers": points * w.branches,
            "prefill_tokens": st["prefill_tokens"], "expected_prefill_tokens": expected_prefill,
            "peak_kv_blocks": st["peak_used_blocks"], "preemptions": st["num_preemptions"],
@@ -166,16 +170,18 @@ def run_transformers(model_dir: str, w: Workload, traces, args) -> dict:
         return rewards
 
     estimate(-1, traces[:1])   # warm-up: one trace's points
-    walls = []
+    walls, cpus = [], []
     for rep in range(args.hf_reps):
         gc.collect()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         J = estimate(rep, traces)
         walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         print(f"(b) rep {rep}: transformers estimation {walls[-1]:.3f} s", flush=True)
     del forker
     gc.collect()
     return {"hf_walls_s": [round(x, 4) for x in walls], "hf_s": round(statistics.median(walls), 4),
+            "hf_cpu_s": round(statistics.median(cpus), 4),
             "points": len(J)}
 
 
@@ -188,7 +194,7 @@ def run(args) -> int:
     w = Workload(traces=args.traces, trace_len=args.trace_len, prompt_len=args.prompt_len,
                  positions=args.positions, suffix_len=args.suffix_len, branches=args.branches,
                  answer_len=args.answer_len, seed=args.seed)
-    base = args.model or tiny_llama(QUICK_MODEL if args.quick else ModelShape())
+    base = args.model or random_model(QUICK_MODEL if args.quick else SHAPES[getattr(args, "shape", "small")])
     config = read_config(base)
     w.validate(config["vocab_size"], config.get("max_position_embeddings", 1 << 30))
     if w.positions >= w.trace_len - w.prompt_len:
@@ -210,6 +216,8 @@ def run(args) -> int:
     S = hf["hf_s"] / eng["progress_s"]
     report = {"workload": workload, "machine": machine, "engine": eng, "transformers": hf,
               "progress_over_trace_time": round(C, 3), "speedup_vs_transformers": round(S, 2),
+              "cpu_time_ratios": {"progress_over_trace": round(eng["progress_cpu_s"] / eng["trace_cpu_s"], 3),
+                                  "speedup_vs_transformers": round(hf["hf_cpu_s"] / eng["progress_cpu_s"], 2)},
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_avg_1m_at_end": round(os.getloadavg()[0], 2)}
     os.makedirs(args.out_dir, exist_ok=True)
@@ -219,6 +227,10 @@ def run(args) -> int:
     print(f"(a) trace generation {eng['trace_s']:.3f} s | (p) progress estimation {eng['progress_s']:.3f} s"
           f" ({eng['points']} points x K={w.branches}, prefill {eng['prefill_tokens']} tokens, expected "
           f"{eng['expected_prefill_tokens']}) | (b) transformers {hf['hf_s']:.3f} s")
+    cr = report["cpu_time_ratios"]
+    print(f"in CPU seconds of this process: {cr['progress_over_trace']:.2f}x of trace generation, "
+          f"{cr['speedup_vs_transformers']:.1f}x faster than transformers (load average at end "
+          f"{report['load_avg_1m_at_end']})")
     print(f"wrote {path}")
     print(f"progress estimation: {C:.2f}x of trace generation time, {S:.1f}x faster than transformers")
     return 0
