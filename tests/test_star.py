@@ -68,12 +68,12 @@ def test_sft_step_lowers_nll_of_kept_rows():
     prompts, comps = _rows(1)
     tb = star.sft_tensors(prompts, comps, pad_id=0)
     opt = build_optimizer(GRPOConfig(learning_rate=1e-3), model)
-    before = float(star.sft_nll(model, tb))
+    before = float(star.sft_nll(model, tb).detach())
     for _ in range(3):
         (star.sft_nll(model, tb) / tb.completion_mask.sum()).backward()
         opt.step()
         opt.zero_grad()
-    assert float(star.sft_nll(model, tb)) < before
+    assert float(star.sft_nll(model, tb).detach()) < before
 
 
 def test_schedule():
