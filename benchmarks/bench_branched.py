@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "when --vllm-python is given)")
     p.add_argument("--vllm-python", help="a Python interpreter that has vllm (CPU build) installed")
     p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
+    p.add_argument("--vllm-threads", type=int, default=None,
+                   help="vLLM without core binding and with this many OpenMP threads (default: "
+                   "vLLM's own binding, every core); pair with --threads for a same-threads run")
     p.add_argument("--vllm-peak-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="an extra untimed vLLM fork call that polls its KV usage for peak KV (default on)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/ for --shape small, "
@@ -133,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
     if "vllm" in args.engines and not args.vllm_python:
         p.error("engine 'vllm' needs --vllm-python PATH")
+    if args.vllm_threads is not None and args.vllm_threads < 1:
+        p.error("--vllm-threads must be >= 1")
     for name in ("reps", "hf_reps", "vllm_reps", "hf_max_rows", "block_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -210,6 +215,9 @@ def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
            "warmup_traces": 1 if args.light_warmup else len(traces)}
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gib))
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")   # both cores compute (peers-cpu.md)
+    if args.vllm_threads:
+        # no core binding (a pinned thread cannot move off a busy core) and N OpenMP threads
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(args.vllm_threads))
     with tempfile.TemporaryDirectory() as tmp:
         job_path, res_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:

@@ -130,7 +130,7 @@ def main() -> int:
         "vllm": vllm.__version__, "torch": torch.__version__,
         "engine_startup_s": round(startup, 2), "reset_each_rep": reset_each_rep,
         "max_num_batched_tokens": getattr(llm.llm_engine.vllm_config.scheduler_config, "max_num_batched_tokens", None),
-        "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k == "VLLM_TARGET_DEVICE"},
+        "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k in ("VLLM_TARGET_DEVICE", "OMP_NUM_THREADS")},
     }
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)
