@@ -132,9 +132,7 @@ def run_engine(model_dir: str, w: Workload, args) -> tuple[list[list[int]], dict
            "prefill_tokens": st["prefill_tokens"], "expected_prefill_tokens": expected_prefill,
            "peak_kv_blocks": st["peak_used_blocks"], "preemptions": st["num_preemptions"],
            "mean_J": statistics.mean(j for tp in tps for j in tp.J)}
-    del llm
-    gc.collect()
-    return traces, res
+    return traces, res   # the engine (and its KV cache) goes with this frame
 
 
 def run_transformers(model_dir: str, w: Workload, traces, args) -> dict:
@@ -178,8 +176,6 @@ def run_transformers(model_dir: str, w: Workload, traces, args) -> dict:
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
         print(f"(b) rep {rep}: transformers estimation {walls[-1]:.3f} s", flush=True)
-    del forker
-    gc.collect()
     return {"hf_walls_s": [round(x, 4) for x in walls], "hf_s": round(statistics.median(walls), 4),
             "hf_cpu_s": round(statistics.median(cpus), 4),
             "points": len(J)}
@@ -211,6 +207,7 @@ def run(args) -> int:
     print("workload:", json.dumps(workload))
     print("machine: ", json.dumps(machine), flush=True)
     traces, eng = run_engine(model_dir, w, args)
+    gc.collect()
     hf = run_transformers(model_dir, w, traces, args)
     C = eng["progress_s"] / eng["trace_s"]
     S = hf["hf_s"] / eng["progress_s"]
