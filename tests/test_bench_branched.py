@@ -167,6 +167,9 @@ def test_shape_flag_defaults():
         bench_branched.parse_args(["--shape", "qwen7b"])
     with pytest.raises(SystemExit):
         bench_branched.parse_args(["--hf-forks", "-1"])
+    with pytest.raises(SystemExit):
+        bench_branched.parse_args(["--vllm-threads", "0"])
+    assert bench_branched.parse_args(["--vllm-threads", "1"]).vllm_threads == 1
 
 
 def test_qwen_shape_is_qwen25_05b():
