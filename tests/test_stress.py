@@ -21,6 +21,16 @@ BS = 8
 MAX_LEN = 96
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """A 64-wide model gains nothing from intra-op threads, and on a busy 2-core machine their
+    synchronisation made these hundreds of tiny steps 10x slower; both engines share the setting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _prompt(rng, bases):
     base = rng.choice(bases)
     return base[:rng.randint(1, len(base))] + [rng.randrange(256) for _ in range(rng.randint(0, 12))]
@@ -82,7 +92,7 @@ class _FailureProbe:
             raise
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(6))
 def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
     rng = random.Random(seed)
     tight = LLM(tiny_llama_dir, dtype="float32", block_size=BS, max_model_len=MAX_LEN,
@@ -94,7 +104,7 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
     bases = [[rng.randrange(256) for _ in range(rng.randint(5, 60))] for _ in range(3)]
     kept = []          # (tight handle, roomy handle)
     failures = 0
-    for call in range(8):
+    for call in range(12):
         k = rng.randint(1, 4)
         prompts_t, prompts_r = [], []
         for _ in range(k):
