@@ -12,6 +12,16 @@ from mrt_engine import LLM, SamplingParams
 BS = 8
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine their
+    synchronisation makes each small step several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope="module")
 def engines(tiny_llama_dir):
     cached = LLM(tiny_llama_dir, dtype="float32", block_size=BS, num_blocks=40)
