@@ -8,10 +8,12 @@ scheduler gave it, and computes each row's output from the values it *reads thro
 block table* — never from `Sequence.token_ids`. A slot's value is a hash of the values before it
 and its token, so it depends on the whole context, like real KV. The sampled token and its logprob
 are hashes of the whole context (plus the request seed and sample index, like a seeded sampler).
-Each output position of each sample is drawn once (the fake asserts it), so an output lost and
-regenerated after preemption fails even though a seeded draw would reproduce it. So a dropped output, a wrong block table, a missing copy-on-write copy, a prefix
-hit on the wrong blocks or a fork at the wrong position changes the outputs, and every test
-compares them with an oracle that runs the same arithmetic on plain lists, one sequence at a time.
+So a wrong block table, a missing copy-on-write copy, a prefix hit on the wrong blocks, samples
+swapped or a fork at the wrong position changes the outputs, and every test compares them with an
+oracle that runs the same arithmetic on plain lists, one sequence at a time. Each output position
+of each sample must be drawn once (the fake asserts it): an output lost and regenerated after
+preemption fails even though a seeded draw would reproduce it. The fake also refuses a block copy
+into a block nobody holds.
 """
 import random
 from types import SimpleNamespace
@@ -21,7 +23,7 @@ import pytest
 from mrt_engine.errors import OutOfBlocks
 from mrt_engine.kv.cache import KVCacheManager
 from mrt_engine.scheduler import Scheduler
-from mrt_engine.sequence import Request, Sequence, Status
+from mrt_engine.sequence import Request, Sequence
 
 VOCAB = 50
 _MASK = (1 << 61) - 1
