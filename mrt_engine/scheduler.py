@@ -13,8 +13,9 @@ step could schedule nothing at all, the newest running sequence is preempted and
 `update` applies a step's sampled tokens: a request with n > 1 prefills its prompt once in a
 leader sequence, and when the prompt is done its n samples are drawn from the leader's last logits;
 samples 1..n-1 become sequences forked from the leader (full blocks shared, the partial tail block
-copied). Their tail copies are reserved when the completing chunk is scheduled, so forking in
-`update` never runs out of blocks.
+copied). Their tail copies are reserved when the completing chunk is scheduled: `schedule` keeps
+one block budget for the whole step (the pool's count does not know the reservations, so it is
+read once and then only decreased), so forking in `update` never runs out of blocks.
 """
 from __future__ import annotations
 
