@@ -290,3 +290,15 @@ def test_tensor_batch_layout():
     assert tb.engine_logps.tolist() == [[-0.5, -0.25], [0, 0]]
     with pytest.raises(ValueError, match="empty"):
         TensorBatch.build([], [], [], 0)
+
+
+def test_micro_batches_partition_rows_by_length():
+    from mrt_engine.trainer.round import micro_batches
+
+    comps = [[1] * n for n in (3, 9, 1, 7, 5, 2)]
+    tb = TensorBatch.build([[5, 6]] * 6, comps, [[-0.1] * len(c) for c in comps], pad_id=0)
+    mbs = micro_batches(tb, 2)
+    assert [m.tolist() for m in mbs] == [[1, 3, 4], [0, 5, 2]]   # longest first, equal sizes
+    assert tb.rows(mbs[1]).input_ids.shape == (3, 2 + 3)          # padded to its own longest row
+    with pytest.raises(ValueError, match="equal micro-batches"):
+        micro_batches(tb, 4)

@@ -124,8 +124,8 @@ class TensorBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, sl: slice) -> "TensorBatch":
-        """A micro-batch, trimmed to its own longest row."""
+    def rows(self, sl) -> "TensorBatch":
+        """A micro-batch (a slice or a tensor of row indices), trimmed to its own longest row."""
         mask = self.completion_mask[sl]
         t = max(1, int(mask.sum(1).max().item())) if mask.numel() else 1
         ids = self.input_ids[sl]

@@ -44,19 +44,25 @@ class RoundData:
         return cls(**d)
 
 
-def micro_slices(batch_size: int, accumulation_steps: int) -> list[slice]:
-    if batch_size % accumulation_steps:
-        raise ValueError(f"a round of {batch_size} rows cannot be split into "
+def micro_batches(tb: TensorBatch, accumulation_steps: int) -> list[torch.Tensor]:
+    """Row indices of the `accumulation_steps` equal micro-batches of a round, rows sorted by
+    length (longest first) so each micro-batch is padded only to rows of similar length. Which
+    rows share a micro-batch does not change the accumulated gradient (every loss type's
+    normaliser is per row or global, micro-batches being equal in size), only the padding work."""
+    n = len(tb)
+    if n % accumulation_steps:
+        raise ValueError(f"a round of {n} rows cannot be split into "
                          f"gradient_accumulation_steps={accumulation_steps} equal micro-batches")
-    m = batch_size // accumulation_steps
-    return [slice(i * m, (i + 1) * m) for i in range(accumulation_steps)]
+    lengths = tb.logp_index.max(dim=1).values.cpu()
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    return list(order.view(accumulation_steps, -1).to(tb.input_ids.device))
 
 
 @torch.no_grad()
 def forward_logps(model, tb: TensorBatch, temperature: float, accumulation_steps: int) -> torch.Tensor:
     """[B, T] logprobs of the round under `model` (no grad), micro-batch by micro-batch."""
     out = torch.zeros_like(tb.engine_logps)
-    for sl in micro_slices(len(tb), accumulation_steps):
+    for sl in micro_batches(tb, accumulation_steps):
         sub = tb.rows(sl)
         lp, _ = completion_logps(model, sub, temperature)
         out[sl, :lp.shape[1]] = lp
@@ -68,7 +74,7 @@ def train_pass(model, rd: RoundData, cfg, world_size: int, measure_mismatch: boo
     last). Returns the summed loss and token-weighted stats (and the engine-vs-policy logprob
     mismatch when asked: on the first pass, the policy still has the weights that sampled)."""
     ga = cfg.gradient_accumulation_steps
-    slices = micro_slices(len(rd.tb), ga)
+    slices = micro_batches(rd.tb, ga)
     loss_sum, tok = 0.0, 0.0
     acc = {"kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0, "clip_ratio_high": 0.0, "entropy": 0.0}
     mm_sum, mm_max, mm_n = 0.0, 0.0, 0.0
