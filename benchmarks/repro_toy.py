@@ -96,6 +96,73 @@ def evaluate_model(model_dir: str, problems: list, samples: int, k: int, max_tok
     return res
 
 
+def analyze_progress(model_dir: str, problems: list, samples: int = 4, k_small: int = 4,
+                     k_large: int = 16, max_tokens: int = 320) -> dict:
+    """How informative is per-episode progress on the toy task? On the same kept traces:
+    two independent K=k_small estimates of every episode's progress (their correlation is the
+    signal's test-retest reliability), one K=k_large estimate (the reference), how concentrated
+    a trace's progress is in its largest step, and whether that step is the "Found it" episode."""
+    import dataclasses
+
+    from mrt_engine import LLM, SamplingParams
+    from mrt_engine.trainer import episodes
+    from mrt_engine.trainer.mrt_rollout import TOY_ANSWER_TOKENS
+    from mrt_engine.trainer.progress import estimate_progress
+    from mrt_engine.trainer.toy import traces
+
+    llm = LLM(model_dir, dtype="float32", seed=0, kv_cache_memory_gb=1.0)
+    tok = llm.get_tokenizer()
+    rule = dataclasses.replace(episodes.TOY_RULE, max_episodes=None)
+    prompts = [tok(p["prompt"])["input_ids"] for p in problems]
+    outs = llm.generate(prompts, SamplingParams(n=samples, temperature=1.0, max_tokens=max_tokens,
+                                                seed=EVAL_SEED), keep=True)
+    comps = [c for o in outs for c in o.outputs]
+    probs = [problems[i] for i, o in enumerate(outs) for _ in o.outputs]
+    handles = [c.handle for c in comps]
+    try:
+        def est(k, seed):
+            return estimate_progress(llm, handles, probs, "toy", rule=rule, k=k,
+                                     forced_suffix=traces.FORCED_SUFFIX,
+                                     natural_suffix=traces.NATURAL_END,
+                                     sampling=SamplingParams(temperature=1.0,
+                                                             max_tokens=TOY_ANSWER_TOKENS, seed=seed))
+        a, b, ref = est(k_small, 1), est(k_small, 2), est(k_large, 3)
+    finally:
+        for h in handles:
+            llm.release(h)
+
+    def corr(x, y):
+        mx, my = statistics.fmean(x), statistics.fmean(y)
+        sx = math.sqrt(sum((v - mx) ** 2 for v in x))
+        sy = math.sqrt(sum((v - my) ** 2 for v in y))
+        return sum((u - mx) * (v - my) for u, v in zip(x, y)) / (sx * sy) if sx and sy else None
+
+    pa = [p for tp in a for p in tp.progress]
+    pb = [p for tp in b for p in tp.progress]
+    pr = [p for tp in ref for p in tp.progress]
+    share, found_is_max, first_ep = [], [], []
+    for tp, c in zip(ref, comps):
+        pos = [p for p in tp.progress if p > 0]
+        if sum(pos) > 0:
+            share.append(max(pos) / sum(pos))
+        if tp.num_episodes >= 2 and max(tp.progress) > 0:
+            e = tp.progress.index(max(tp.progress))
+            text = tok.decode(list(c.token_ids[tp.points[e]:tp.points[e + 1]]))
+            found_is_max.append("Found it" in text)
+        if tp.progress:
+            first_ep.append(tp.progress[0])
+    return {"traces": len(comps), "episodes": len(pr), "k_small": k_small, "k_large": k_large,
+            "reliability_k_small": corr(pa, pb), "corr_k_small_vs_k_large": corr(pa, pr),
+            "progress_std_k_small": statistics.pstdev(pa), "progress_std_k_large": statistics.pstdev(pr),
+            "fraction_episodes_near_zero_k_large": statistics.fmean(abs(p) < 0.1 for p in pr),
+            "largest_step_share_of_positive_progress": statistics.fmean(share) if share else None,
+            "largest_step_is_found_it_episode": statistics.fmean(found_is_max) if found_is_max else None,
+            "mean_first_episode_progress_k_large": statistics.fmean(first_ep) if first_ep else None,
+            "J_by_trace_fraction_k_large": {
+                str(f): statistics.fmean(tp.J[round(f * (len(tp.J) - 1))] for tp in ref)
+                for f in (0.0, 0.25, 0.5, 0.75, 1.0)}}
+
+
 # ---- one job: train (subprocess) then evaluate (subprocess) --------------------------------------
 
 def _run(cmd, log, threads):
@@ -291,6 +358,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-base", action="store_true", help="skip evaluating the base model")
     ap.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                     help="extra `mrt train` overrides for every run (last on the line)")
+    ap.add_argument("--analyze-progress", action="store_true",
+                    help="only measure how informative per-episode progress is on the base model "
+                         "(reliability at K, concentration; writes <out>_progress.json)")
     ap.add_argument("--_eval", help=argparse.SUPPRESS)
     ap.add_argument("--_eval_out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -310,8 +380,20 @@ def main(argv=None) -> dict:
         with open(a._eval_out, "w") as f:
             json.dump(res, f)
         return res
-    os.makedirs(a.runs_dir, exist_ok=True)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    if a.analyze_progress:
+        import torch
+
+        from mrt_engine import default_model_path
+        torch.set_num_threads(a.threads)
+        problems = heldout_problems(a.eval_problems, a.seeds, 1024)
+        res = analyze_progress(default_model_path(), problems, a.eval_samples, a.k)
+        res.update(load=_loadavg(), eval_problems=a.eval_problems)
+        with open(a.out + "_progress.json", "w") as f:
+            json.dump(res, f, indent=1)
+        print(json.dumps(res, indent=1))
+        return res
+    os.makedirs(a.runs_dir, exist_ok=True)
     meta = {"seeds": a.seeds, "methods": a.methods, "max_steps": a.max_steps, "jobs": a.jobs,
             "eval_problems": a.eval_problems, "eval_samples": a.eval_samples, "k": a.k,
             "max_tokens": a.max_tokens, "train_args": a.train_args, "load_start": _loadavg(),
