@@ -110,9 +110,9 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
         for _ in range(k):
             if kept and rng.random() < 0.5:
                 ht, hr = rng.choice(kept)
-                at, suffix = rng.randint(1, len(ht)), [rng.randrange(256) for _ in range(rng.randint(0, 5))]
-                if at + len(suffix) >= MAX_LEN:
-                    suffix = []
+                suffix = [rng.randrange(256) for _ in range(rng.randint(0, 5))]
+                # the fork prompt must leave room to generate below max_model_len
+                at = rng.randint(1, min(len(ht), MAX_LEN - 1 - len(suffix)))
                 prompts_t.append(Fork(ht, at, suffix))
                 prompts_r.append(Fork(hr, at, suffix))
             else:
