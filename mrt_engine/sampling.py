@@ -122,6 +122,30 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     all_unit_temperature: bool = False   # every row T == 1: scaling the logits is a no-op
+    # host copies of each row's knobs (temperature, top_k, top_p, min_p): the sampler routes rows
+    # by them without a device sync
+    host: tuple = ()
+
+    @property
+    def truncates(self) -> list[bool]:
+        """Per row: does it sample a truncated distribution (top-k, top-p or min-p, not greedy)?"""
+        return [t != 0.0 and (k != -1 or p < 1.0 or m > 0.0) for t, k, p, m in zip(*self.host)]
+
+    def select(self, idx: list[int]) -> "SamplingTensors":
+        """The rows `idx`, as their own step (flags recomputed from those rows only)."""
+        i = torch.tensor(idx, dtype=torch.long, device=self.temperature.device)
+        temps, top_k, top_p, min_p = ([v[j] for j in idx] for v in self.host)
+        all_greedy = all(t == 0.0 for t in temps)
+        return SamplingTensors(
+            logit_rows=i if self.logit_rows is None else self.logit_rows.index_select(0, i),
+            temperature=self.temperature.index_select(0, i), top_p=self.top_p.index_select(0, i),
+            top_k=self.top_k.index_select(0, i), min_p=self.min_p.index_select(0, i),
+            uniform=self.uniform.index_select(0, i), all_greedy=all_greedy,
+            any_greedy=any(t == 0.0 for t in temps),
+            any_top_k=not all_greedy and any(k != -1 for k in top_k),
+            any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
+            any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
+            all_unit_temperature=all(t == 1.0 for t in temps), host=(temps, top_k, top_p, min_p))
 
     @classmethod
     def build(cls, rows, params, seeds, sample_indices, steps, device) -> "SamplingTensors":
@@ -152,6 +176,7 @@ class SamplingTensors:
             any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
             any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
             all_unit_temperature=all(t == 1.0 for t in temps),
+            host=(temps, top_k, top_p, min_p),
         )
 
 
@@ -168,7 +193,8 @@ class Sampler:
     same counter-based uniform, so rows stay seeded and batch-invariant. The logprob is
     x[tok]/T - max - log(total) = log_softmax(x/T)[tok]. Rows share a logits row (a request's n
     samples at its prompt end) without copying it: the vocab-sized work runs once per logits row.
-    With top-k/top-p/min-p a step takes the general path: one softmax, a sort, masks, one cumsum.
+    Rows with top-k/top-p/min-p take the general path: one softmax, a sort, masks, one cumsum in id
+    order. A step routes each row by its own knobs only, so rows stay batch-invariant.
     """
 
     def __init__(self):
@@ -183,6 +209,23 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
         if not (st.any_top_k or st.any_top_p or st.any_min_p):
             return self._sample_full(logits, st)
+        truncates = st.truncates
+        if all(truncates):
+            return self._sample_truncated(logits, st)
+        # a mixed step: every row takes the path it takes alone, so a seeded row samples the same
+        # token whatever shares its step (the two paths round differently)
+        tokens = torch.empty(len(truncates), dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(len(truncates), dtype=torch.float32, device=logits.device)
+        for want, fn in ((False, self._sample_full), (True, self._sample_truncated)):
+            idx = [i for i, t in enumerate(truncates) if t == want]
+            tok, lp = fn(logits, st.select(idx))
+            rows = torch.tensor(idx, dtype=torch.long, device=logits.device)
+            tokens.index_copy_(0, rows, tok)
+            logprobs.index_copy_(0, rows, lp)
+        return tokens, logprobs
+
+    def _sample_truncated(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row truncates (or is greedy): one softmax, masks, one inverse CDF in id order."""
         x = logits if st.logit_rows is None else logits.index_select(0, st.logit_rows)
         x = x.float()
         greedy = st.temperature == 0
@@ -259,7 +302,7 @@ class Sampler:
         V = probs.shape[-1]
         if st.any_top_k or st.any_top_p:
             # 1. sort once; top-k, then top-p on the top-k mass, then min-p, all as masks
-            sp, si = probs.sort(dim=-1, descending=True)                # [R, V]
+            sp, si = probs.sort(dim=-1, descending=True, stable=True)   # [R, V]
             rank = torch.arange(V, device=probs.device)
             k = torch.where(st.top_k < 0, torch.full_like(st.top_k, V), st.top_k.clamp(max=V))
             sp = sp.masked_fill(rank[None, :] >= k[:, None], 0.0)
@@ -269,8 +312,10 @@ class Sampler:
                 sp = sp.masked_fill(cum - sp >= st.top_p[:, None] * cum[:, -1:], 0.0)
             if st.any_min_p:
                 sp = sp.masked_fill(sp < (st.min_p * sp[:, 0])[:, None], 0.0)
-            idx = Sampler._inverse_cdf(sp, st.uniform)
-            return si.gather(1, idx[:, None])[:, 0]
+            # 2. the mask back in id order, then sample in id order like the untruncated rows: a
+            # min-p-only row then draws the same token whether or not top-k rows share its step
+            keep = torch.zeros_like(sp, dtype=torch.bool).scatter_(1, si, sp > 0)
+            return Sampler._inverse_cdf(probs.masked_fill(~keep, 0.0), st.uniform)
         if st.any_min_p:
             # a masked copy: probs still has to give the logprobs
             return Sampler._inverse_cdf(probs.masked_fill(probs < (st.min_p * pmax)[:, None], 0.0), st.uniform)
