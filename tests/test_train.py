@@ -7,6 +7,7 @@
 - the CLI: metrics.jsonl fields, checkpoint loadable by the engine with the synced weights, plot.
 """
 import copy
+import importlib.util
 import json
 import os
 
@@ -201,8 +202,10 @@ def test_mrt_train_cli_end_to_end(tmp_path, monkeypatch):
         assert all(isinstance(r[k], (int, float)) for k in need), set(need) - set(r)
         assert r["logprob_mismatch_max"] < 1e-3
     assert summary["final_step"] == 2 and (out / "summary.json").is_file()
+    # tensorboard is optional (the `tensorboard` extra): without it only metrics.jsonl is written
+    has_tb = importlib.util.find_spec("tensorboard") is not None
     assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "grpo_config.yaml", "metrics.jsonl",
-                                       "summary.json", "tensorboard"]
+                                       "summary.json"] + (["tensorboard"] if has_tb else [])
     # the checkpoint is a model folder the engine loads, holding the weights that were synced
     ck = str(out / "checkpoint-2")
     trained = AutoModelForCausalLM.from_pretrained(ck)
