@@ -85,9 +85,10 @@ def test_mrt_eval_toy_end_to_end(tmp_path, capsys):
     from mrt_engine.cli import main as cli
 
     out = tmp_path / "ev"
-    cli(["eval", "--data", "toy", "--num-problems", "2", "--difficulty", "4", "--samples", "2", "--k", "2",
+    # None: the `mrt` console script's sys.exit(main()) then exits 0
+    assert cli(["eval", "--data", "toy", "--num-problems", "2", "--difficulty", "4", "--samples", "2", "--k", "2",
          "--budgets", "16,1000", "--max-tokens", "100", "--answer-tokens", "10", "--extend", "1",
-         "--extend-tokens", "16", "--seed", "3", "--out", str(out), "--no-progress-bar"])
+         "--extend-tokens", "16", "--seed", "3", "--out", str(out), "--no-progress-bar"]) is None
     printed = capsys.readouterr().out
     assert "accuracy vs thinking budget" in printed and "normalized regret" in printed
     res = json.loads((out / "eval.json").read_text())
@@ -124,9 +125,10 @@ def test_mrt_eval_jsonl_with_a_chat_template(tmp_path, tiny_qwen2_dir, capsys):
     path.write_text("\n".join(json.dumps({"problem": f"What is {i}+1?", "answer": str(i + 1)})
                               for i in range(3)) + "\n")
     out = tmp_path / "ev"
-    res = main(["--model", str(model), "--data", str(path), "--samples", "2", "--k", "2",
+    assert main(["--model", str(model), "--data", str(path), "--samples", "2", "--k", "2",
                 "--max-tokens", "24", "--answer-tokens", "6", "--budgets", "8", "16",
-                "--system", "Think.", "--out", str(out), "--no-progress-bar"])
+                "--system", "Think.", "--out", str(out), "--no-progress-bar"]) is None
+    res = json.loads((out / "eval.json").read_text())
     assert os.path.isfile(out / "eval.json") and os.path.isfile(out / "regret_vs_budget.png")
     assert res["num_traces"] == 6 and res["config"]["verifier"] == "math"
     assert res["accuracy_vs_budget"]["budgets"] == [8, 16]

@@ -552,7 +552,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """`mrt eval`: returns None, so a console-script wrapper's sys.exit(main()) exits 0."""
+    run_cli(argv)
+
+
+def run_cli(argv=None) -> dict:
+    """`mrt eval` that returns the results dict (for scripts and tests)."""
     from mrt_engine import LLM, default_model_path
 
     a = parse_args(argv)
