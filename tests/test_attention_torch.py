@@ -17,14 +17,7 @@ from mrt_engine.attention import (BACKEND_ENV, TorchAttentionBackend, get_attent
 from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small shapes gain nothing from intra-op threads; on a busy 2-core machine their
-    synchronisation makes each call several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_attention(q, k_cache, v_cache, block_table, context_len, scale):

@@ -18,14 +18,7 @@ from transformers import AutoModelForCausalLM
 from mrt_engine import LLM, SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine their
-    synchronisation makes each small step several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MEAN_FACTOR = 1.3

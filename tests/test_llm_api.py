@@ -11,14 +11,7 @@ from safetensors.torch import load_file
 from mrt_engine import LLM, Fork, RequestOutput, SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine their
-    synchronisation makes each small step several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 GREEDY = dict(temperature=0, ignore_eos=True)

@@ -21,15 +21,7 @@ from mrt_engine.trainer.toy import task, traces
 MAX_TOKENS = 160
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # a shared 2-core machine: more threads spin against other processes
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +203,6 @@ def _round(llm, mode_name, extra=()):
 def test_mrt_progress_round_advantages_follow_episodes(llm):
     import torch
 
-    from mrt_engine.trainer.advantages import group_advantages
-
     cfg, rd, loss = _round(llm, "mrt_progress", ["--alpha", "0.5"])
     _no_leak(llm)
     st = settings_from_config(cfg)
@@ -221,7 +211,6 @@ def test_mrt_progress_round_advantages_follow_episodes(llm):
     comps = [tb.completion_ids[i, :int(tb.completion_mask[i].sum())].tolist() for i in range(len(tb))]
     rewards = rd.metrics["reward"]
     assert 0.0 <= rewards <= 1.0 and torch.isfinite(torch.tensor(loss))
-    outcome = None
     n_multi = 0
     for i, comp in enumerate(comps):
         bounds, think = st.boundaries_fn(tok)(comp)

@@ -19,13 +19,7 @@ TINY_RUN = ["--max_steps", "2", "--star_iterations", "1", "--num_generations", "
             "--progress_k", "2", "--episode_max_episodes", "3", "--learning_rate", "1e-3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # a shared 2-core machine: more threads spin against other processes
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

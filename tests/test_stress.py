@@ -21,14 +21,7 @@ BS = 8
 MAX_LEN = 96
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A 64-wide model gains nothing from intra-op threads, and on a busy 2-core machine their
-    synchronisation made these hundreds of tiny steps 10x slower; both engines share the setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _prompt(rng, bases):

@@ -29,12 +29,7 @@ TINY = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradi
         "--engine_num_blocks", "64", "--seed", "3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # a tiny model on a shared machine: one thread is many times faster
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

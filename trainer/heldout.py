@@ -7,6 +7,7 @@ rank evaluates its slice of the problems and the counts are summed.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -42,3 +43,16 @@ def heldout_accuracy(llm, prompt_ids: Sequence[Sequence[int]], problems: Sequenc
     score, length, trunc, n = tot.tolist()
     return {"eval_accuracy": score / n, "eval_completion_length": length / n,
             "eval_truncated_ratio": trunc / n, "eval_samples": int(n)}
+
+
+def timed_heldout(llm, data, verifier, cfg, *, samples: int, seed: int, dist=None) -> dict:
+    """heldout_accuracy over `data.eval_prompts` / `data.eval_problems` with the run's sampling
+    settings, plus its wall time as 'eval_s'; {} when the run has no held-out problems."""
+    if not data.eval_problems:
+        return {}
+    t0 = time.perf_counter()
+    r = heldout_accuracy(llm, data.eval_prompts, data.eval_problems, verifier, samples=samples,
+                         max_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                         top_p=cfg.top_p, seed=seed, dist=dist)
+    r["eval_s"] = time.perf_counter() - t0
+    return r

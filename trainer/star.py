@@ -84,7 +84,7 @@ def train_star(cfg, resume=None) -> dict:
     from mrt_engine.trainer import checkpoint as ckpt
     from mrt_engine.trainer import dist as dist_mod
     from mrt_engine.trainer.grading import get_verifier
-    from mrt_engine.trainer.heldout import heldout_accuracy
+    from mrt_engine.trainer.heldout import timed_heldout
     from mrt_engine.trainer.metrics import MetricsLogger
     from mrt_engine.trainer.mrt import cumulative_progress, star_select
     from mrt_engine.trainer.mrt_rollout import progress_for_batch, settings_from_config
@@ -123,15 +123,8 @@ def train_star(cfg, resume=None) -> dict:
     samples = cfg.star_samples_per_prompt
 
     def evaluate() -> dict:
-        if not data.eval_problems:
-            return {}
-        t0 = time.perf_counter()
-        r = heldout_accuracy(llm, data.eval_prompts, data.eval_problems, verifier,
-                             samples=EVAL_SAMPLES, max_tokens=cfg.max_completion_length,
-                             temperature=cfg.temperature, top_p=cfg.top_p,
+        return timed_heldout(llm, data, verifier, cfg, samples=EVAL_SAMPLES,
                              seed=cfg.seed + EVAL_SEED_OFFSET, dist=dist)
-        r["eval_s"] = time.perf_counter() - t0
-        return r
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "optimizer": optimizer.state_dict(),

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -202,7 +202,7 @@ def train(cfg, resume=None, stop_after: Optional[int] = None) -> dict:
 
     from mrt_engine import LLM
     from mrt_engine.trainer.grading import get_verifier
-    from mrt_engine.trainer.heldout import heldout_accuracy
+    from mrt_engine.trainer.heldout import timed_heldout
     from mrt_engine.trainer.reward_modes import RewardContext, get_reward_mode
     from mrt_engine.trainer.rewards import build_reward
 
@@ -256,15 +256,8 @@ def train(cfg, resume=None, stop_after: Optional[int] = None) -> dict:
         cfg.save(os.path.join(cfg.output_dir, "grpo_config.yaml"))
 
     def evaluate() -> dict:
-        if not data.eval_problems:
-            return {}
-        t0 = time.perf_counter()
-        r = heldout_accuracy(llm, data.eval_prompts, data.eval_problems, verifier,
-                             samples=EVAL_SAMPLES, max_tokens=cfg.max_completion_length,
-                             temperature=cfg.temperature, top_p=cfg.top_p,
+        return timed_heldout(llm, data, verifier, cfg, samples=EVAL_SAMPLES,
                              seed=cfg.seed + EVAL_SEED_OFFSET, dist=dist)
-        r["eval_s"] = time.perf_counter() - t0
-        return r
 
     def save(at_step: int, rd: Optional[RoundData]) -> None:
         state = {"step": at_step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
