@@ -73,5 +73,20 @@ def main(argv=None) -> None:
     {"demo": _demo, "generate": _generate}[a.cmd](a)
 
 
+def console() -> None:
+    """The `mrt` console script: delegated commands return their results to Python callers, but a
+    shell must see exit status 0 on success (not the repr of a dict and status 1), and bad input
+    must read as one line saying what was expected (MRT_DEBUG=1 keeps the traceback)."""
+    import os
+
+    try:
+        main()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if os.environ.get("MRT_DEBUG"):
+            raise
+        print(f"mrt: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    console()
