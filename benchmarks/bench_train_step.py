@@ -29,15 +29,10 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workload import loadavg  # noqa: E402
+
 PHASES = ("generate", "fork", "score", "train", "sync")
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def setup(cfg):
@@ -118,12 +113,12 @@ def run(config: str, reps: int, overrides) -> dict:
     for r in range(reps):
         order += [("grpo", cfg_grpo), ("mrt", cfg_mrt)] if r % 2 == 0 else \
                  [("mrt", cfg_mrt), ("grpo", cfg_grpo)]
-    print(f"warm-up (one step of each), then {reps} steps of each; load {_loadavg()}", flush=True)
+    print(f"warm-up (one step of each), then {reps} steps of each; load {loadavg()}", flush=True)
     for name, cfg in (("grpo", cfg_grpo), ("mrt", cfg_mrt)):
         one_step(cfg, policy, llm, tok, data, dist, start)
     for name, cfg in order:
         res = one_step(cfg, policy, llm, tok, data, dist, start)
-        res["loadavg"] = _loadavg()
+        res["loadavg"] = loadavg()
         runs[name].append(res)
         print(f"  {name:4s} " + "  ".join(f"{p}={res[p]:.3f}s" for p in PHASES + ("total",))
               + f"  (load {res['loadavg']})", flush=True)
@@ -166,7 +161,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(a.threads)
     res = run(a.config, a.reps, overrides)
-    res["loadavg_end"] = _loadavg()
+    res["loadavg_end"] = loadavg()
     print_table(res)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

@@ -31,6 +31,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from workload import loadavg  # noqa: E402
+
 METHODS = {  # name -> config file
     "grpo": "trainer/configs/toy_grpo.yaml",
     "mrt_progress": "trainer/configs/toy_mrt.yaml",
@@ -43,14 +46,6 @@ HELDOUT_SEED = 777_777
 BUDGETS = (0, 16, 32, 48, 64, 96, 128, 192, 256)
 REGRET_BUDGETS = (32, 64, 96, 128, 160, 192, 256, 320)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 # ---- held-out problems and evaluation -------------------------------------------------------------
@@ -186,7 +181,7 @@ def job(method: str, seed, a) -> dict:
         with open(ev_path) as f:
             return json.load(f)
     t0 = time.time()
-    rec = {"method": method, "seed": seed, "load_start": _loadavg()}
+    rec = {"method": method, "seed": seed, "load_start": loadavg()}
     if method == "base":
         from mrt_engine import default_model_path
         model_dir = default_model_path()
@@ -205,7 +200,7 @@ def job(method: str, seed, a) -> dict:
     _run(cmd, log, a.threads)
     with open(ev_path + ".tmp") as f:
         rec["eval"] = json.load(f)
-    rec["load_end"] = _loadavg()
+    rec["load_end"] = loadavg()
     rec["wall_s"] = time.time() - t0
     with open(ev_path, "w") as f:
         json.dump(rec, f, indent=1)
@@ -388,7 +383,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(a.threads)
         problems = heldout_problems(a.eval_problems, a.seeds, 1024)
         res = analyze_progress(default_model_path(), problems, a.eval_samples, a.k)
-        res.update(load=_loadavg(), eval_problems=a.eval_problems)
+        res.update(load=loadavg(), eval_problems=a.eval_problems)
         with open(a.out + "_progress.json", "w") as f:
             json.dump(res, f, indent=1)
         print(json.dumps(res, indent=1))
@@ -396,7 +391,7 @@ def main(argv=None) -> dict:
     os.makedirs(a.runs_dir, exist_ok=True)
     meta = {"seeds": a.seeds, "methods": a.methods, "max_steps": a.max_steps, "jobs": a.jobs,
             "eval_problems": a.eval_problems, "eval_samples": a.eval_samples, "k": a.k,
-            "max_tokens": a.max_tokens, "train_args": a.train_args, "load_start": _loadavg(),
+            "max_tokens": a.max_tokens, "train_args": a.train_args, "load_start": loadavg(),
             "machine": f"{os.cpu_count()} CPUs", "command": " ".join(sys.argv)}
     # seed-major order: when time runs out, whole seeds are done
     todo = ([] if a.no_base else [("base", None)]) + [(m, s) for s in a.seeds for m in a.methods]
@@ -416,8 +411,8 @@ def main(argv=None) -> dict:
             print(f"[{time.time() - t0:6.0f}s] {m:16s} seed {s}: accuracy "
                   f"{e['natural_accuracy']:.3f} tokens {e['mean_completion_tokens']:.1f} regret@128 "
                   f"{dict(zip(e['regret_vs_budget']['budgets'], e['regret_vs_budget']['normalized_regret'])).get(128, float('nan')):.3f}"
-                  f"  (load {_loadavg()})", flush=True)
-    meta["load_end"] = _loadavg()
+                  f"  (load {loadavg()})", flush=True)
+    meta["load_end"] = loadavg()
     meta["wall_s"] = time.time() - t0
     agg = aggregate(records)
     res = {"meta": meta, "aggregate": agg, "records": records}

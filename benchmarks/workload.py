@@ -203,6 +203,16 @@ def tiny_llama(shape: ModelShape, cache_root: str | None = None) -> str:
     return random_model(shape, cache_root)
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15-minute load averages ("n/a" off Linux): printed beside every timing, since
+    this project's CPU benchmarks run on shared 2-core machines."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def machine_info() -> dict:
     import torch
 
