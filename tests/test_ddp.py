@@ -13,6 +13,7 @@ import torch
 
 from mrt_engine.trainer import reward_modes
 from mrt_engine.trainer.config import load_config
+from trainer_helpers import ParityMode
 
 WORKER = textwrap.dedent('''
     import os, sys, torch
@@ -36,13 +37,6 @@ COMMON = ["--num_generations", "2", "--gradient_accumulation_steps", "2", "--max
           "--num_train_problems", "16", "--learning_rate", "1e-3", "--engine_num_blocks", "64", "--seed", "5",
           "--loss_type", "dapo", "--max_steps", "2", "--save_steps", "0", "--eval_steps", "2",
           "--num_eval_problems", "3"]
-
-
-class ParityMode(reward_modes.OutcomeMode):
-    def credit(self, ctx, batch):
-        rewards = [sum(t % 2 for t in c) / max(len(c), 1) for c in batch.completion_ids]
-        return reward_modes.Credit(reward_modes.normalised_advantages(ctx, rewards), rewards,
-                                   [0.0] * len(rewards), batch)
 
 
 def _free_port() -> int:

@@ -12,21 +12,12 @@ from mrt_engine.trainer import checkpoint as ckpt
 from mrt_engine.trainer import reward_modes
 from mrt_engine.trainer.config import load_config
 from mrt_engine.trainer.train import train
+from trainer_helpers import ParityMode
 
 TINY = ["--num_generations", "2", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "2", "--max_completion_length", "12", "--num_train_problems", "16",
         "--learning_rate", "1e-3", "--eval_steps", "0", "--engine_num_blocks", "64", "--seed", "3",
         "--loss_type", "dapo", "--lr_scheduler_type", "linear", "--warmup_ratio", "0.25"]
-
-
-class ParityMode(reward_modes.OutcomeMode):
-    """reward = share of odd token ids: a spread in every group even when 12-token completions
-    never reach an answer, so every step moves the weights."""
-
-    def credit(self, ctx, batch):
-        rewards = [sum(t % 2 for t in c) / max(len(c), 1) for c in batch.completion_ids]
-        adv = reward_modes.normalised_advantages(ctx, rewards)
-        return reward_modes.Credit(adv, rewards, [0.0] * len(rewards), batch)
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,7 @@ from mrt_engine.trainer.metrics import health_warnings, truncate
 from mrt_engine.trainer.rollout import TensorBatch, completion_logps, generate_rollouts
 from mrt_engine.trainer.round import RoundData, train_pass
 from mrt_engine.trainer.sampler import PromptSampler
+from trainer_helpers import ParityMode
 
 PROMPTS = [[1, 104, 98, 5, 98, 9, 98, 13, 98, 8, 98, 7], [1, 104, 98, 9, 98, 7, 98], [1, 104]]
 TINY = ["--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
@@ -166,16 +167,6 @@ def test_batch_scaling_gathers_every_rank():
     got = reward_modes.normalised_advantages(ctx, everyone[4:].tolist())
     torch.testing.assert_close(got, group_advantages(everyone, 2, "batch")[4:])
     assert not torch.allclose(got, group_advantages(everyone[4:], 2, "batch"))
-
-
-class ParityMode(reward_modes.OutcomeMode):
-    """reward = share of odd token ids: a spread in every group even when 12-token completions
-    never reach an answer, so every step moves the weights."""
-
-    def credit(self, ctx, batch):
-        rewards = [sum(t % 2 for t in c) / max(len(c), 1) for c in batch.completion_ids]
-        adv = reward_modes.normalised_advantages(ctx, rewards)
-        return reward_modes.Credit(adv, rewards, [0.0] * len(rewards), batch)
 
 
 def test_mrt_train_cli_end_to_end(tmp_path, monkeypatch):
