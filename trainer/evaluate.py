@@ -457,34 +457,30 @@ def plot(res: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    ab = res["accuracy_vs_budget"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ab["budgets"], ab["accuracy"], "o-")
-    ax.set_xlabel("thinking budget (tokens)")
-    ax.set_ylabel("accuracy (answer forced at budget)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "accuracy_vs_budget.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    def save(name, xlabel, ylabel, curves):
+        """One 5x3.5 in figure of (x, y, style, label) curves, y in [0, 1]."""
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for x, y, style, label in curves:
+            ax.plot(x, y, style, label=label)
+        if len(curves) > 1:
+            ax.legend()
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    rb = res["regret_vs_budget"]
-    ax.plot(rb["budgets"], rb["normalized_regret"], "o-", label="sampled traces")
-    x = res.get("extrapolation")
+    ab, rb, x = res["accuracy_vs_budget"], res["regret_vs_budget"], res.get("extrapolation")
+    regret = [(rb["budgets"], rb["normalized_regret"], "o-", "sampled traces")]
     if x:
-        ax.plot(x["regret_budgets"], x["normalized_regret"], "s--", label="with budget forcing")
-        ax.legend()
-    ax.set_xlabel("token budget C0")
-    ax.set_ylabel("normalized regret (J* = 1)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "regret_vs_budget.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        regret.append((x["regret_budgets"], x["normalized_regret"], "s--", "with budget forcing"))
+    paths = [save("accuracy_vs_budget.png", "thinking budget (tokens)", "accuracy (answer forced at budget)",
+                  [(ab["budgets"], ab["accuracy"], "o-", None)]),
+             save("regret_vs_budget.png", "token budget C0", "normalized regret (J* = 1)", regret)]
     return paths
 
 
