@@ -56,14 +56,12 @@ def setup(cfg):
 
 def one_step(cfg, policy, llm, tok, data, dist, start_state) -> dict:
     """Seconds per phase of the first optimizer step of a run of `cfg` (reset to the start)."""
-    import torch
-
     from mrt_engine.trainer.grading import get_verifier
     from mrt_engine.trainer.reward_modes import RewardContext, get_reward_mode
     from mrt_engine.trainer.rewards import build_reward
     from mrt_engine.trainer.round import train_pass
     from mrt_engine.trainer.sampler import PromptSampler
-    from mrt_engine.trainer.train import build_optimizer, make_round
+    from mrt_engine.trainer.train import apply_update, build_optimizer, make_round
 
     policy.load_state_dict(start_state)
     llm.update_weights(start_state)
@@ -77,9 +75,7 @@ def one_step(cfg, policy, llm, tok, data, dist, start_state) -> dict:
     engine = llm.kv_stats()
     t0 = time.perf_counter()
     train_pass(policy, rd, cfg, 1, measure_mismatch=True)
-    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_update(cfg, policy.parameters(), optimizer)
     t_train = time.perf_counter() - t0 + t_prep
     t0 = time.perf_counter()
     llm.update_weights(policy.state_dict())

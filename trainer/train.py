@@ -114,6 +114,18 @@ def build_optimizer(cfg, model):
                              betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
 
+def apply_update(cfg, params, optimizer, scheduler=None) -> float:
+    """Clip (max_grad_norm 0 = off), step the optimizer and the LR schedule, clear the gradients;
+    returns the pre-clip gradient norm (the RL loop and bench_train_step share it)."""
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def build_scheduler(cfg, optimizer):
     from transformers import get_scheduler
 
@@ -287,11 +299,7 @@ def train(cfg, resume=None, stop_after: Optional[int] = None) -> dict:
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         m = train_pass(model, rd, cfg, dist.world_size, measure_mismatch=cfg.num_iterations == 1)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), max_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = apply_update(cfg, policy.parameters(), optimizer, scheduler)
         t_train = time.perf_counter() - t0 + t_prep
         t0 = time.perf_counter()
         llm.update_weights(policy.state_dict())
