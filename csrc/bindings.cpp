@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "block_pool.h"
+#include "cpu_attention.h"
 #include "kv_cache_manager.h"
 #include "step_plan.h"
 
@@ -75,4 +76,31 @@ PYBIND11_MODULE(_C, m) {
         py::arg("context_lens"), py::arg("block_size"), py::arg("min_shared_blocks") = 1,
         "CSR partition of decode rows into groups sharing leading full blocks: "
         "(group_ptr, group_rows, group_num_shared).");
+
+  py::class_<mrt::CpuDecodeAttention>(
+      m, "CpuDecodeAttention",
+      "Decode attention over the paged KV cache for one step's work items (see cpu_attention.h).")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>,
+                    std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>>(),
+           py::arg("num_rows"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+           py::arg("block_size"), py::arg("num_cache_blocks"), py::arg("item_row_ptr"), py::arg("item_rows"),
+           py::arg("item_block_ptr"), py::arg("item_blocks"), py::arg("item_len"))
+      // raw addresses: the caller (mrt_engine/attention/cpu_kernel.py) checks shapes, dtypes,
+      // devices and contiguity; this module stays free of torch headers
+      .def(
+          "run",
+          [](mrt::CpuDecodeAttention& self, uintptr_t q, int64_t q_row_stride, int64_t q_head_stride,
+             uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int dtype, float scale, int num_threads,
+             bool simd) {
+            py::gil_scoped_release release;
+            self.run(reinterpret_cast<const void*>(q), q_row_stride, q_head_stride,
+                     reinterpret_cast<const void*>(k_cache),
+                     reinterpret_cast<const void*>(v_cache), reinterpret_cast<float*>(out),
+                     static_cast<mrt::KvDtype>(dtype), scale, num_threads, simd);
+          },
+          py::arg("q"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("dtype"),
+          py::arg("scale"), py::arg("num_threads"), py::arg("simd"))
+      .def_property_readonly("num_items", &mrt::CpuDecodeAttention::num_items)
+      .def_property_readonly("num_tasks", &mrt::CpuDecodeAttention::num_tasks)
+      .def_static("simd_available", &mrt::CpuDecodeAttention::simd_available);
 }

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from mrt_engine.attention import cpu_kernel
 from mrt_engine.attention import torch_backend as attention
 from mrt_engine.attention import (BACKEND_ENV, TorchAttentionBackend, get_attention_backend, merge_lse,
                                   store_kv)
@@ -136,13 +137,27 @@ def run_case(prefills, groups, *, bs, hkv, grp, dh=12, dtype=torch.float32, seed
     return meta
 
 
-@pytest.fixture(params=["fused", "matmul"])
+@pytest.fixture(params=["fused", "matmul", "cpp"])
 def kernel(request, monkeypatch):
-    """Run a test with the fused CPU flash kernel and with its matmul twin."""
+    """Run a test with the fused CPU flash kernel, with its matmul twin (both with the C++ decode
+    kernel off) and with the C++ decode kernel (head size 16: it needs a multiple of 16)."""
     if request.param == "fused" and not attention._flash_cpu_available():
         pytest.skip("this torch has no fused CPU attention kernel")
+    if request.param == "cpp" and not cpu_kernel.simd_available():
+        pytest.skip("the C++ decode kernel needs the extension and AVX-512F")
+    monkeypatch.setenv(cpu_kernel.ENV, "1" if request.param == "cpp" else "0")
     monkeypatch.setattr(attention, "USE_FUSED_CPU_KERNEL", request.param == "fused")
     return request.param
+
+
+def kernel_dh(kernel):
+    return 16 if kernel == "cpp" else 12
+
+
+def check_decode_path(meta, kernel):
+    """The step ran the decode path the fixture asked for."""
+    if meta.num_decode:
+        assert ("cpu_kernel_plan" in meta.backend_cache) == (kernel == "cpp")
 
 
 @pytest.mark.parametrize("bs", [16, 5])
@@ -156,7 +171,8 @@ def test_mixed_step_matches_dense(bs, grp, kernel):
         (2, [2, 2, 2, 2, 2, 2, 2]),  # a wide fork
         (5, [bs, 1]),               # private part that fills its block exactly
     ]
-    run_case(prefills, groups, bs=bs, hkv=2, grp=grp, seed=grp * 10 + bs)
+    meta = run_case(prefills, groups, bs=bs, hkv=2, grp=grp, seed=grp * 10 + bs, dh=kernel_dh(kernel))
+    check_decode_path(meta, kernel)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -166,7 +182,9 @@ def test_random_steps(seed, kernel):
     prefills = [(rng.choice([0, rng.randrange(1, 60)]), rng.randrange(1, 40)) for _ in range(rng.randrange(0, 3))]
     groups = [(rng.randrange(0, 6), [rng.randrange(1, 3 * bs) for _ in range(rng.randrange(1, 6))])
               for _ in range(rng.randrange(1 if not prefills else 0, 9))]
-    run_case(prefills, groups, bs=bs, hkv=rng.choice([1, 2, 3]), grp=rng.choice([1, 2, 4]), seed=seed)
+    meta = run_case(prefills, groups, bs=bs, hkv=rng.choice([1, 2, 3]), grp=rng.choice([1, 2, 4]), seed=seed,
+                    dh=kernel_dh(kernel))
+    check_decode_path(meta, kernel)
 
 
 def test_decode_only_and_prefill_only():
@@ -191,17 +209,26 @@ def test_groups_forked_from_one_trace_share_tree_segments(bs, kernel):
         (7, [5, 6], ("t0", 7)), (3, [1, 1, 1], ("t1", 3)), (5, [9, 2], ("t1", 3)),
         (2, [4, 4]), (0, [30]), (3, [1], ("t1", 3)),
     ]
-    meta = run_case([(bs + 2, 5)], groups, bs=bs, hkv=2, grp=2, seed=bs)
-    plan = meta.backend_cache["torch_decode_plan"]
-    rows_per_row = torch.bincount(plan.shared_rows, minlength=meta.num_decode)
-    assert rows_per_row.max() >= 3, "rows of nested groups must see several tree segments"
-    keys_read = sum(b.blocks.numel() for b in plan.shared)
+    meta = run_case([(bs + 2, 5)], groups, bs=bs, hkv=2, grp=2, seed=bs, dh=kernel_dh(kernel))
+    check_decode_path(meta, kernel)
     per_group = sum(g[0] for g in groups if len(g[1]) > 1)
+    if kernel == "cpp":
+        segments = [(blk, rows) for blk, _, rows in attention._kernel_items(meta, bs) if len(rows) > 1]
+        rows_per_row = torch.bincount(torch.tensor([r for _, rows in segments for r in rows]),
+                                      minlength=meta.num_decode)
+        keys_read = sum(len(blk) for blk, _ in segments)
+    else:
+        plan = meta.backend_cache["torch_decode_plan"]
+        rows_per_row = torch.bincount(plan.shared_rows, minlength=meta.num_decode)
+        keys_read = sum(b.blocks.numel() for b in plan.shared)
+    assert rows_per_row.max() >= 3, "rows of nested groups must see several tree segments"
     assert keys_read < per_group, "the tree reads trunk blocks once, not once per group"
 
 
 def test_bfloat16_close_to_fp32_oracle(kernel):
-    run_case([(10, 9)], [(3, [4, 6]), (0, [11])], bs=16, hkv=2, grp=2, dtype=torch.bfloat16)
+    meta = run_case([(10, 9)], [(3, [4, 6]), (0, [11])], bs=16, hkv=2, grp=2, dtype=torch.bfloat16,
+                    dh=kernel_dh(kernel))
+    check_decode_path(meta, kernel)
 
 
 def test_metadata_without_groups_is_plain_paged_attention():

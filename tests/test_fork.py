@@ -104,29 +104,50 @@ def test_seeded_forks_sample_like_scratch(engines):
     llm.release(h)
 
 
-def test_fork_decode_reads_the_shared_trace_once(engines, monkeypatch):
-    """The CPU torch backend must really share: in a decode step of 12 branches forked at 3 points
-    of one trace, the blocks it gathers are far fewer than one pass per sequence, and the trunk's
-    shared blocks are read about once (a prefix tree), not once per group or per row."""
+@pytest.mark.parametrize("path", ["pytorch", "cpp_kernel"])
+def test_fork_decode_reads_the_shared_trace_once(engines, monkeypatch, path):
+    """The CPU torch backend must really share, on both of its decode paths (PyTorch batches and the
+    C++ kernel): in a decode step of 12 branches forked at 3 points of one trace, the blocks it
+    reads are far fewer than one pass per sequence, and the trunk's shared blocks are read about
+    once (a prefix tree), not once per group or per row."""
     import mrt_engine.attention.torch_backend as tb
+    from mrt_engine.attention import cpu_kernel
 
     llm, scratch = engines
     if not isinstance(llm.model.attn_backend, tb.TorchAttentionBackend):
         pytest.skip("the engine does not run the torch attention backend")
+    if path == "cpp_kernel" and not cpu_kernel.simd_available():
+        pytest.skip("the C++ kernel needs the extension and AVX-512F")
+    monkeypatch.setenv(cpu_kernel.ENV, "1" if path == "cpp_kernel" else "0")
     h, full = _trace(llm, 17, plen=40, gen=40)                      # 80 tokens, 10 blocks of 8
     plans = []
-    build = tb._build_decode_plan
 
-    def spy(meta, block_size, device):
-        plan = build(meta, block_size, device)
+    def distinct_shared(meta):
         # the blocks the step plan's groups share (each group: its rows' common leading blocks)
         ptr, ns = meta.group_ptr_host, meta.group_num_shared_host
         rows, tables = meta.group_rows.tolist(), meta.decode_block_tables.tolist()
-        distinct = {b for g in range(len(ptr) - 1) if ptr[g + 1] - ptr[g] > 1
-                    for b in tables[rows[ptr[g]]][:ns[g]]}
-        plans.append((meta.decode_context_lens.tolist(), distinct, plan))
-        return plan
-    monkeypatch.setattr(tb, "_build_decode_plan", spy)
+        return {b for g in range(len(ptr) - 1) if ptr[g + 1] - ptr[g] > 1 for b in tables[rows[ptr[g]]][:ns[g]]}
+
+    if path == "pytorch":
+        build = tb._build_decode_plan
+
+        def spy(meta, block_size, device):
+            plan = build(meta, block_size, device)
+            shared = sum(b.blocks.numel() for b in plan.shared)
+            own = sum(b.blocks.numel() for b in plan.own)
+            plans.append((meta.decode_context_lens.tolist(), distinct_shared(meta), shared, own))
+            return plan
+        monkeypatch.setattr(tb, "_build_decode_plan", spy)
+    else:
+        items_of = tb._kernel_items
+
+        def spy(meta, block_size):
+            items = items_of(meta, block_size)
+            shared = sum(len(blk) for blk, _, rows in items if len(rows) > 1)
+            own = sum(len(blk) for blk, _, rows in items if len(rows) == 1)
+            plans.append((meta.decode_context_lens.tolist(), distinct_shared(meta), shared, own))
+            return items
+        monkeypatch.setattr(tb, "_kernel_items", spy)
     positions = [40, 60, 79]
     outs = llm.fork(h, at=positions, n=4, params=SamplingParams(max_tokens=5, **GREEDY))
     monkeypatch.undo()
@@ -136,14 +157,12 @@ def test_fork_decode_reads_the_shared_trace_once(engines, monkeypatch):
             _same(c, r.outputs[0])
     steps = [p for p in plans if len(p[0]) == 12]
     assert steps, "no decode step held all 12 branches"
-    for ctx, distinct, plan in steps:
+    for ctx, distinct, shared, own in steps:
         per_sequence = sum(-(-n // 8) for n in ctx)
-        shared = sum(b.blocks.numel() for b in plan.shared)
-        gathered = shared + sum(b.blocks.numel() for b in plan.own)
         # every shared block is read about once for all the rows under it (padding aside): the
         # trace's first blocks are common to the 3 fork points' groups and must not be re-read
         assert len(distinct) >= 7 and len(distinct) <= shared <= 1.25 * len(distinct), (shared, distinct)
-        assert gathered <= 0.4 * per_sequence, (gathered, per_sequence)
+        assert shared + own <= 0.4 * per_sequence, (shared + own, per_sequence)
     llm.release(h)
 
 

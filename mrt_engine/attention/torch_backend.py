@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mrt_engine.attention import cpu_kernel
 from mrt_engine.attention.metadata import AttentionMetadata
 from mrt_engine.attention.share_tree import prefix_tree_segments
 from mrt_engine.profiling import section
@@ -71,17 +72,16 @@ class _DecodePlan:
     own_inv: torch.Tensor     # [D] position of each decode row in the concatenated own buckets
 
 
-def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _DecodePlan:
-    """Index tensors for the decode part, built once per step on the host.
+def _share_segments(meta: AttentionMetadata, block_size: int):
+    """The step's decode rows in prefix-tree form: (ctx [D], segments [(block ids, rows)], row_shared [D]).
 
-    1. Groups with more than one row and shared blocks go into a prefix tree over their shared
-       block ids: groups forked from one trace at several boundaries share the trace's blocks, so
-       each tree segment (a run of blocks) is read once for all the rows below it, not once per
-       group. 2. Segments of similar (rows, length) are padded into batches. 3. Each row's own
-       tokens (after its group's shared blocks) go into length buckets.
+    Groups with more than one row and shared blocks go into a prefix tree over their shared block
+    ids: groups forked from one trace at several boundaries share the trace's blocks, so each tree
+    segment (a run of blocks) is read once for all the rows below it, not once per group.
+    `row_shared[r]` is the number of leading blocks of row r covered by segments.
     """
     bs = block_size
-    ctx = meta.decode_context_lens.tolist()
+    ctx = meta.decode_context_lens_host or meta.decode_context_lens.tolist()
     tables = meta.decode_block_tables
     ptr = meta.group_ptr_host or [0, len(ctx)]
     nshared_g = meta.group_num_shared_host or [0] * (len(ptr) - 1)
@@ -97,14 +97,42 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
             for r in rows:
                 assert ns * bs < ctx[r], "shared blocks must end before the row's current token"
                 row_shared[r] = ns
-    shared, shared_rows = [], []
+    segments = []
     if groups:
-        first = torch.tensor([rows[0] for _, rows in groups], dtype=torch.long, device=tables.device)
-        lists = tables.index_select(0, first).tolist()
+        if meta.decode_block_tables_host:
+            lists = [meta.decode_block_tables_host[rows[0]] for _, rows in groups]
+        else:
+            first = torch.tensor([rows[0] for _, rows in groups], dtype=torch.long, device=tables.device)
+            lists = tables.index_select(0, first).tolist()
         items = [(lst[:ns], rows) for lst, (ns, rows) in zip(lists, groups)]
         blocks_of = {r: blk for blk, rows in items for r in rows}
         segments = [(blocks_of[rows[0]][start:end], rows)
                     for start, end, rows, _ in prefix_tree_segments(items)]
+    return ctx, segments, row_shared
+
+
+def _kernel_items(meta: AttentionMetadata, block_size: int) -> list:
+    """Work items (block ids, keys, rows) of the C++ kernel: each row's own tail, then the segments."""
+    bs = block_size
+    ctx, segments, row_shared = _share_segments(meta, bs)
+    tables = meta.decode_block_tables_host or meta.decode_block_tables.tolist()
+    items = [(tables[r][row_shared[r]:-(-ctx[r] // bs)], ctx[r] - row_shared[r] * bs, [r]) for r in range(len(ctx))]
+    items += [(blk, len(blk) * bs, rows) for blk, rows in segments]
+    return items
+
+
+def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _DecodePlan:
+    """Index tensors for the decode part, built once per step on the host.
+
+    1. The prefix tree's segments (`_share_segments`). 2. Segments of similar (rows, length) are
+    padded into batches. 3. Each row's own tokens (after its group's shared blocks) go into length
+    buckets.
+    """
+    bs = block_size
+    tables = meta.decode_block_tables
+    ctx, segments, row_shared = _share_segments(meta, bs)
+    shared, shared_rows = [], []
+    if segments:
         segments.sort(key=lambda seg: (len(seg[1]), len(seg[0])))
         for batch in _pack_segments(segments):
             nb = max(len(blk) for blk, _ in batch)
@@ -319,7 +347,16 @@ class TorchAttentionBackend:
     @staticmethod
     def _decode(q, k_cache, v_cache, meta, scale):
         """Decode rows: own parts, prefix-tree segment parts, LSE-merged; returns [D, Hq, Dh] (fp32
-        after a merge, q's dtype when no row shares)."""
+        after a merge or from the C++ kernel, q's dtype when no row shares)."""
+        if cpu_kernel.usable(q, k_cache):
+            kplan = meta.backend_cache.get("cpu_kernel_plan")
+            if kplan is None:
+                with section("attn_plan"):
+                    kplan = cpu_kernel.DecodePlan(_kernel_items(meta, k_cache.shape[1]), q.shape[0], q.shape[1],
+                                                  k_cache)
+                meta.backend_cache["cpu_kernel_plan"] = kplan
+            with section("attn_decode"):
+                return kplan.run(q, k_cache, v_cache, scale)
         plan = meta.backend_cache.get("torch_decode_plan")
         if plan is None:
             with section("attn_plan"):

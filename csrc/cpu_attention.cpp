@@ -1,0 +1,433 @@
+// CPU decode attention over the paged KV cache (see cpu_attention.h for the work-item model).
+//
+// SIMD layout: one task is (item, KV head, up to kLaneGroups * 16 query vectors). The query
+// vectors are the 16 lanes of a vector register, so a key tile of 16 keys gives 16 score vectors
+// (one per key) and the online softmax (running max, sum, rescale) is lane-wise: no horizontal
+// reductions. Q is transposed once per task; keys and values are broadcast from their rows in the
+// cache (bf16 rows are widened into a small buffer per tile first). Scores are in log2 units
+// (q is pre-scaled by scale * log2(e)) so the exponential is exp2.
+#include "cpu_attention.h"
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MRT_HAVE_X86 1
+#include <immintrin.h>
+// GCC 12's AVX-512 intrinsics make "undefined" vectors as `__m512 __Y = __Y;`, a false positive
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#else
+#define MRT_HAVE_X86 0
+#endif
+
+namespace mrt {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int kLaneGroups = 4;      // query vectors per task: up to 64
+constexpr int kMaxHeadDim = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// The process's OpenMP runtime, if one is loaded with global symbols (PyTorch's libgomp is): the
+// kernel then runs on the same worker threads as the GEMMs around it. Threads of our own would
+// compete with those workers, which keep spinning for a while after every PyTorch op (on a 2-core
+// machine that made the kernel slower on two threads than on one). Looked up at the first run.
+using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpThreadNumFn = int (*)();
+struct OpenMpRuntime {
+  GompParallelFn parallel = nullptr;
+  OmpThreadNumFn thread_num = nullptr;
+};
+const OpenMpRuntime& openmp_runtime() {
+  static const OpenMpRuntime rt = [] {
+    OpenMpRuntime r;
+    r.parallel = reinterpret_cast<GompParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    r.thread_num = reinterpret_cast<OmpThreadNumFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    if (!r.parallel || !r.thread_num) r = OpenMpRuntime{};
+    return r;
+  }();
+  return rt;
+}
+
+template <class W>
+void run_worker(void* arg) {
+  auto* job = static_cast<std::pair<W*, OmpThreadNumFn>*>(arg);
+  (*job->first)(job->second());
+}
+
+// Run f(task, worker) for task in [0, n) on up to `threads` threads (the caller is one of them).
+template <class F>
+void parallel_for(int64_t n, int threads, F&& f) {
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int w) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i, w);
+  };
+  if (threads == 1) {
+    worker(0);
+    return;
+  }
+  const OpenMpRuntime& rt = openmp_runtime();
+  if (rt.parallel) {
+    std::pair<decltype(worker)*, OmpThreadNumFn> job{&worker, rt.thread_num};
+    rt.parallel(&run_worker<decltype(worker)>, &job, static_cast<unsigned>(threads), 0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int w = 1; w < threads; ++w) pool.emplace_back(worker, w);
+  worker(0);
+  for (auto& t : pool) t.join();
+}
+
+struct Ctx {
+  const void* q;
+  const void* k;
+  const void* v;
+  KvDtype dtype;
+  float qscale;  // scale * log2(e)
+  int64_t hq, hkv, grp, dh, bs;
+  int64_t q_row_stride, q_head_stride;  // in elements; q's last dimension is contiguous
+  const int64_t* item_row_ptr;
+  const int64_t* item_rows;
+  const int64_t* item_block_ptr;
+  const int64_t* item_blocks;
+  const int64_t* item_len;
+  float* part_o;
+  float* part_lse;
+
+  // query vector qv of item `item` under KV head h: its decode row and query head
+  void locate(int64_t item, int64_t h, int64_t qv, int64_t* row, int64_t* head, int64_t* part) const {
+    const int64_t j = qv / grp;
+    *part = item_row_ptr[item] + j;
+    *row = item_rows[*part];
+    *head = h * grp + qv % grp;
+  }
+  float load(const void* base, int64_t idx) const {
+    return dtype == KvDtype::kFloat32 ? static_cast<const float*>(base)[idx]
+                                      : bf16_to_float(static_cast<const uint16_t*>(base)[idx]);
+  }
+  int64_t kv_index(int64_t block, int64_t tok, int64_t h) const { return ((block * bs + tok) * hkv + h) * dh; }
+};
+
+// Reference path: one query vector at a time, online softmax over the item's keys.
+void task_scalar(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1) {
+  std::vector<float> qf(c.dh), acc(c.dh);
+  const int64_t len = c.item_len[item];
+  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
+  for (int64_t qv = qv0; qv < qv1; ++qv) {
+    int64_t row, head, part;
+    c.locate(item, h, qv, &row, &head, &part);
+    const int64_t qbase = row * c.q_row_stride + head * c.q_head_stride;
+    for (int64_t d = 0; d < c.dh; ++d) qf[d] = c.load(c.q, qbase + d) * c.qscale;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float m = -std::numeric_limits<float>::infinity(), l = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t kb = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+      float s = 0.f;
+      for (int64_t d = 0; d < c.dh; ++d) s += qf[d] * c.load(c.k, kb + d);
+      const float mn = std::max(m, s);
+      const float alpha = std::exp2(m - mn), p = std::exp2(s - mn);
+      l = l * alpha + p;
+      for (int64_t d = 0; d < c.dh; ++d) acc[d] = acc[d] * alpha + p * c.load(c.v, kb + d);
+      m = mn;
+    }
+    float* o = c.part_o + (part * c.hq + head) * c.dh;
+    for (int64_t d = 0; d < c.dh; ++d) o[d] = acc[d] / l;
+    c.part_lse[part * c.hq + head] = (m + std::log2(l)) * kLn2;
+  }
+}
+
+#if MRT_HAVE_X86
+#define MRT_AVX512 __attribute__((target("avx512f")))
+
+// 2^x, x in log2 units; relative error ~1e-7; x <= -200 gives exactly 0 (masked keys are -inf)
+MRT_AVX512 inline __m512 exp2_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(127.f));
+  const __m512 fi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, fi);
+  // least-squares fit of 2^f on [0, 1) at Chebyshev nodes (relative error 1.04e-7)
+  __m512 p = _mm512_set1_ps(0.00021690608991775662f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0012443081941455603f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009678472764790058f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05548352375626564f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402298003435135f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, fi);
+}
+
+// n values starting at src (float32 or bf16) widened into dst as float32
+MRT_AVX512 inline void widen_row(const Ctx& c, const void* base, int64_t idx, float* dst) {
+  if (c.dtype == KvDtype::kFloat32) {
+    std::memcpy(dst, static_cast<const float*>(base) + idx, sizeof(float) * c.dh);
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(base) + idx;
+  for (int64_t d = 0; d < c.dh; d += 16) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + d));
+    _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)));
+  }
+}
+
+struct alignas(64) SimdScratch {
+  float qt[kLaneGroups][kMaxHeadDim][kLanes];  // Q^T: [group][d][lane]
+  float ot[kLaneGroups][kMaxHeadDim][kLanes];  // O^T accumulators
+  float m[kLaneGroups][kLanes], l[kLaneGroups][kLanes];
+  float kbuf[kLanes][kMaxHeadDim], vbuf[kLanes][kMaxHeadDim];  // widened bf16 rows
+  float p[kLanes][kLanes];                                      // probabilities [key][lane]
+  float zero[kMaxHeadDim];
+};
+
+MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
+  const int64_t dh = c.dh;
+  const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
+  // Q^T (pre-scaled), padding lanes zero
+  for (int g = 0; g < groups; ++g) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t qv = qv0 + g * kLanes + lane;
+      if (qv < qv1) {
+        int64_t row, head, part;
+        c.locate(item, h, qv, &row, &head, &part);
+        const int64_t qbase = row * c.q_row_stride + head * c.q_head_stride;
+        for (int64_t d = 0; d < dh; ++d) s.qt[g][d][lane] = c.load(c.q, qbase + d) * c.qscale;
+      } else {
+        for (int64_t d = 0; d < dh; ++d) s.qt[g][d][lane] = 0.f;
+      }
+    }
+    for (int64_t d = 0; d < dh; ++d) _mm512_store_ps(s.ot[g][d], _mm512_setzero_ps());
+    _mm512_store_ps(s.m[g], _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    _mm512_store_ps(s.l[g], _mm512_setzero_ps());
+  }
+  const int64_t len = c.item_len[item];
+  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
+  const bool f32 = c.dtype == KvDtype::kFloat32;
+  const float* krow[kLanes];
+  const float* vrow[kLanes];
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    // a tile of up to 16 keys; it may span blocks when the block size is not a multiple of 16
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+    for (int j = 0; j < kLanes; ++j) {
+      if (j >= n) {
+        krow[j] = vrow[j] = s.zero;
+        continue;
+      }
+      const int64_t t = t0 + j;
+      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+      if (f32) {
+        krow[j] = static_cast<const float*>(c.k) + idx;
+        vrow[j] = static_cast<const float*>(c.v) + idx;
+      } else {
+        widen_row(c, c.k, idx, s.kbuf[j]);
+        widen_row(c, c.v, idx, s.vbuf[j]);
+        krow[j] = s.kbuf[j];
+        vrow[j] = s.vbuf[j];
+      }
+    }
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int g = 0; g < groups; ++g) {
+      // the fully unrolled j loops keep the 16 score vectors in registers
+      __m512 sc[kLanes];
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < dh; ++d) {
+        const __m512 qd = _mm512_load_ps(s.qt[g][d]);
+#pragma GCC unroll 16
+        for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(krow[j][d]), sc[j]);
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? sc[j] : neg_inf;
+      __m512 mx = sc[0];
+#pragma GCC unroll 16
+      for (int j = 1; j < kLanes; ++j) mx = _mm512_max_ps(mx, sc[j]);
+      const __m512 m_old = _mm512_load_ps(s.m[g]);
+      const __m512 m_new = _mm512_max_ps(m_old, mx);
+      const __m512 alpha = exp2_avx512(_mm512_sub_ps(m_old, m_new));
+      __m512 sum = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) {
+        const __m512 p = exp2_avx512(_mm512_sub_ps(sc[j], m_new));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_store_ps(s.p[j], p);
+      }
+      _mm512_store_ps(s.m[g], m_new);
+      _mm512_store_ps(s.l[g], _mm512_fmadd_ps(_mm512_load_ps(s.l[g]), alpha, sum));
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int dd = 0; dd < 16; ++dd) acc[dd] = _mm512_mul_ps(_mm512_load_ps(s.ot[g][d0 + dd]), alpha);
+        for (int j = 0; j < n; ++j) {
+          const __m512 p = _mm512_load_ps(s.p[j]);
+          const float* vr = vrow[j] + d0;
+#pragma GCC unroll 16
+          for (int dd = 0; dd < 16; ++dd) acc[dd] = _mm512_fmadd_ps(p, _mm512_set1_ps(vr[dd]), acc[dd]);
+        }
+#pragma GCC unroll 16
+        for (int dd = 0; dd < 16; ++dd) _mm512_store_ps(s.ot[g][d0 + dd], acc[dd]);
+      }
+    }
+  }
+  // partial results: o = O / l, lse in natural log
+  for (int g = 0; g < groups; ++g) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t qv = qv0 + g * kLanes + lane;
+      if (qv >= qv1) break;
+      int64_t row, head, part;
+      c.locate(item, h, qv, &row, &head, &part);
+      const float l = s.l[g][lane];
+      float* o = c.part_o + (part * c.hq + head) * dh;
+      for (int64_t d = 0; d < dh; ++d) o[d] = s.ot[g][d][lane] / l;
+      c.part_lse[part * c.hq + head] = (s.m[g][lane] + std::log2(l)) * kLn2;
+    }
+  }
+}
+#endif  // MRT_HAVE_X86
+
+}  // namespace
+
+bool CpuDecodeAttention::simd_available() {
+#if MRT_HAVE_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
+                                       int64_t head_dim, int64_t block_size, int64_t num_cache_blocks,
+                                       std::vector<int64_t> item_row_ptr, std::vector<int64_t> item_rows,
+                                       std::vector<int64_t> item_block_ptr, std::vector<int64_t> item_blocks,
+                                       std::vector<int64_t> item_len)
+    : num_rows_(num_rows), hq_(num_heads), hkv_(num_kv_heads), dh_(head_dim), bs_(block_size),
+      num_cache_blocks_(num_cache_blocks), item_row_ptr_(std::move(item_row_ptr)),
+      item_rows_(std::move(item_rows)), item_block_ptr_(std::move(item_block_ptr)),
+      item_blocks_(std::move(item_blocks)), item_len_(std::move(item_len)) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("CpuDecodeAttention: " + what); };
+  if (num_rows < 0 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads != 0)
+    bad("need num_rows >= 0 and num_heads a positive multiple of num_kv_heads");
+  if (head_dim <= 0 || head_dim % 16 != 0 || head_dim > kMaxHeadDim)
+    bad("head_dim must be a multiple of 16 in [16, " + std::to_string(kMaxHeadDim) + "], got " +
+        std::to_string(head_dim));
+  if (block_size <= 0 || num_cache_blocks <= 0) bad("block_size and num_cache_blocks must be positive");
+  const int64_t items = static_cast<int64_t>(item_len_.size());
+  if (static_cast<int64_t>(item_row_ptr_.size()) != items + 1 ||
+      static_cast<int64_t>(item_block_ptr_.size()) != items + 1)
+    bad("item_row_ptr and item_block_ptr must have len(item_len) + 1 entries");
+  if (item_row_ptr_.front() != 0 || item_row_ptr_.back() != static_cast<int64_t>(item_rows_.size()) ||
+      item_block_ptr_.front() != 0 || item_block_ptr_.back() != static_cast<int64_t>(item_blocks_.size()))
+    bad("item_row_ptr / item_block_ptr must start at 0 and end at the length of their arrays");
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t nr = item_row_ptr_[i + 1] - item_row_ptr_[i];
+    const int64_t nb = item_block_ptr_[i + 1] - item_block_ptr_[i];
+    if (nr <= 0 || nb <= 0) bad("item " + std::to_string(i) + " has no rows or no blocks");
+    if (item_len_[i] <= (nb - 1) * block_size || item_len_[i] > nb * block_size)
+      bad("item " + std::to_string(i) + ": len " + std::to_string(item_len_[i]) + " does not fit its " +
+          std::to_string(nb) + " blocks of " + std::to_string(block_size));
+  }
+  for (int64_t b : item_blocks_)
+    if (b < 0 || b >= num_cache_blocks) bad("block id " + std::to_string(b) + " outside the cache");
+  std::vector<int64_t> count(num_rows, 0);
+  for (int64_t r : item_rows_) {
+    if (r < 0 || r >= num_rows) bad("row " + std::to_string(r) + " outside [0, num_rows)");
+    ++count[r];
+  }
+  row_part_ptr_.assign(num_rows + 1, 0);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    if (count[r] == 0) bad("row " + std::to_string(r) + " is in no item");
+    row_part_ptr_[r + 1] = row_part_ptr_[r] + count[r];
+  }
+  row_parts_.resize(item_rows_.size());
+  std::vector<int64_t> fill(row_part_ptr_.begin(), row_part_ptr_.end() - 1);
+  for (int64_t p = 0; p < static_cast<int64_t>(item_rows_.size()); ++p) row_parts_[fill[item_rows_[p]]++] = p;
+  // tasks: (item, KV head, chunk of query vectors); big items are split so both cores get work
+  const int64_t grp = hq_ / hkv_, chunk = kLanes * kLaneGroups;
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t m = (item_row_ptr_[i + 1] - item_row_ptr_[i]) * grp;
+    for (int64_t h = 0; h < hkv_; ++h)
+      for (int64_t a = 0; a < m; a += chunk) tasks_.push_back({i, h, a, std::min(m, a + chunk)});
+  }
+  // longest tasks first, so the last ones to start are short
+  std::stable_sort(tasks_.begin(), tasks_.end(), [this](const Task& a, const Task& b) {
+    return (a.qv_end - a.qv_begin) * item_len_[a.item] > (b.qv_end - b.qv_begin) * item_len_[b.item];
+  });
+  part_o_.resize(item_rows_.size() * hq_ * dh_);
+  part_lse_.resize(item_rows_.size() * hq_);
+}
+
+void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head_stride, const void* k_cache,
+                             const void* v_cache, float* out, KvDtype dtype, float scale, int num_threads,
+                             bool simd) {
+  if (dtype != KvDtype::kFloat32 && dtype != KvDtype::kBFloat16) throw std::invalid_argument("unsupported dtype");
+  if (simd && !simd_available()) throw std::invalid_argument("the SIMD path needs AVX-512F");
+  Ctx c{q, k_cache, v_cache, dtype, scale * kLog2e, hq_, hkv_, hq_ / hkv_, dh_, bs_, q_row_stride, q_head_stride,
+        item_row_ptr_.data(), item_rows_.data(), item_block_ptr_.data(), item_blocks_.data(),
+        item_len_.data(), part_o_.data(), part_lse_.data()};
+  const int threads = std::max(1, num_threads);
+#if MRT_HAVE_X86
+  if (simd) {
+    std::vector<std::unique_ptr<SimdScratch>> scratch(threads);
+    parallel_for(num_tasks(), threads, [&](int64_t i, int w) {
+      if (!scratch[w]) {
+        scratch[w].reset(new SimdScratch);  // no value-initialisation: every field is written before use
+        std::fill(std::begin(scratch[w]->zero), std::end(scratch[w]->zero), 0.f);
+      }
+      const Task& t = tasks_[i];
+      task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, *scratch[w]);
+    });
+  } else
+#endif
+  {
+    parallel_for(num_tasks(), threads, [&](int64_t i, int) {
+      const Task& t = tasks_[i];
+      task_scalar(c, t.item, t.head, t.qv_begin, t.qv_end);
+    });
+  }
+  // LSE merge of each row's partials in item order
+  const int64_t hq = hq_, dh = dh_;
+  const float* po = part_o_.data();
+  const float* pl = part_lse_.data();
+  parallel_for(num_rows_, threads, [&](int64_t r, int) {
+    const int64_t a = row_part_ptr_[r], b = row_part_ptr_[r + 1];
+    for (int64_t h = 0; h < hq; ++h) {
+      float* o = out + (r * hq + h) * dh;
+      if (b - a == 1) {
+        std::memcpy(o, po + (row_parts_[a] * hq + h) * dh, sizeof(float) * dh);
+        continue;
+      }
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t i = a; i < b; ++i) mx = std::max(mx, pl[row_parts_[i] * hq + h]);
+      float den = 0.f;
+      std::fill(o, o + dh, 0.f);
+      for (int64_t i = a; i < b; ++i) {
+        const int64_t p = row_parts_[i];
+        const float w = std::exp(pl[p * hq + h] - mx);
+        den += w;
+        const float* src = po + (p * hq + h) * dh;
+        for (int64_t d = 0; d < dh; ++d) o[d] += w * src[d];
+      }
+      const float inv = 1.f / den;
+      for (int64_t d = 0; d < dh; ++d) o[d] *= inv;
+    }
+  });
+}
+
+}  // namespace mrt

@@ -1,0 +1,56 @@
+// CPU decode attention over the paged KV cache, for decode rows that share prefix blocks.
+//
+// A step's decode attention is a list of work items: an item is a run of `len` keys (its blocks,
+// in order) and the decode rows that all attend to exactly those keys. The torch backend makes one
+// item per prefix-tree segment (the blocks a set of forks share, read once for all of them) and one
+// per row for its own tail. Every (item, row) yields a partial result (o, lse); a row's partials
+// are then LSE-merged in item order, so the result does not depend on the thread count or timing.
+//
+// Why C++: on a CPU the work is many small attention problems (a few to a few hundred query
+// vectors against 16 to a few thousand keys). PyTorch's fused kernel pays a fixed cost per problem
+// and gathers blocks into padded copies first; here the blocks are read in place, query vectors
+// of one KV head are the SIMD lanes (so the softmax needs no horizontal reductions), and the
+// partials never leave the cache. The AVX-512 path is chosen at run time; a scalar path with the
+// same results (to rounding) runs anywhere and is what the tests compare it with.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace mrt {
+
+enum class KvDtype : int { kFloat32 = 0, kBFloat16 = 1 };
+
+class CpuDecodeAttention {
+ public:
+  // item i covers the keys of item_blocks[item_block_ptr[i] .. item_block_ptr[i+1]) (block ids
+  // into a cache of num_cache_blocks blocks of block_size tokens), its first item_len[i] tokens,
+  // for the decode rows item_rows[item_row_ptr[i] .. item_row_ptr[i+1]). Every decode row
+  // 0..num_rows-1 must appear in at least one item. Throws std::invalid_argument on bad input.
+  CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                     int64_t block_size, int64_t num_cache_blocks, std::vector<int64_t> item_row_ptr,
+                     std::vector<int64_t> item_rows, std::vector<int64_t> item_block_ptr,
+                     std::vector<int64_t> item_blocks, std::vector<int64_t> item_len);
+
+  // q [num_rows, H, Dh] of `dtype` with the given row and head strides (elements; Dh contiguous),
+  // both caches [num_cache_blocks, block_size, Hkv, Dh] contiguous of `dtype`; out [num_rows, H, Dh]
+  // float32, contiguous. `simd` = false forces the scalar path.
+  void run(const void* q, int64_t q_row_stride, int64_t q_head_stride, const void* k_cache,
+           const void* v_cache, float* out, KvDtype dtype, float scale, int num_threads, bool simd);
+
+  int64_t num_items() const { return static_cast<int64_t>(item_len_.size()); }
+  int64_t num_tasks() const { return static_cast<int64_t>(tasks_.size()); }
+  static bool simd_available();
+
+ private:
+  struct Task {
+    int64_t item, head, qv_begin, qv_end;  // query vectors (row-in-item * group + head-in-group)
+  };
+  int64_t num_rows_, hq_, hkv_, dh_, bs_, num_cache_blocks_;
+  std::vector<int64_t> item_row_ptr_, item_rows_, item_block_ptr_, item_blocks_, item_len_;
+  std::vector<int64_t> row_part_ptr_, row_parts_;  // partial slots of each row, in item order
+  std::vector<Task> tasks_;
+  std::vector<float> part_o_, part_lse_;            // [P, H, Dh], [P, H]; P = item_rows.size()
+};
+
+}  // namespace mrt

@@ -1,0 +1,140 @@
+"""The C++ CPU decode-attention kernel (mrt_engine._C.CpuDecodeAttention) against a dense oracle.
+
+Random work items over a random paged cache: rows in several items (a prefix tree's segments plus
+their own tails), odd block sizes, keys that end mid-block, GQA ratios 1 to 7, head sizes 16 to 128,
+items wider than one task (more than 64 query vectors), float32 and bfloat16. Both the AVX-512
+path and the scalar path are checked, and the result must not depend on the thread count.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mrt_engine.attention import cpu_kernel
+
+pytestmark = pytest.mark.skipif(cpu_kernel._Kernel is None, reason="mrt_engine._C is not built")
+SIMD = [True, False] if cpu_kernel.simd_available() else [False]
+
+
+def oracle(q, k_cache, v_cache, items, scale):
+    """Each row attends to the keys of all its items together (float64 softmax)."""
+    num_rows, hq, dh = q.shape
+    hkv = k_cache.shape[2]
+    keys = {r: [] for r in range(num_rows)}
+    for blocks, n, rows in items:
+        kk = k_cache[torch.tensor(blocks)].reshape(-1, hkv, dh)[:n]
+        vv = v_cache[torch.tensor(blocks)].reshape(-1, hkv, dh)[:n]
+        for r in rows:
+            keys[r].append((kk, vv))
+    out = torch.empty(num_rows, hq, dh, dtype=torch.float64)
+    for r in range(num_rows):
+        kk = torch.cat([a for a, _ in keys[r]]).double().repeat_interleave(hq // hkv, 1)
+        vv = torch.cat([b for _, b in keys[r]]).double().repeat_interleave(hq // hkv, 1)
+        s = torch.einsum("hd,thd->ht", q[r].double(), kk) * scale
+        out[r] = torch.einsum("ht,thd->hd", s.softmax(-1), vv)
+    return out
+
+
+def random_case(seed, *, hkv, grp, dh, bs, dtype, rows=29, num_blocks=60):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    k_cache = torch.randn(num_blocks, bs, hkv, dh).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, hkv, dh).to(dtype)
+    q = torch.randn(rows, hkv * grp, dh).to(dtype)
+    items = []
+    for r in range(rows):          # every row's own tail: 1 key up to a few blocks, ending anywhere
+        n = rng.randint(1, 3 * bs)
+        items.append((rng.sample(range(num_blocks), -(-n // bs)), n, [r]))
+    for _ in range(5):             # shared segments over random subsets of rows (whole blocks)
+        nb = rng.randint(1, 4)
+        items.append((rng.sample(range(num_blocks), nb), nb * bs, rng.sample(range(rows), rng.randint(2, rows))))
+    return q, k_cache, v_cache, items
+
+
+CASES = [dict(hkv=2, grp=3, dh=64, bs=16), dict(hkv=2, grp=7, dh=64, bs=16), dict(hkv=1, grp=1, dh=128, bs=16),
+         dict(hkv=3, grp=2, dh=16, bs=5), dict(hkv=2, grp=4, dh=32, bs=7), dict(hkv=1, grp=5, dh=48, bs=1)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("simd", SIMD)
+def test_matches_dense_oracle(case, dtype, simd):
+    q, k_cache, v_cache, items = random_case(hash(tuple(case.values())) % 1000, dtype=dtype, **case)
+    scale = case["dh"] ** -0.5
+    plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+    out = plan.run(q, k_cache, v_cache, scale, simd=simd)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    # the inputs are exactly representable, so float32 accumulation is the only error
+    torch.testing.assert_close(out.double(), oracle(q, k_cache, v_cache, items, scale), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_wide_items_and_strided_q(simd):
+    # 40 rows x 7 heads = 280 query vectors per KV head: several tasks per item; q is a strided view
+    q, k_cache, v_cache, items = random_case(3, hkv=2, grp=7, dh=64, bs=16, dtype=torch.float32, rows=40)
+    items.append((list(range(10)), 10 * 16, list(range(40))))
+    wide = torch.randn(40, 14 * 2, 64)
+    wide[:, ::2] = q
+    qs = wide[:, ::2]
+    assert not qs.is_contiguous()
+    plan = cpu_kernel.DecodePlan(items, 40, 14, k_cache)
+    out = plan.run(qs, k_cache, v_cache, 0.125, simd=simd)
+    torch.testing.assert_close(out.double(), oracle(q, k_cache, v_cache, items, 0.125), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_thread_count_does_not_change_the_result(simd):
+    q, k_cache, v_cache, items = random_case(5, hkv=2, grp=3, dh=64, bs=16, dtype=torch.bfloat16)
+    plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+    one = plan.run(q, k_cache, v_cache, 0.125, simd=simd, num_threads=1)
+    for threads in (2, 3):
+        assert torch.equal(plan.run(q, k_cache, v_cache, 0.125, simd=simd, num_threads=threads), one)
+
+
+@pytest.mark.skipif(not cpu_kernel.simd_available(), reason="needs AVX-512F")
+def test_simd_and_scalar_paths_agree():
+    q, k_cache, v_cache, items = random_case(7, hkv=2, grp=7, dh=64, bs=16, dtype=torch.float32, rows=50)
+    plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+    torch.testing.assert_close(plan.run(q, k_cache, v_cache, 0.125, simd=True),
+                               plan.run(q, k_cache, v_cache, 0.125, simd=False), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_plans_are_clear_errors():
+    k_cache = torch.zeros(4, 16, 2, 64)
+    ok = [([0], 5, [0]), ([1, 2], 32, [0, 1])]
+    cpu_kernel.DecodePlan(ok, 2, 6, k_cache)
+    bad = {
+        "outside the cache": [([0], 5, [0]), ([9], 16, [1])],
+        "outside \\[0, num_rows\\)": [([0], 5, [0, 1, 2])],
+        "is in no item": [([0], 5, [0])],
+        "does not fit": [([0], 17, [0, 1])],
+        "no rows or no blocks": [([0], 5, [0, 1]), ([], 0, [1])],
+    }
+    for message, items in bad.items():
+        with pytest.raises(ValueError, match=message):
+            cpu_kernel.DecodePlan(items, 2, 6, k_cache)
+    with pytest.raises(ValueError, match="head_dim must be a multiple of 16"):
+        cpu_kernel.DecodePlan(ok, 2, 6, torch.zeros(4, 16, 2, 12))
+    with pytest.raises(ValueError, match="positive multiple of num_kv_heads"):
+        cpu_kernel.DecodePlan(ok, 2, 5, k_cache)
+
+
+def test_run_checks_its_tensors():
+    k_cache = torch.randn(4, 16, 2, 64)
+    plan = cpu_kernel.DecodePlan([([0], 5, [0]), ([1, 2], 32, [0, 1])], 2, 6, k_cache)
+    q = torch.randn(2, 6, 64)
+    plan.run(q, k_cache, k_cache, 0.1)
+    with pytest.raises(ValueError, match="built for q"):
+        plan.run(torch.randn(3, 6, 64), k_cache, k_cache, 0.1)
+    with pytest.raises(ValueError, match="built for q"):
+        plan.run(q, torch.randn(5, 16, 2, 64), torch.randn(5, 16, 2, 64), 0.1)
+    with pytest.raises(TypeError, match="share one dtype"):
+        plan.run(q.double(), k_cache, k_cache, 0.1)
+    with pytest.raises(TypeError, match="share one dtype"):
+        plan.run(q, k_cache.bfloat16(), k_cache, 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        plan.run(q, k_cache.transpose(0, 1).contiguous().transpose(0, 1), k_cache, 0.1)
+    with pytest.raises(ValueError, match="last dimension"):
+        plan.run(torch.randn(2, 64, 6).transpose(1, 2), k_cache, k_cache, 0.1)
