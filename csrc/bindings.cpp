@@ -91,16 +91,17 @@ PYBIND11_MODULE(_C, m) {
           "run",
           [](mrt::CpuDecodeAttention& self, uintptr_t q, int64_t q_row_stride, int64_t q_head_stride,
              uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int dtype, float scale, int num_threads,
-             bool simd) {
+             bool simd, bool bf16_dot) {
             py::gil_scoped_release release;
             self.run(reinterpret_cast<const void*>(q), q_row_stride, q_head_stride,
                      reinterpret_cast<const void*>(k_cache),
                      reinterpret_cast<const void*>(v_cache), reinterpret_cast<float*>(out),
-                     static_cast<mrt::KvDtype>(dtype), scale, num_threads, simd);
+                     static_cast<mrt::KvDtype>(dtype), scale, num_threads, simd, bf16_dot);
           },
           py::arg("q"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("dtype"),
-          py::arg("scale"), py::arg("num_threads"), py::arg("simd"))
+          py::arg("scale"), py::arg("num_threads"), py::arg("simd"), py::arg("bf16_dot"))
       .def_property_readonly("num_items", &mrt::CpuDecodeAttention::num_items)
       .def_property_readonly("num_tasks", &mrt::CpuDecodeAttention::num_tasks)
-      .def_static("simd_available", &mrt::CpuDecodeAttention::simd_available);
+      .def_static("simd_available", &mrt::CpuDecodeAttention::simd_available)
+      .def_static("bf16_dot_available", &mrt::CpuDecodeAttention::bf16_dot_available);
 }

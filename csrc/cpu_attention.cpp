@@ -300,6 +300,152 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
     }
   }
 }
+
+#define MRT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+struct alignas(64) Bf16Scratch {
+  uint32_t qt[kLaneGroups][kMaxHeadDim / 2][kLanes];  // Q^T as bf16 pairs: [group][d/2][lane]
+  float ot[kLaneGroups][kMaxHeadDim][kLanes];         // O^T accumulators
+  float m[kLaneGroups][kLanes], l[kLaneGroups][kLanes];
+  uint32_t vpair[kLanes / 2][kMaxHeadDim];            // (V[2i][d], V[2i+1][d]) bf16 pairs
+  uint16_t zero[kMaxHeadDim];
+};
+
+// bfloat16 caches with AVX512_BF16: QK^T and PV are pairwise bf16 dot products accumulated in
+// float32 (two products per lane and instruction, twice the FMA rate). q stays unscaled (exact);
+// the scale is applied to the float32 scores. P is rounded to bf16 for PV, as PyTorch's fused CPU
+// kernel and FlashAttention do; the softmax sum l is kept in float32.
+MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1,
+                                      Bf16Scratch& s) {
+  const int64_t dh = c.dh, dh2 = dh / 2;
+  const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
+  const uint16_t* qbase16 = static_cast<const uint16_t*>(c.q);
+  for (int g = 0; g < groups; ++g) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t qv = qv0 + g * kLanes + lane;
+      if (qv < qv1) {
+        int64_t row, head, part;
+        c.locate(item, h, qv, &row, &head, &part);
+        const uint16_t* src = qbase16 + row * c.q_row_stride + head * c.q_head_stride;
+        for (int64_t d2 = 0; d2 < dh2; ++d2)
+          s.qt[g][d2][lane] = static_cast<uint32_t>(src[2 * d2]) | (static_cast<uint32_t>(src[2 * d2 + 1]) << 16);
+      } else {
+        for (int64_t d2 = 0; d2 < dh2; ++d2) s.qt[g][d2][lane] = 0;
+      }
+    }
+    for (int64_t d = 0; d < dh; ++d) _mm512_store_ps(s.ot[g][d], _mm512_setzero_ps());
+    _mm512_store_ps(s.m[g], _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    _mm512_store_ps(s.l[g], _mm512_setzero_ps());
+  }
+  const int64_t len = c.item_len[item];
+  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
+  const uint16_t* kc = static_cast<const uint16_t*>(c.k);
+  const uint16_t* vc = static_cast<const uint16_t*>(c.v);
+  const __m512 qscale = _mm512_set1_ps(c.qscale);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // word indices that interleave the first 16 words of two vectors: (a0, b0, a1, b1, ...)
+  alignas(64) int16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_idx[2 * i] = static_cast<int16_t>(i);
+    lo_idx[2 * i + 1] = static_cast<int16_t>(32 + i);
+    hi_idx[2 * i] = static_cast<int16_t>(16 + i);
+    hi_idx[2 * i + 1] = static_cast<int16_t>(48 + i);
+  }
+  alignas(64) int16_t pair_idx[32];  // (p0[i], p1[i]) from one vector holding p0 then p1
+  for (int i = 0; i < 16; ++i) {
+    pair_idx[2 * i] = static_cast<int16_t>(i);
+    pair_idx[2 * i + 1] = static_cast<int16_t>(16 + i);
+  }
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  const __m512i ipair = _mm512_load_si512(pair_idx);
+  const uint16_t* krow[kLanes];
+  const uint16_t* vrow[kLanes];
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+    for (int j = 0; j < kLanes; ++j) {
+      if (j >= n) {
+        krow[j] = vrow[j] = s.zero;
+        continue;
+      }
+      const int64_t t = t0 + j;
+      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+      krow[j] = kc + idx;
+      vrow[j] = vc + idx;
+    }
+    // V rows interleaved in pairs, 32 values of d at a time
+    const int pairs = (n + 1) / 2;
+    for (int i = 0; i < pairs; ++i) {
+      for (int64_t d0 = 0; d0 < dh; d0 += 32) {
+        const int64_t w = std::min<int64_t>(32, dh - d0);  // dh is a multiple of 16
+        const __mmask32 mk = w == 32 ? 0xFFFFFFFFu : 0xFFFFu;
+        const __m512i a = _mm512_maskz_loadu_epi16(mk, vrow[2 * i] + d0);
+        const __m512i b = _mm512_maskz_loadu_epi16(mk, vrow[2 * i + 1] + d0);
+        _mm512_storeu_si512(&s.vpair[i][d0], _mm512_permutex2var_epi16(a, ilo, b));
+        if (w == 32) _mm512_storeu_si512(&s.vpair[i][d0 + 16], _mm512_permutex2var_epi16(a, ihi, b));
+      }
+    }
+    for (int g = 0; g < groups; ++g) {
+      __m512 sc[kLanes];
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_setzero_ps();
+      for (int64_t d2 = 0; d2 < dh2; ++d2) {
+        const __m512bh qd = (__m512bh)_mm512_load_si512(s.qt[g][d2]);
+#pragma GCC unroll 16
+        for (int j = 0; j < kLanes; ++j) {
+          uint32_t kp;
+          std::memcpy(&kp, krow[j] + 2 * d2, sizeof kp);
+          sc[j] = _mm512_dpbf16_ps(sc[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
+        }
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? _mm512_mul_ps(sc[j], qscale) : neg_inf;
+      __m512 mx = sc[0];
+#pragma GCC unroll 16
+      for (int j = 1; j < kLanes; ++j) mx = _mm512_max_ps(mx, sc[j]);
+      const __m512 m_old = _mm512_load_ps(s.m[g]);
+      const __m512 m_new = _mm512_max_ps(m_old, mx);
+      const __m512 alpha = exp2_avx512(_mm512_sub_ps(m_old, m_new));
+      __m512 sum = _mm512_setzero_ps();
+      alignas(64) uint32_t ppair[kLanes / 2][kLanes];  // (P_2i, P_2i+1) per lane as bf16 pairs
+#pragma GCC unroll 8
+      for (int i = 0; i < kLanes / 2; ++i) {
+        const __m512 p0 = exp2_avx512(_mm512_sub_ps(sc[2 * i], m_new));
+        const __m512 p1 = exp2_avx512(_mm512_sub_ps(sc[2 * i + 1], m_new));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: p0, 16-31: p1
+        _mm512_store_si512(ppair[i], _mm512_permutexvar_epi16(ipair, both));
+      }
+      _mm512_store_ps(s.m[g], m_new);
+      _mm512_store_ps(s.l[g], _mm512_fmadd_ps(_mm512_load_ps(s.l[g]), alpha, sum));
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int dd = 0; dd < 16; ++dd) acc[dd] = _mm512_mul_ps(_mm512_load_ps(s.ot[g][d0 + dd]), alpha);
+        for (int i = 0; i < pairs; ++i) {
+          const __m512bh p = (__m512bh)_mm512_load_si512(ppair[i]);
+          const uint32_t* vp = &s.vpair[i][d0];
+#pragma GCC unroll 16
+          for (int dd = 0; dd < 16; ++dd)
+            acc[dd] = _mm512_dpbf16_ps(acc[dd], p, (__m512bh)_mm512_set1_epi32(static_cast<int>(vp[dd])));
+        }
+#pragma GCC unroll 16
+        for (int dd = 0; dd < 16; ++dd) _mm512_store_ps(s.ot[g][d0 + dd], acc[dd]);
+      }
+    }
+  }
+  for (int g = 0; g < groups; ++g) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t qv = qv0 + g * kLanes + lane;
+      if (qv >= qv1) break;
+      int64_t row, head, part;
+      c.locate(item, h, qv, &row, &head, &part);
+      const float l = s.l[g][lane];
+      float* o = c.part_o + (part * c.hq + head) * dh;
+      for (int64_t d = 0; d < dh; ++d) o[d] = s.ot[g][d][lane] / l;
+      c.part_lse[part * c.hq + head] = (s.m[g][lane] + std::log2(l)) * kLn2;
+    }
+  }
+}
 #endif  // MRT_HAVE_X86
 
 }  // namespace
@@ -307,6 +453,15 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
 bool CpuDecodeAttention::simd_available() {
 #if MRT_HAVE_X86
   return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+bool CpuDecodeAttention::bf16_dot_available() {
+#if MRT_HAVE_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
@@ -375,7 +530,7 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
 
 void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head_stride, const void* k_cache,
                              const void* v_cache, float* out, KvDtype dtype, float scale, int num_threads,
-                             bool simd) {
+                             bool simd, bool bf16_dot) {
   if (dtype != KvDtype::kFloat32 && dtype != KvDtype::kBFloat16) throw std::invalid_argument("unsupported dtype");
   if (simd && !simd_available()) throw std::invalid_argument("the SIMD path needs AVX-512F");
   Ctx c{q, k_cache, v_cache, dtype, scale * kLog2e, hq_, hkv_, hq_ / hkv_, dh_, bs_, q_row_stride, q_head_stride,
@@ -383,7 +538,17 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
         item_len_.data(), part_o_.data(), part_lse_.data()};
   const int threads = std::max(1, num_threads);
 #if MRT_HAVE_X86
-  if (simd) {
+  if (simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available()) {
+    std::vector<std::unique_ptr<Bf16Scratch>> scratch(threads);
+    parallel_for(num_tasks(), threads, [&](int64_t i, int w) {
+      if (!scratch[w]) {
+        scratch[w].reset(new Bf16Scratch);  // no value-initialisation: every field is written before use
+        std::fill(std::begin(scratch[w]->zero), std::end(scratch[w]->zero), uint16_t{0});
+      }
+      const Task& t = tasks_[i];
+      task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, *scratch[w]);
+    });
+  } else if (simd) {
     std::vector<std::unique_ptr<SimdScratch>> scratch(threads);
     parallel_for(num_tasks(), threads, [&](int64_t i, int w) {
       if (!scratch[w]) {

@@ -44,7 +44,7 @@ struct Case {
   }
   std::vector<float> run(mrt::CpuDecodeAttention& p, int threads, bool simd) const {
     std::vector<float> out(q.size());
-    p.run(q.data(), hkv * grp * dh, dh, k.data(), v.data(), out.data(), mrt::KvDtype::kFloat32, 0.2f, threads, simd);
+    p.run(q.data(), hkv * grp * dh, dh, k.data(), v.data(), out.data(), mrt::KvDtype::kFloat32, 0.2f, threads, simd, true);
     return out;
   }
 };

@@ -28,6 +28,10 @@ def simd_available() -> bool:
     return _Kernel is not None and bool(_Kernel.simd_available())
 
 
+def bf16_dot_available() -> bool:
+    return _Kernel is not None and bool(_Kernel.bf16_dot_available())
+
+
 def usable(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether the engine should use the kernel for this layer's decode attention."""
     if os.environ.get(ENV, "1") == "0" or not simd_available():
@@ -61,8 +65,12 @@ class DecodePlan:
                              blocks, lens)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-            simd: bool = True, num_threads: int | None = None) -> torch.Tensor:
-        """Decode attention of q [D, H, Dh] over the plan's items; returns float32 [D, H, Dh]."""
+            simd: bool = True, num_threads: int | None = None, bf16_dot: bool = True) -> torch.Tensor:
+        """Decode attention of q [D, H, Dh] over the plan's items; returns float32 [D, H, Dh].
+
+        `simd=False` runs the scalar path; `bf16_dot=False` keeps bfloat16 on the float32-FMA path
+        instead of AVX512_BF16 dot products (which round the probabilities to bf16 for PV).
+        """
         if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
             raise TypeError(f"q and both caches must share one dtype out of float32/bfloat16, got "
                             f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
@@ -77,5 +85,5 @@ class DecodePlan:
             raise ValueError("q must be a CPU tensor whose last dimension is contiguous")
         out = torch.empty(q.shape, dtype=torch.float32)
         self._plan.run(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _DTYPES[q.dtype],
-                       float(scale), num_threads or torch.get_num_threads(), simd)
+                       float(scale), num_threads or torch.get_num_threads(), simd, bf16_dot)
         return out
