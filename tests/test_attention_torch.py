@@ -158,6 +158,12 @@ def check_decode_path(meta, kernel):
     """The step ran the decode path the fixture asked for."""
     if meta.num_decode:
         assert ("cpu_kernel_plan" in meta.backend_cache) == (kernel == "cpp")
+    # short extends over a cached prefix run as kernel query rows too
+    extends = {i for i, s in enumerate(meta.prefill_seqs) if 0 < s.num_new < s.context_len and s.num_new <= 64}
+    if kernel == "cpp" and meta.prefill_seqs:
+        assert meta.backend_cache["cpu_kernel_extend"][2] == extends
+    else:
+        assert "cpu_kernel_extend" not in meta.backend_cache
 
 
 @pytest.mark.parametrize("bs", [16, 5])

@@ -121,6 +121,43 @@ def _kernel_items(meta: AttentionMetadata, block_size: int) -> list:
     return items
 
 
+# extends of at most this many tokens over a cached prefix go through the C++ kernel (a fork's
+# suffix); longer ones keep PyTorch's causal kernel, whose tiles suit many query tokens
+_KERNEL_EXTEND_MAX = 64
+
+
+def _extend_kernel_plan(meta: AttentionMetadata, num_heads: int, k_cache: torch.Tensor):
+    """(plan, token index [R], seq indices) for the step's short extends over a cached prefix.
+
+    Token j of a sequence with `cached` tokens before it attends to keys [0, cached + j]: the full
+    blocks before `cached` are one item shared by all its new tokens (and, through the prefix
+    tree, by other sequences forked from the same trace); the rest is one item per token.
+    """
+    bs = k_cache.shape[1]
+    groups, own, rows_of, token_idx, chosen = [], [], {}, [], set()
+    for i, s in enumerate(meta.prefill_seqs):
+        n, ctx = s.num_new, s.context_len
+        if not 0 < n <= _KERNEL_EXTEND_MAX or n == ctx:
+            continue
+        chosen.add(i)
+        cached = ctx - n
+        table = s.block_table_host if s.block_table_host is not None else s.block_table.tolist()
+        rows = list(range(len(token_idx), len(token_idx) + n))
+        token_idx += range(s.token_start, s.token_start + n)
+        nfull = cached // bs
+        if nfull:
+            groups.append((table[:nfull], rows))
+        for j, r in enumerate(rows):
+            end = cached + j + 1
+            own.append((table[nfull:-(-end // bs)], end - nfull * bs, [r]))
+    if not chosen:
+        return None, None, chosen
+    blocks_of = {r: blk for blk, rows in groups for r in rows}
+    items = own + [(blocks_of[rows[0]][a:b], (b - a) * bs, rows) for a, b, rows, _ in prefix_tree_segments(groups)]
+    idx = torch.tensor(token_idx, dtype=torch.long)
+    return cpu_kernel.DecodePlan(items, len(token_idx), num_heads, k_cache), idx, chosen
+
+
 def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _DecodePlan:
     """Index tensors for the decode part, built once per step on the host.
 
@@ -319,7 +356,19 @@ class TorchAttentionBackend:
         hkv, dh = k_cache.shape[2], k_cache.shape[3]
         bs = k_cache.shape[1]
         masks = meta.backend_cache.setdefault("torch_prefill_masks", {})
+        short = set()
+        if cpu_kernel.usable(q, k_cache):
+            # short extends over a cached prefix (fork suffixes): every new token is a query row of
+            # the C++ kernel, the prefix blocks one item for all of them (a tree across forks)
+            kp = meta.backend_cache.get("cpu_kernel_extend")
+            if kp is None:
+                kp = meta.backend_cache["cpu_kernel_extend"] = _extend_kernel_plan(meta, q.shape[1], k_cache)
+            plan, idx, short = kp
+            if plan is not None:
+                out[idx] = plan.run(q.index_select(0, idx), k_cache, v_cache, scale).to(out.dtype)
         for i, s in enumerate(meta.prefill_seqs):
+            if i in short:
+                continue
             a, n, ctx = s.token_start, s.num_new, s.context_len
             if n == ctx:  # nothing cached before: the new K/V are the whole context
                 qq, kk, vv = q[a:a + n].transpose(0, 1), k[a:a + n].transpose(0, 1), v[a:a + n].transpose(0, 1)
