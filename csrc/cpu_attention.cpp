@@ -446,6 +446,17 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
     }
   }
 }
+// One scratch per thread for the life of the thread (the OpenMP workers persist): ~150 KB, which
+// malloc would otherwise map and unmap on every call. Every field but `zero` is written before use.
+template <class S>
+S& thread_scratch() {
+  thread_local std::unique_ptr<S> s;
+  if (!s) {
+    s.reset(new S);
+    std::memset(s->zero, 0, sizeof s->zero);
+  }
+  return *s;
+}
 #endif  // MRT_HAVE_X86
 
 }  // namespace
@@ -539,24 +550,14 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   const int threads = std::max(1, num_threads);
 #if MRT_HAVE_X86
   if (simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available()) {
-    std::vector<std::unique_ptr<Bf16Scratch>> scratch(threads);
-    parallel_for(num_tasks(), threads, [&](int64_t i, int w) {
-      if (!scratch[w]) {
-        scratch[w].reset(new Bf16Scratch);  // no value-initialisation: every field is written before use
-        std::fill(std::begin(scratch[w]->zero), std::end(scratch[w]->zero), uint16_t{0});
-      }
+    parallel_for(num_tasks(), threads, [&](int64_t i, int) {
       const Task& t = tasks_[i];
-      task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, *scratch[w]);
+      task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<Bf16Scratch>());
     });
   } else if (simd) {
-    std::vector<std::unique_ptr<SimdScratch>> scratch(threads);
-    parallel_for(num_tasks(), threads, [&](int64_t i, int w) {
-      if (!scratch[w]) {
-        scratch[w].reset(new SimdScratch);  // no value-initialisation: every field is written before use
-        std::fill(std::begin(scratch[w]->zero), std::end(scratch[w]->zero), 0.f);
-      }
+    parallel_for(num_tasks(), threads, [&](int64_t i, int) {
       const Task& t = tasks_[i];
-      task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, *scratch[w]);
+      task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<SimdScratch>());
     });
   } else
 #endif
