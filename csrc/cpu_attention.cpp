@@ -446,6 +446,115 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
     }
   }
 }
+// Horizontal sums of 16 vectors at once: lane j of the result is the sum of a[j]'s 16 lanes
+// (pairwise unpack-and-add, then 128-bit lane shuffles; ~30 instructions for all 16).
+MRT_AVX512_BF16 inline __m512 hsum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// A row's own tail (an item of one row): its few query heads would fill few of 16 query lanes,
+// so here the lanes are keys for the scores (16 keys per vector, dot products over d reduced by
+// hsum16) and d for the output; the V pairs are shared with the group kernel's layout.
+// Needs dh % 32 == 0 and at most 16 query heads per KV head.
+MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, Bf16Scratch& s) {
+  const int64_t dh = c.dh, chunks = dh / 32, grp = c.grp;
+  int64_t row, head0, part;
+  c.locate(item, h, 0, &row, &head0, &part);
+  const uint16_t* q0 = static_cast<const uint16_t*>(c.q) + row * c.q_row_stride + head0 * c.q_head_stride;
+  float* acc = &s.ot[0][0][0];  // [grp][dh]
+  float mrun[kLanes], lrun[kLanes];
+  for (int64_t m = 0; m < grp; ++m) {
+    mrun[m] = -std::numeric_limits<float>::infinity();
+    lrun[m] = 0.f;
+    for (int64_t d = 0; d < dh; d += 16) _mm512_storeu_ps(acc + m * dh + d, _mm512_setzero_ps());
+  }
+  const int64_t len = c.item_len[item];
+  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
+  const uint16_t* kc = static_cast<const uint16_t*>(c.k);
+  const uint16_t* vc = static_cast<const uint16_t*>(c.v);
+  const __m512 qscale = _mm512_set1_ps(c.qscale);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) int16_t lo_idx[32], hi_idx[32];
+  for (int i = 0; i < 16; ++i) {
+    lo_idx[2 * i] = static_cast<int16_t>(i);
+    lo_idx[2 * i + 1] = static_cast<int16_t>(32 + i);
+    hi_idx[2 * i] = static_cast<int16_t>(16 + i);
+    hi_idx[2 * i + 1] = static_cast<int16_t>(48 + i);
+  }
+  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  const uint16_t* krow[kLanes];
+  const uint16_t* vrow[kLanes];
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+    for (int j = 0; j < kLanes; ++j) {
+      if (j >= n) {
+        krow[j] = vrow[j] = s.zero;
+        continue;
+      }
+      const int64_t t = t0 + j;
+      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+      krow[j] = kc + idx;
+      vrow[j] = vc + idx;
+    }
+    const int pairs = (n + 1) / 2;
+    for (int i = 0; i < pairs; ++i) {
+      for (int64_t d0 = 0; d0 < dh; d0 += 32) {
+        const __m512i a = _mm512_loadu_si512(vrow[2 * i] + d0);
+        const __m512i b = _mm512_loadu_si512(vrow[2 * i + 1] + d0);
+        _mm512_storeu_si512(&s.vpair[i][d0], _mm512_permutex2var_epi16(a, ilo, b));
+        _mm512_storeu_si512(&s.vpair[i][d0 + 16], _mm512_permutex2var_epi16(a, ihi, b));
+      }
+    }
+    const __mmask16 valid = n == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    for (int64_t m = 0; m < grp; ++m) {
+      const uint16_t* qm = q0 + m * c.q_head_stride;
+      __m512 a[kLanes];
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) a[j] = _mm512_setzero_ps();
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qm + 32 * ch);
+#pragma GCC unroll 16
+        for (int j = 0; j < kLanes; ++j)
+          a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_loadu_si512(krow[j] + 32 * ch));
+      }
+      const __m512 sc = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(hsum16(a), qscale));
+      const float m_new = std::max(mrun[m], _mm512_reduce_max_ps(sc));
+      const float alpha = std::exp2(mrun[m] - m_new);
+      const __m512 p = exp2_avx512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));
+      lrun[m] = lrun[m] * alpha + _mm512_reduce_add_ps(p);
+      mrun[m] = m_new;
+      alignas(32) uint32_t pp[kLanes / 2];  // (p_2i, p_2i+1) as bf16 pairs
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pp), (__m256i)_mm512_cvtneps_pbh(p));
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + m * dh + d0), va);
+        for (int i = 0; i < pairs; ++i)
+          o = _mm512_dpbf16_ps(o, (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[i])),
+                               (__m512bh)_mm512_loadu_si512(&s.vpair[i][d0]));
+        _mm512_storeu_ps(acc + m * dh + d0, o);
+      }
+    }
+  }
+  for (int64_t m = 0; m < grp; ++m) {
+    float* o = c.part_o + (part * c.hq + head0 + m) * dh;
+    const float inv = 1.f / lrun[m];
+    for (int64_t d = 0; d < dh; ++d) o[d] = acc[m * dh + d] * inv;
+    c.part_lse[part * c.hq + head0 + m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
+  }
+}
+
 // One scratch per thread for the life of the thread (the OpenMP workers persist): ~150 KB, which
 // malloc would otherwise map and unmap on every call. Every field but `zero` is written before use.
 template <class S>
@@ -550,9 +659,13 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   const int threads = std::max(1, num_threads);
 #if MRT_HAVE_X86
   if (simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available()) {
+    const bool own_kernel = dh_ % 32 == 0 && c.grp <= kLanes;
     parallel_for(num_tasks(), threads, [&](int64_t i, int) {
       const Task& t = tasks_[i];
-      task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<Bf16Scratch>());
+      if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
+        own_task_avx512_bf16(c, t.item, t.head, thread_scratch<Bf16Scratch>());
+      else
+        task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<Bf16Scratch>());
     });
   } else if (simd) {
     parallel_for(num_tasks(), threads, [&](int64_t i, int) {
