@@ -448,7 +448,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
 }
 // Horizontal sums of 16 vectors at once: lane j of the result is the sum of a[j]'s 16 lanes
 // (pairwise unpack-and-add, then 128-bit lane shuffles; ~30 instructions for all 16).
-MRT_AVX512_BF16 inline __m512 hsum16(const __m512* a) {
+MRT_AVX512 inline __m512 hsum16(const __m512* a) {
   __m512 b[8], c[4];
   for (int i = 0; i < 8; ++i)
     b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
@@ -543,6 +543,83 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
         for (int i = 0; i < pairs; ++i)
           o = _mm512_dpbf16_ps(o, (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[i])),
                                (__m512bh)_mm512_loadu_si512(&s.vpair[i][d0]));
+        _mm512_storeu_ps(acc + m * dh + d0, o);
+      }
+    }
+  }
+  for (int64_t m = 0; m < grp; ++m) {
+    float* o = c.part_o + (part * c.hq + head0 + m) * dh;
+    const float inv = 1.f / lrun[m];
+    for (int64_t d = 0; d < dh; ++d) o[d] = acc[m * dh + d] * inv;
+    c.part_lse[part * c.hq + head0 + m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
+  }
+}
+
+// The float32 twin of own_task_avx512_bf16 (float32 caches, or bf16 widened per tile): keys as
+// lanes for the scores, d as lanes for the output. Needs dh % 16 == 0 and at most 16 query heads
+// per KV head.
+MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScratch& s) {
+  const int64_t dh = c.dh, grp = c.grp;
+  int64_t row, head0, part;
+  c.locate(item, h, 0, &row, &head0, &part);
+  float* qf = &s.qt[0][0][0];   // [grp][dh], pre-scaled
+  float* acc = &s.ot[0][0][0];  // [grp][dh]
+  float mrun[kLanes], lrun[kLanes];
+  for (int64_t m = 0; m < grp; ++m) {
+    const int64_t qbase = row * c.q_row_stride + (head0 + m) * c.q_head_stride;
+    for (int64_t d = 0; d < dh; ++d) qf[m * dh + d] = c.load(c.q, qbase + d) * c.qscale;
+    for (int64_t d = 0; d < dh; d += 16) _mm512_storeu_ps(acc + m * dh + d, _mm512_setzero_ps());
+    mrun[m] = -std::numeric_limits<float>::infinity();
+    lrun[m] = 0.f;
+  }
+  const int64_t len = c.item_len[item];
+  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
+  const bool f32 = c.dtype == KvDtype::kFloat32;
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const float* krow[kLanes];
+  const float* vrow[kLanes];
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+    for (int j = 0; j < kLanes; ++j) {
+      if (j >= n) {
+        krow[j] = vrow[j] = s.zero;
+        continue;
+      }
+      const int64_t t = t0 + j;
+      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+      if (f32) {
+        krow[j] = static_cast<const float*>(c.k) + idx;
+        vrow[j] = static_cast<const float*>(c.v) + idx;
+      } else {
+        widen_row(c, c.k, idx, s.kbuf[j]);
+        widen_row(c, c.v, idx, s.vbuf[j]);
+        krow[j] = s.kbuf[j];
+        vrow[j] = s.vbuf[j];
+      }
+    }
+    const __mmask16 valid = n == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    for (int64_t m = 0; m < grp; ++m) {
+      const float* qm = qf + m * dh;
+      __m512 a[kLanes];
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) a[j] = _mm512_setzero_ps();
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        const __m512 qv = _mm512_loadu_ps(qm + d0);
+#pragma GCC unroll 16
+        for (int j = 0; j < kLanes; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(krow[j] + d0), a[j]);
+      }
+      const __m512 sc = _mm512_mask_blend_ps(valid, neg_inf, hsum16(a));
+      const float m_new = std::max(mrun[m], _mm512_reduce_max_ps(sc));
+      const float alpha = std::exp2(mrun[m] - m_new);
+      const __m512 p = exp2_avx512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));
+      lrun[m] = lrun[m] * alpha + _mm512_reduce_add_ps(p);
+      mrun[m] = m_new;
+      alignas(64) float pj[kLanes];
+      _mm512_store_ps(pj, p);
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + m * dh + d0), va);
+        for (int j = 0; j < n; ++j) o = _mm512_fmadd_ps(_mm512_set1_ps(pj[j]), _mm512_loadu_ps(vrow[j] + d0), o);
         _mm512_storeu_ps(acc + m * dh + d0, o);
       }
     }
@@ -668,9 +745,13 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
         task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<Bf16Scratch>());
     });
   } else if (simd) {
+    const bool own_kernel = c.grp <= kLanes;
     parallel_for(num_tasks(), threads, [&](int64_t i, int) {
       const Task& t = tasks_[i];
-      task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<SimdScratch>());
+      if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
+        own_task_avx512(c, t.item, t.head, thread_scratch<SimdScratch>());
+      else
+        task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<SimdScratch>());
     });
   } else
 #endif
