@@ -221,28 +221,28 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
   const bool f32 = c.dtype == KvDtype::kFloat32;
-  const float* krow[kLanes];
   const float* vrow[kLanes];
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     // a tile of up to 16 keys; it may span blocks when the block size is not a multiple of 16
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
     for (int j = 0; j < kLanes; ++j) {
       if (j >= n) {
-        krow[j] = vrow[j] = s.zero;
+        vrow[j] = s.zero;
         continue;
       }
       const int64_t t = t0 + j;
       const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+      // K rows go to kbuf even in float32: the score loop then addresses 16 rows from one base
+      // register (16 row pointers would not fit in registers)
+      widen_row(c, c.k, idx, s.kbuf[j]);
       if (f32) {
-        krow[j] = static_cast<const float*>(c.k) + idx;
         vrow[j] = static_cast<const float*>(c.v) + idx;
       } else {
-        widen_row(c, c.k, idx, s.kbuf[j]);
         widen_row(c, c.v, idx, s.vbuf[j]);
-        krow[j] = s.kbuf[j];
         vrow[j] = s.vbuf[j];
       }
     }
+    for (int j = n; j < kLanes; ++j) std::memset(s.kbuf[j], 0, sizeof(float) * dh);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int g = 0; g < groups; ++g) {
       // the fully unrolled j loops keep the 16 score vectors in registers
@@ -252,7 +252,7 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
       for (int64_t d = 0; d < dh; ++d) {
         const __m512 qd = _mm512_load_ps(s.qt[g][d]);
 #pragma GCC unroll 16
-        for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(krow[j][d]), sc[j]);
+        for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(s.kbuf[j][d]), sc[j]);
       }
 #pragma GCC unroll 16
       for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? sc[j] : neg_inf;
@@ -308,6 +308,7 @@ struct alignas(64) Bf16Scratch {
   float ot[kLaneGroups][kMaxHeadDim][kLanes];         // O^T accumulators
   float m[kLaneGroups][kLanes], l[kLaneGroups][kLanes];
   uint32_t vpair[kLanes / 2][kMaxHeadDim];            // (V[2i][d], V[2i+1][d]) bf16 pairs
+  uint16_t ktile[kLanes][kMaxHeadDim];                // the tile's K rows, fixed pitch
   uint16_t zero[kMaxHeadDim];
 };
 
@@ -372,6 +373,8 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
       krow[j] = kc + idx;
       vrow[j] = vc + idx;
     }
+    // K rows at a fixed pitch: the score loop addresses all 16 from one base register
+    for (int j = 0; j < kLanes; ++j) std::memcpy(s.ktile[j], krow[j], sizeof(uint16_t) * dh);
     // V rows interleaved in pairs, 32 values of d at a time
     const int pairs = (n + 1) / 2;
     for (int i = 0; i < pairs; ++i) {
@@ -393,7 +396,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
 #pragma GCC unroll 16
         for (int j = 0; j < kLanes; ++j) {
           uint32_t kp;
-          std::memcpy(&kp, krow[j] + 2 * d2, sizeof kp);
+          std::memcpy(&kp, &s.ktile[j][2 * d2], sizeof kp);
           sc[j] = _mm512_dpbf16_ps(sc[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
         }
       }
