@@ -8,95 +8,30 @@
 // (q is pre-scaled by scale * log2(e)) so the exponential is exp2.
 #include "cpu_attention.h"
 
-#include <dlfcn.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <utility>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define MRT_HAVE_X86 1
-#include <immintrin.h>
-// GCC 12's AVX-512 intrinsics make "undefined" vectors as `__m512 __Y = __Y;`, a false positive
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#else
-#define MRT_HAVE_X86 0
-#endif
+#include "cpu_common.h"
 
 namespace mrt {
 namespace {
+
+using cpu::bf16_to_float;
+using cpu::parallel_for;
+#if MRT_HAVE_X86
+using cpu::exp2_avx512;
+#endif
 
 constexpr int kLanes = 16;
 constexpr int kLaneGroups = 4;      // query vectors per task: up to 64
 constexpr int kMaxHeadDim = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// The process's OpenMP runtime, if one is loaded with global symbols (PyTorch's libgomp is): the
-// kernel then runs on the same worker threads as the GEMMs around it. Threads of our own would
-// compete with those workers, which keep spinning for a while after every PyTorch op (on a 2-core
-// machine that made the kernel slower on two threads than on one). Looked up at the first run.
-using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
-using OmpThreadNumFn = int (*)();
-struct OpenMpRuntime {
-  GompParallelFn parallel = nullptr;
-  OmpThreadNumFn thread_num = nullptr;
-};
-const OpenMpRuntime& openmp_runtime() {
-  static const OpenMpRuntime rt = [] {
-    OpenMpRuntime r;
-    r.parallel = reinterpret_cast<GompParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-    r.thread_num = reinterpret_cast<OmpThreadNumFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
-    if (!r.parallel || !r.thread_num) r = OpenMpRuntime{};
-    return r;
-  }();
-  return rt;
-}
-
-template <class W>
-void run_worker(void* arg) {
-  auto* job = static_cast<std::pair<W*, OmpThreadNumFn>*>(arg);
-  (*job->first)(job->second());
-}
-
-// Run f(task, worker) for task in [0, n) on up to `threads` threads (the caller is one of them).
-template <class F>
-void parallel_for(int64_t n, int threads, F&& f) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int w) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i, w);
-  };
-  if (threads == 1) {
-    worker(0);
-    return;
-  }
-  const OpenMpRuntime& rt = openmp_runtime();
-  if (rt.parallel) {
-    std::pair<decltype(worker)*, OmpThreadNumFn> job{&worker, rt.thread_num};
-    rt.parallel(&run_worker<decltype(worker)>, &job, static_cast<unsigned>(threads), 0);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int w = 1; w < threads; ++w) pool.emplace_back(worker, w);
-  worker(0);
-  for (auto& t : pool) t.join();
-}
 
 struct Ctx {
   const void* q;
@@ -157,24 +92,6 @@ void task_scalar(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1
 }
 
 #if MRT_HAVE_X86
-#define MRT_AVX512 __attribute__((target("avx512f")))
-
-// 2^x, x in log2 units; relative error ~1e-7; x <= -200 gives exactly 0 (masked keys are -inf)
-MRT_AVX512 inline __m512 exp2_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(127.f));
-  const __m512 fi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, fi);
-  // least-squares fit of 2^f on [0, 1) at Chebyshev nodes (relative error 1.04e-7)
-  __m512 p = _mm512_set1_ps(0.00021690608991775662f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0012443081941455603f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009678472764790058f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05548352375626564f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402298003435135f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, fi);
-}
 
 // n values starting at src (float32 or bf16) widened into dst as float32
 MRT_AVX512 inline void widen_row(const Ctx& c, const void* base, int64_t idx, float* dst) {
