@@ -9,6 +9,7 @@
 
 #include "block_pool.h"
 #include "cpu_attention.h"
+#include "cpu_sampler.h"
 #include "kv_cache_manager.h"
 #include "step_plan.h"
 
@@ -104,4 +105,21 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_tasks", &mrt::CpuDecodeAttention::num_tasks)
       .def_static("simd_available", &mrt::CpuDecodeAttention::simd_available)
       .def_static("bf16_dot_available", &mrt::CpuDecodeAttention::bf16_dot_available);
+
+  m.def(
+      "sample_full_softmax",
+      [](uintptr_t logits, bool bf16, int64_t num_logit_rows, int64_t vocab, int64_t row_stride, uintptr_t inv_t,
+         int64_t num_rows, uintptr_t rows, uintptr_t u, uintptr_t greedy, uintptr_t tokens, uintptr_t logprobs,
+         int num_threads, bool simd) {
+        py::gil_scoped_release release;
+        mrt::sample_full_softmax(reinterpret_cast<const void*>(logits), bf16, num_logit_rows, vocab, row_stride,
+                                 reinterpret_cast<const float*>(inv_t), num_rows,
+                                 reinterpret_cast<const int64_t*>(rows), reinterpret_cast<const float*>(u),
+                                 reinterpret_cast<const uint8_t*>(greedy), reinterpret_cast<int64_t*>(tokens),
+                                 reinterpret_cast<float*>(logprobs), num_threads, simd);
+      },
+      py::arg("logits"), py::arg("bf16"), py::arg("num_logit_rows"), py::arg("vocab"), py::arg("row_stride"),
+      py::arg("inv_t"), py::arg("num_rows"), py::arg("rows"), py::arg("u"), py::arg("greedy"), py::arg("tokens"),
+      py::arg("logprobs"), py::arg("num_threads"), py::arg("simd"),
+      "Fused full-softmax sampling over raw CPU buffers (checked by mrt_engine/sampling_cpu.py).");
 }

@@ -41,7 +41,7 @@ struct OpenMpRuntime {
   GompParallelFn parallel = nullptr;
   OmpThreadNumFn thread_num = nullptr;
 };
-const OpenMpRuntime& openmp_runtime() {
+inline const OpenMpRuntime& openmp_runtime() {
   static const OpenMpRuntime rt = [] {
     OpenMpRuntime r;
     r.parallel = reinterpret_cast<GompParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mrt_engine import sampling_cpu
+
 _U64 = (1 << 64) - 1
 
 
@@ -250,6 +252,9 @@ class Sampler:
                             1.0 / st.temperature.clamp(min=1e-30))
         if rows is not None:
             inv_t = torch.ones(m_rows, dtype=inv_t.dtype, device=inv_t.device).index_copy_(0, rows, inv_t)
+        if sampling_cpu.usable(logits):
+            return sampling_cpu.sample_full(logits, inv_t, rows if rows is not None else torch.arange(m_rows),
+                                            st.uniform, st.temperature == 0)
         w = self._workspace((m_rows, V), logits.device)
         w.copy_(logits)                                        # the one cast / copy of the logits
         if not st.all_unit_temperature:

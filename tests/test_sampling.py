@@ -1,10 +1,23 @@
-"""SamplingParams validation and the batched sampler against direct torch computations."""
+"""SamplingParams validation and the batched sampler against direct torch computations.
+
+Every test runs twice: with the fused C++ full-softmax sampler (where the CPU has it) and with the
+PyTorch path only; the two must also agree with each other.
+"""
 import math
 
 import pytest
 import torch
 
+from mrt_engine import sampling_cpu
 from mrt_engine.sampling import Sampler, SamplingParams, SamplingTensors, counter_uniforms
+
+
+@pytest.fixture(autouse=True, params=["cpp", "pytorch"])
+def sampler_path(request, monkeypatch):
+    if request.param == "cpp" and not sampling_cpu.simd_available():
+        pytest.skip("the fused C++ sampler needs the extension and AVX-512BW")
+    monkeypatch.setenv(sampling_cpu.ENV, "1" if request.param == "cpp" else "0")
+    return request.param
 
 
 def _st(params, seeds=None, idx=None, steps=None, rows=None):
@@ -216,3 +229,49 @@ def test_greedy_and_sampled_rows_mixed_on_the_fast_path():
     temps = torch.tensor([1.0, 0.5] * 3)
     ref = torch.log_softmax(logits.float() / temps[:, None], -1).gather(1, tok[:, None])[:, 0]
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_and_pytorch_paths_agree(dtype, monkeypatch, sampler_path):
+    """Same uniforms, same tokens from both paths (rows are far from a CDF edge with these seeds),
+    logprobs within float32 rounding; the C++ scalar path agrees with its vector path."""
+    if sampler_path != "cpp":
+        pytest.skip("compares the paths once")
+    torch.manual_seed(2)
+    r, vocab = 200, 3001
+    logits = (torch.randn(r, vocab) * 3).to(dtype)
+    params = [SamplingParams(temperature=[0.0, 0.7, 1.0, 1.3][i % 4], seed=i) for i in range(r)]
+    st = _st(params, seeds=list(range(r)), idx=[0] * r, steps=list(range(r)))
+    tok_c, lp_c = Sampler()(logits, st)
+    monkeypatch.setenv(sampling_cpu.ENV, "0")
+    tok_p, lp_p = Sampler()(logits, st)
+    ref, margin = _exact_inverse_cdf(logits.float(), torch.where(st.temperature == 0, 1.0, st.temperature), st.uniform)
+    clear = (margin > 1e-5) | (st.temperature == 0)
+    assert clear.sum() > 0.95 * r
+    assert torch.equal(tok_c[clear], tok_p[clear])
+    torch.testing.assert_close(lp_c, lp_p, rtol=0, atol=2e-5)
+    inv_t = torch.where(st.temperature == 0, 1.0, 1.0 / st.temperature)
+    tok_s, lp_s = sampling_cpu.sample_full(logits, inv_t, torch.arange(r), st.uniform, st.temperature == 0,
+                                           simd=False)
+    assert torch.equal(tok_s[clear], tok_c[clear])
+    torch.testing.assert_close(lp_s, lp_c, rtol=0, atol=2e-5)
+
+
+def test_cpp_sampler_checks_its_inputs(sampler_path):
+    if sampler_path != "cpp":
+        pytest.skip("checks the C++ path once")
+    logits = torch.randn(3, 10)
+    ok = dict(inv_t=torch.ones(3), rows=torch.tensor([0, 2]), uniform=torch.tensor([0.1, 0.9]),
+              greedy=torch.tensor([False, True]))
+    tok, lp = sampling_cpu.sample_full(logits, **ok)
+    assert tok[1] == logits[2].argmax() and torch.isclose(lp[1], torch.log_softmax(logits[2], -1)[tok[1]])
+    with pytest.raises(ValueError, match="out of range"):
+        sampling_cpu.sample_full(logits, **{**ok, "rows": torch.tensor([0, 3])})
+    with pytest.raises(ValueError, match="positive and finite"):
+        sampling_cpu.sample_full(logits, **{**ok, "inv_t": torch.tensor([1.0, 0.0, 1.0])})
+    with pytest.raises(ValueError, match="expected inv_t"):
+        sampling_cpu.sample_full(logits, **{**ok, "uniform": torch.tensor([0.1])})
+    with pytest.raises(ValueError, match="contiguous rows"):
+        sampling_cpu.sample_full(logits.t().contiguous().t(), **ok)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        sampling_cpu.sample_full(logits.double(), **ok)
