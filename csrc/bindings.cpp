@@ -9,6 +9,7 @@
 
 #include "block_pool.h"
 #include "cpu_attention.h"
+#include "cpu_ops.h"
 #include "cpu_sampler.h"
 #include "kv_cache_manager.h"
 #include "step_plan.h"
@@ -122,4 +123,26 @@ PYBIND11_MODULE(_C, m) {
       py::arg("inv_t"), py::arg("num_rows"), py::arg("rows"), py::arg("u"), py::arg("greedy"), py::arg("tokens"),
       py::arg("logprobs"), py::arg("num_threads"), py::arg("simd"),
       "Fused full-softmax sampling over raw CPU buffers (checked by mrt_engine/sampling_cpu.py).");
+
+  m.def("cpu_ops_available", &mrt::cpu_ops_available);
+  m.def(
+      "rms_norm_bf16",
+      [](uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t out, int64_t out_stride, int64_t rows, int64_t hidden,
+         float eps, int num_threads) {
+        py::gil_scoped_release release;
+        mrt::rms_norm_bf16(reinterpret_cast<const uint16_t*>(x), x_stride, reinterpret_cast<const uint16_t*>(w),
+                           reinterpret_cast<uint16_t*>(out), out_stride, rows, hidden, eps, num_threads);
+      },
+      py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
+      py::arg("hidden"), py::arg("eps"), py::arg("num_threads"));
+  m.def(
+      "silu_mul_bf16",
+      [](uintptr_t g, uintptr_t u, int64_t in_stride, uintptr_t out, int64_t out_stride, int64_t rows, int64_t n,
+         int num_threads) {
+        py::gil_scoped_release release;
+        mrt::silu_mul_bf16(reinterpret_cast<const uint16_t*>(g), reinterpret_cast<const uint16_t*>(u), in_stride,
+                           reinterpret_cast<uint16_t*>(out), out_stride, rows, n, num_threads);
+      },
+      py::arg("g"), py::arg("u"), py::arg("in_stride"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
+      py::arg("n"), py::arg("num_threads"));
 }

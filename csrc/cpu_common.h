@@ -17,6 +17,7 @@
 #include <immintrin.h>
 // GCC 12's AVX-512 intrinsics make "undefined" vectors as `__m512 __Y = __Y;`, a false positive
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #else
 #define MRT_HAVE_X86 0
 #endif

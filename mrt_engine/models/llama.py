@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrt_engine.models import cpu_ops
 from mrt_engine.models.rope import Rope, apply_rope
 from mrt_engine.profiling import section
 
@@ -35,6 +36,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel; same arithmetic as below in fp32
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if cpu_ops.usable(x):  # the same arithmetic in one pass (bf16 on a CPU)
+            return cpu_ops.rms_norm_bf16(x, self.weight, self.eps)
         # as transformers: normalise in fp32, cast back, then scale in the model dtype
         xf = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * xf.to(x.dtype)
@@ -66,7 +69,10 @@ class DecoderLayer(nn.Module):
         # residual adds and SiLU * up in place on fresh GEMM outputs (y + h == h + y bit for bit):
         # fewer [N, H] / [N, I] temporaries per layer
         h = self.o_proj(o.reshape(n, self.q_size)).add_(h)
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(h))
+        if cpu_ops.usable(gate_up):  # bf16 on a CPU: silu(gate) * up in one pass, same roundings
+            return self.down_proj(cpu_ops.silu_mul_bf16(gate_up)).add_(h)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up)).add_(h)
 
 

@@ -1,0 +1,98 @@
+// Fused bf16 elementwise ops (see cpu_ops.h). AVX-512F only; callers check cpu_ops_available().
+#include "cpu_ops.h"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "cpu_common.h"
+
+namespace mrt {
+
+bool cpu_ops_available() {
+#if MRT_HAVE_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+#if MRT_HAVE_X86
+namespace {
+
+#define MRT_OPS __attribute__((target("avx512f,avx512bw")))
+
+MRT_OPS inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
+  const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+}
+
+// float32 -> bf16 with round-to-nearest-even, as PyTorch's conversion (inputs here are finite)
+MRT_OPS inline __m256i to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+MRT_OPS inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
+  _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+MRT_OPS void rms_norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t h, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < h; i += 16) {
+    const __m512 v = load_bf16(x + i, tail_mask(h - i));
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(h) + eps);
+  const __m512 vr = _mm512_set1_ps(r);
+  for (int64_t i = 0; i < h; i += 16) {
+    const __mmask16 m = tail_mask(h - i);
+    const __m512 y = load_bf16(x + i, m);
+    // round the normalised value to bf16 first, then scale by the weight in bf16 (transformers)
+    const __m512 yb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(_mm512_mul_ps(y, vr))), 16));
+    store_bf16(out + i, _mm512_mul_ps(load_bf16(w + i, m), yb), m);
+  }
+}
+
+MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.f), neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 x = load_bf16(g + i, m);
+    const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, cpu::exp2_avx512(_mm512_mul_ps(x, neg_log2e))));
+    const __m512 sb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(s)), 16));
+    store_bf16(out + i, _mm512_mul_ps(sb, load_bf16(u + i, m)), m);
+  }
+}
+
+}  // namespace
+#endif
+
+void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t out_stride,
+                   int64_t rows, int64_t hidden, float eps, int num_threads) {
+  if (!cpu_ops_available()) throw std::invalid_argument("rms_norm_bf16 needs AVX-512F/BW");
+  if (rows < 0 || hidden <= 0 || x_stride < hidden || out_stride < hidden)
+    throw std::invalid_argument("rms_norm_bf16: need hidden > 0 and row strides >= hidden");
+#if MRT_HAVE_X86
+  cpu::parallel_for(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r, int) {
+    rms_norm_row(x + r * x_stride, w, out + r * out_stride, hidden, eps);
+  });
+#endif
+}
+
+void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint16_t* out, int64_t out_stride,
+                   int64_t rows, int64_t n, int num_threads) {
+  if (!cpu_ops_available()) throw std::invalid_argument("silu_mul_bf16 needs AVX-512F/BW");
+  if (rows < 0 || n <= 0 || in_stride < n || out_stride < n)
+    throw std::invalid_argument("silu_mul_bf16: need n > 0 and row strides >= n");
+#if MRT_HAVE_X86
+  cpu::parallel_for(rows, rows * n < (1 << 16) ? 1 : num_threads, [&](int64_t r, int) {
+    silu_mul_row(g + r * in_stride, u + r * in_stride, out + r * out_stride, n);
+  });
+#endif
+}
+
+}  // namespace mrt

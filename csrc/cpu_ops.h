@@ -1,0 +1,21 @@
+// Fused elementwise ops of the bfloat16 decoder layer on the CPU, each one pass instead of 3-4
+// PyTorch ops, with the same roundings as the PyTorch/transformers sequence they replace:
+//   rms_norm_bf16: y = bf16(x * rsqrt(mean(x^2) + eps)) in float32, then bf16(w * y);
+//   silu_mul_bf16: bf16(bf16(silu(g)) * u).
+#pragma once
+
+#include <cstdint>
+
+namespace mrt {
+
+// x, out [rows, hidden] bf16 with row strides (elements); w [hidden] bf16.
+void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t out_stride,
+                   int64_t rows, int64_t hidden, float eps, int num_threads);
+
+// g, u, out [rows, n] bf16 with row strides (elements).
+void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint16_t* out, int64_t out_stride,
+                   int64_t rows, int64_t n, int num_threads);
+
+bool cpu_ops_available();
+
+}  // namespace mrt
