@@ -145,4 +145,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("g"), py::arg("u"), py::arg("in_stride"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
       py::arg("n"), py::arg("num_threads"));
+
+  m.def(
+      "rope",
+      [](uintptr_t x, int64_t x_stride, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t rows, int64_t heads,
+         int64_t dh, bool bf16, int num_threads) {
+        py::gil_scoped_release release;
+        mrt::rope(reinterpret_cast<const void*>(x), x_stride, reinterpret_cast<const void*>(cos),
+                  reinterpret_cast<const void*>(sin), reinterpret_cast<void*>(out), rows, heads, dh, bf16,
+                  num_threads);
+      },
+      py::arg("x"), py::arg("x_stride"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("rows"),
+      py::arg("heads"), py::arg("dh"), py::arg("bf16"), py::arg("num_threads"));
 }

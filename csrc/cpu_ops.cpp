@@ -68,8 +68,65 @@ MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, i
   }
 }
 
+MRT_OPS inline __m512 round_bf16(__m512 x) {  // float32 -> bf16 -> float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
+}
+
+template <bool kBf16>
+MRT_OPS inline __m512 load_any(const void* base, int64_t i) {
+  if (kBf16) return load_bf16(static_cast<const uint16_t*>(base) + i, 0xFFFF);
+  return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+}
+
+// one row: out[h][d] = x[h][d] * cos[d] + rot(x[h])[d] * sin[d], rot(v) = (-v[half:], v[:half]);
+// mul and add stay separate instructions (no FMA contraction), each rounded like PyTorch's ops
+template <bool kBf16>
+MRT_OPS void rope_row(const void* x, const void* cos, const void* sin, void* out, int64_t heads, int64_t dh) {
+  const int64_t half = dh / 2;
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));  // negation = sign flip (exact)
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t d = 0; d < dh; d += 16) {
+      const __m512 v = load_any<kBf16>(x, h * dh + d);
+      // the rotated value at d: -x[d + half] in the first half, x[d - half] in the second
+      const __m512 r = d < half ? _mm512_castsi512_ps(_mm512_xor_si512(
+                                      _mm512_castps_si512(load_any<kBf16>(x, h * dh + d + half)), sign))
+                                : load_any<kBf16>(x, h * dh + d - half);
+      __m512 a = _mm512_mul_ps(v, load_any<kBf16>(cos, d));
+      __m512 b = _mm512_mul_ps(r, load_any<kBf16>(sin, d));
+      if (kBf16) {
+        a = round_bf16(a);
+        b = round_bf16(b);
+        store_bf16(static_cast<uint16_t*>(out) + h * dh + d, _mm512_add_ps(a, b), 0xFFFF);
+      } else {
+        // GCC contracts a * b + c into an FMA in C++ by default: this empty asm makes both products
+        // round to float32 first, as PyTorch's separate mul and add kernels do
+        asm("" : "+v"(a), "+v"(b));
+        _mm512_storeu_ps(static_cast<float*>(out) + h * dh + d, _mm512_add_ps(a, b));
+      }
+    }
+  }
+}
+
 }  // namespace
 #endif
+
+void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, void* out, int64_t rows, int64_t heads,
+          int64_t dh, bool bf16, int num_threads) {
+  if (!cpu_ops_available()) throw std::invalid_argument("rope needs AVX-512F/BW");
+  if (rows < 0 || heads <= 0 || dh <= 0 || dh % 32 != 0 || x_stride < heads * dh)
+    throw std::invalid_argument("rope: need dh a positive multiple of 32 and x_stride >= heads * dh");
+#if MRT_HAVE_X86
+  const int64_t es = bf16 ? 2 : 4;
+  cpu::parallel_for(rows, rows * heads * dh < (1 << 16) ? 1 : num_threads, [&](int64_t r, int) {
+    const char* xr = static_cast<const char*>(x) + r * x_stride * es;
+    const char* cr = static_cast<const char*>(cos) + r * dh * es;
+    const char* sr = static_cast<const char*>(sin) + r * dh * es;
+    char* o = static_cast<char*>(out) + r * heads * dh * es;
+    if (bf16) rope_row<true>(xr, cr, sr, o, heads, dh);
+    else rope_row<false>(xr, cr, sr, o, heads, dh);
+  });
+#endif
+}
 
 void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t out_stride,
                    int64_t rows, int64_t hidden, float eps, int num_threads) {

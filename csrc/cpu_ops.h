@@ -1,7 +1,9 @@
 // Fused elementwise ops of the bfloat16 decoder layer on the CPU, each one pass instead of 3-4
 // PyTorch ops, with the same roundings as the PyTorch/transformers sequence they replace:
 //   rms_norm_bf16: y = bf16(x * rsqrt(mean(x^2) + eps)) in float32, then bf16(w * y);
-//   silu_mul_bf16: bf16(bf16(silu(g)) * u).
+//   silu_mul_bf16: bf16(bf16(silu(g)) * u);
+//   rope: rotate-half RoPE, out = r(r(x * cos) + r(rot(x) * sin)) with r the rounding to the
+//   tensor dtype after each op (float32 or bf16), as PyTorch's elementwise ops round.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +17,11 @@ void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint1
 // g, u, out [rows, n] bf16 with row strides (elements).
 void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint16_t* out, int64_t out_stride,
                    int64_t rows, int64_t n, int num_threads);
+
+// x: rows of `heads` vectors of `dh` (dh % 16 == 0), row stride x_stride, head stride dh; cos, sin
+// [rows, dh] contiguous; out [rows, heads, dh] contiguous; all float32 (bf16 = false) or bf16.
+void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, void* out, int64_t rows,
+          int64_t heads, int64_t dh, bool bf16, int num_threads);
 
 bool cpu_ops_available();
 

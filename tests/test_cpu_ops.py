@@ -45,3 +45,28 @@ def test_the_model_uses_them_only_for_bf16(monkeypatch):
     assert not cpu_ops.usable(torch.zeros(2, 16))
     monkeypatch.setenv(cpu_ops.ENV, "0")
     assert not cpu_ops.usable(torch.zeros(2, 16, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,heads,dh", [(256, 8, 64), (3, 16, 64), (5, 3, 128), (1, 2, 32)])
+def test_rope_is_apply_rope_bit_for_bit(dtype, rows, heads, dh):
+    from mrt_engine.models.rope import apply_rope
+
+    torch.manual_seed(rows * heads)
+    qkv = (torch.randn(rows, (heads + 3) * dh) * 3).to(dtype)        # q|k heads, then 3 more: strided rows
+    x = qkv[:, :heads * dh].view(rows, heads, dh)
+    ang = torch.randn(rows, 1, dh) * 5
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    assert cpu_ops.rope_usable(x, cos)
+    assert torch.equal(cpu_ops.rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+def test_rope_bad_input():
+    x = torch.randn(2, 4, 64)
+    cos = torch.randn(2, 1, 64)
+    with pytest.raises(ValueError, match="rope expects"):
+        cpu_ops.rope(x, cos, torch.randn(2, 1, 32))
+    with pytest.raises(ValueError, match="rope expects"):
+        cpu_ops.rope(torch.randn(2, 4, 48), torch.randn(2, 1, 48), torch.randn(2, 1, 48))
+    with pytest.raises(ValueError, match="rope expects"):
+        cpu_ops.rope(x.double(), cos.double(), cos.double())

@@ -1,10 +1,11 @@
-"""Fused bf16 RMSNorm and SiLU*up on the CPU (`mrt_engine._C`), behind checked wrappers.
+"""Fused RMSNorm and SiLU*up (bf16) and RoPE (float32, bf16) on the CPU (`mrt_engine._C`).
 
 Each replaces 3-4 PyTorch ops (each a pass over the activations plus dispatch cost, which
 dominates at decode sizes) with one pass and the same roundings as the transformers sequence:
 RMSNorm normalises in float32, rounds to bf16, then scales by the weight in bf16; SiLU*up rounds
-silu(gate) to bf16 before the product. float32 models keep the PyTorch ops (bitwise the
-reference's arithmetic there). `MRT_ENGINE_CPU_OPS=0` turns them off.
+silu(gate) to bf16 before the product; RoPE rounds after each multiply and the add, in float32 or
+bf16 (no fused multiply-add), so it is bit-identical in both dtypes. float32 models keep PyTorch's
+RMSNorm and SiLU (an exp of ours would round differently). `MRT_ENGINE_CPU_OPS=0` turns them off.
 """
 from __future__ import annotations
 
@@ -44,4 +45,24 @@ def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(gate_up.shape[0], n, dtype=torch.bfloat16)
     _C.silu_mul_bf16(gate_up.data_ptr(), gate_up.data_ptr() + 2 * n, gate_up.stride(0), out.data_ptr(),
                      out.stride(0), gate_up.shape[0], n, torch.get_num_threads())
+    return out
+
+
+def rope_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """x [N, H, Dh] (rows may be strided, heads contiguous), cos [N, 1, Dh] of x's dtype."""
+    return (_ok and os.environ.get(ENV, "1") != "0" and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and cos.dtype == x.dtype and x.dim() == 3
+            and x.shape[2] % 32 == 0 and x.stride(2) == 1 and x.stride(1) == x.shape[2] and cos.is_contiguous())
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [N, H, Dh] by cos/sin [N, 1, Dh]; the same roundings as `apply_rope`."""
+    if not rope_usable(x, cos) or sin.shape != cos.shape or not sin.is_contiguous() or sin.dtype != x.dtype \
+            or cos.shape != (x.shape[0], 1, x.shape[2]):
+        raise ValueError("rope expects x [N, H, Dh] (float32/bf16, Dh % 32 == 0, heads contiguous) and "
+                         "contiguous cos, sin [N, 1, Dh] of its dtype")
+    n, h, dh = x.shape
+    out = torch.empty(n, h, dh, dtype=x.dtype)
+    _C.rope(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), n, h, dh,
+            x.dtype == torch.bfloat16, torch.get_num_threads())
     return out

@@ -63,8 +63,8 @@ class DecoderLayer(nn.Module):
         s = self.spec
         qkv = self.qkv_proj(self.input_layernorm(h))
         # q and k heads rotate together: one RoPE pass over [N, Hq + Hkv, Dh]
-        qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(n, s.num_heads + s.num_kv_heads, s.head_dim),
-                        cos, sin)
+        qk = qkv[:, :self.q_size + self.kv_size].view(n, s.num_heads + s.num_kv_heads, s.head_dim)
+        qk = cpu_ops.rope(qk, cos, sin) if cpu_ops.rope_usable(qk, cos) else apply_rope(qk, cos, sin)
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, s.num_kv_heads, s.head_dim)
         o = backend.forward(q, k, v, k_cache, v_cache, meta, s.scale)
