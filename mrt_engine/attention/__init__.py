@@ -4,7 +4,8 @@ Backend interface (every backend, torch or Triton):
     forward(q [N, Hq, Dh], k [N, Hkv, Dh], v [N, Hkv, Dh], k_cache, v_cache, meta, scale) -> [N, Hq, Dh]
 It first stores the step's new K/V at `meta.slot_mapping`, then attends (see metadata.py
 for the token order and the decode sharing groups). Backends:
-- "torch" (`torch_backend.TorchAttentionBackend`): CPU default and the oracle of the kernels;
+- "torch" (`torch_backend.TorchAttentionBackend`): CPU default and the oracle of the kernels (on
+  AVX-512 CPUs its decode runs the C++ kernel of `cpu_kernel.py`);
 - "triton" (`triton_backend.TritonAttentionBackend`): the GPU default.
 """
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The torch attention backend over the paged KV cache (CPU default; the oracle for the Triton kernels).
 
+On a CPU with AVX-512 the decode part and short extends over a cached prefix (fork suffixes) run
+through the C++ kernel (`cpu_kernel.py`) on work items from the same prefix tree; everything below
+is the PyTorch path, used elsewhere (and with MRT_ENGINE_CPU_KERNEL=0) and tested against it.
+
 - prefill/extend: one SDPA call per sequence, causal over (cached prefix + new tokens);
 - decode: the decode groups' shared blocks form a prefix tree (groups forked from one trace at
   several points share the trace's blocks), and each tree segment is read ONCE for all the rows
