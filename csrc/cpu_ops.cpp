@@ -2,7 +2,9 @@
 #include "cpu_ops.h"
 
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "cpu_common.h"
 
@@ -126,6 +128,22 @@ void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, voi
     else rope_row<false>(xr, cr, sr, o, heads, dh);
   });
 #endif
+}
+
+void store_kv_rows(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
+                   const int64_t* slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots) {
+  if (n < 0 || row <= 0 || elem_size <= 0 || k_stride < row || v_stride < row)
+    throw std::invalid_argument("store_kv_rows: need row > 0 and row strides >= row");
+  for (int64_t i = 0; i < n; ++i)
+    if (slots[i] < 0 || slots[i] >= num_slots)
+      throw std::invalid_argument("store_kv_rows: slot " + std::to_string(slots[i]) + " outside the cache");
+  const int64_t bytes = row * elem_size;
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(static_cast<char*>(k_cache) + slots[i] * bytes, static_cast<const char*>(k) + i * k_stride * elem_size,
+                bytes);
+    std::memcpy(static_cast<char*>(v_cache) + slots[i] * bytes, static_cast<const char*>(v) + i * v_stride * elem_size,
+                bytes);
+  }
 }
 
 void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t out_stride,

@@ -23,6 +23,11 @@ void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint
 void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, void* out, int64_t rows,
           int64_t heads, int64_t dh, bool bf16, int num_threads);
 
+// Copies row i of k and v ([n, row] elements of `elem_size` bytes, row strides k_stride/v_stride)
+// into row slots[i] of k_cache / v_cache ([num_slots, row], contiguous). Throws on a bad slot.
+void store_kv_rows(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
+                   const int64_t* slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots);
+
 bool cpu_ops_available();
 
 }  // namespace mrt

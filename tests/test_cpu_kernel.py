@@ -154,3 +154,22 @@ def test_run_checks_its_tensors():
         plan.run(q, k_cache.transpose(0, 1).contiguous().transpose(0, 1), k_cache, 0.1)
     with pytest.raises(ValueError, match="last dimension"):
         plan.run(torch.randn(2, 64, 6).transpose(1, 2), k_cache, k_cache, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_rows_equals_index_copy(dtype):
+    torch.manual_seed(9)
+    k_cache, v_cache = torch.zeros(6, 5, 2, 16, dtype=dtype), torch.zeros(6, 5, 2, 16, dtype=dtype)
+    qkv = torch.randn(7, 6, 16).to(dtype)                  # k, v as strided views, like the model's
+    k, v = qkv[:, 2:4], qkv[:, 4:6]
+    slots = torch.tensor([0, 29, 5, 6, 17, 3, 11])
+    assert cpu_kernel.store_usable(k, v, k_cache, v_cache, slots)
+    cpu_kernel.store_kv(k, v, k_cache, v_cache, slots)
+    ref_k, ref_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    ref_k.view(-1, 2, 16).index_copy_(0, slots, k)
+    ref_v.view(-1, 2, 16).index_copy_(0, slots, v)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    with pytest.raises(ValueError, match="slot 30 outside the cache"):
+        cpu_kernel.store_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 4, 5, 30]))
+    with pytest.raises(ValueError, match="store_kv expects"):
+        cpu_kernel.store_kv(k.float() if dtype != torch.float32 else k.double(), v, k_cache, v_cache, slots)

@@ -87,3 +87,26 @@ class DecodePlan:
         self._plan.run(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _DTYPES[q.dtype],
                        float(scale), num_threads or torch.get_num_threads(), simd, bf16_dot)
         return out
+
+
+_store = getattr(_C, "store_kv_rows", None) if _Kernel is not None else None
+
+
+def store_usable(k, v, k_cache, v_cache, slots) -> bool:
+    """Whether `store_kv` can copy the rows in one C++ call (CPU, same dtype, heads contiguous)."""
+    return (_store is not None and os.environ.get(ENV, "1") != "0" and k_cache.device.type == "cpu"
+            and k.device.type == "cpu" and k.dtype == k_cache.dtype == v.dtype == v_cache.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == torch.int64
+            and slots.is_contiguous() and k.dim() == 3 and v.dim() == 3 and k.shape == v.shape
+            and k.shape[1:] == k_cache.shape[2:] and k.stride(2) == 1 and k.stride(1) == k.shape[2]
+            and v.stride(2) == 1 and v.stride(1) == v.shape[2] and slots.shape == (k.shape[0],))
+
+
+def store_kv(k, v, k_cache, v_cache, slots) -> None:
+    """k, v [N, Hkv, Dh] into the caches [blocks, bs, Hkv, Dh] at flat slots [N] (bad slots raise)."""
+    if not store_usable(k, v, k_cache, v_cache, slots):
+        raise ValueError("store_kv expects CPU k, v [N, Hkv, Dh] (heads contiguous) of the caches' dtype, "
+                         "contiguous caches and int64 slots [N]")
+    row = k.shape[1] * k.shape[2]
+    _store(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+           slots.data_ptr(), k.shape[0], row, k.element_size(), k_cache.shape[0] * k_cache.shape[1])

@@ -35,6 +35,9 @@ _SHARED_PAD_SLACK = 1.25
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write new K/V [N, Hkv, Dh] into the paged caches [num_blocks, bs, Hkv, Dh] at flat slots [N]."""
+    if cpu_kernel.store_usable(k, v, k_cache, v_cache, slot_mapping):   # one call for both, rows copied
+        cpu_kernel.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
     hkv, dh = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, hkv, dh).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, hkv, dh).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
