@@ -115,6 +115,82 @@ struct alignas(64) SimdScratch {
   float zero[kMaxHeadDim];
 };
 
+// Lane-group accumulators (O^T, running max and sum) of the query-lanes kernels, reset per task.
+template <class S>
+MRT_AVX512 void init_lane_groups(S& s, int groups, int64_t dh) {
+  for (int g = 0; g < groups; ++g) {
+    for (int64_t d = 0; d < dh; ++d) _mm512_store_ps(s.ot[g][d], _mm512_setzero_ps());
+    _mm512_store_ps(s.m[g], _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    _mm512_store_ps(s.l[g], _mm512_setzero_ps());
+  }
+}
+
+// The query-lanes kernels' partial results: o = O / l, lse in natural log.
+template <class S>
+void write_lane_partials(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, int groups,
+                         const S& s) {
+  for (int g = 0; g < groups; ++g) {
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t qv = qv0 + g * kLanes + lane;
+      if (qv >= qv1) break;
+      int64_t row, head, part;
+      c.locate(item, h, qv, &row, &head, &part);
+      const float l = s.l[g][lane];
+      float* o = c.part_o + (part * c.hq + head) * c.dh;
+      for (int64_t d = 0; d < c.dh; ++d) o[d] = s.ot[g][d][lane] / l;
+      c.part_lse[part * c.hq + head] = (s.m[g][lane] + std::log2(l)) * kLn2;
+    }
+  }
+}
+
+// The key-lanes (one-row) kernels' state: acc [grp][dh], running max and sum per query head.
+MRT_AVX512 void init_own(float* acc, float* mrun, float* lrun, int64_t grp, int64_t dh) {
+  for (int64_t m = 0; m < grp; ++m) {
+    for (int64_t d = 0; d < dh; d += 16) _mm512_storeu_ps(acc + m * dh + d, _mm512_setzero_ps());
+    mrun[m] = -std::numeric_limits<float>::infinity();
+    lrun[m] = 0.f;
+  }
+}
+
+void write_own_partials(const Ctx& c, int64_t part, int64_t head0, const float* acc, const float* mrun,
+                        const float* lrun) {
+  for (int64_t m = 0; m < c.grp; ++m) {
+    float* o = c.part_o + (part * c.hq + head0 + m) * c.dh;
+    const float inv = 1.f / lrun[m];
+    for (int64_t d = 0; d < c.dh; ++d) o[d] = acc[m * c.dh + d] * inv;
+    c.part_lse[part * c.hq + head0 + m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
+  }
+}
+
+// Cache offset of each key of a tile (keys t0 .. t0+n-1 of the item; a tile may span blocks).
+inline void tile_offsets(const Ctx& c, const int64_t* blocks, int64_t t0, int n, int64_t h, int64_t* idx) {
+  for (int j = 0; j < n; ++j) {
+    const int64_t t = t0 + j;
+    idx[j] = c.kv_index(blocks[t / c.bs], t % c.bs, h);
+  }
+}
+
+// Float32 K/V rows of a tile for the float32-FMA kernels: rows in the cache for float32 caches,
+// bf16 rows widened into kbuf/vbuf; rows past n point at zeros.
+MRT_AVX512 void float_tile_rows(const Ctx& c, const int64_t* blocks, int64_t t0, int n, int64_t h, SimdScratch& s,
+                                const float** krow, const float** vrow) {
+  int64_t idx[kLanes];
+  tile_offsets(c, blocks, t0, n, h, idx);
+  for (int j = 0; j < kLanes; ++j) {
+    if (j >= n) {
+      krow[j] = vrow[j] = s.zero;
+    } else if (c.dtype == KvDtype::kFloat32) {
+      krow[j] = static_cast<const float*>(c.k) + idx[j];
+      vrow[j] = static_cast<const float*>(c.v) + idx[j];
+    } else {
+      widen_row(c, c.k, idx[j], s.kbuf[j]);
+      widen_row(c, c.v, idx[j], s.vbuf[j]);
+      krow[j] = s.kbuf[j];
+      vrow[j] = s.vbuf[j];
+    }
+  }
+}
+
 MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
   const int64_t dh = c.dh;
   const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
@@ -131,35 +207,19 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
         for (int64_t d = 0; d < dh; ++d) s.qt[g][d][lane] = 0.f;
       }
     }
-    for (int64_t d = 0; d < dh; ++d) _mm512_store_ps(s.ot[g][d], _mm512_setzero_ps());
-    _mm512_store_ps(s.m[g], _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-    _mm512_store_ps(s.l[g], _mm512_setzero_ps());
   }
+  init_lane_groups(s, groups, dh);
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const bool f32 = c.dtype == KvDtype::kFloat32;
+  const float* krow[kLanes];
   const float* vrow[kLanes];
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    // a tile of up to 16 keys; it may span blocks when the block size is not a multiple of 16
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    for (int j = 0; j < kLanes; ++j) {
-      if (j >= n) {
-        vrow[j] = s.zero;
-        continue;
-      }
-      const int64_t t = t0 + j;
-      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
-      // K rows go to kbuf even in float32: the score loop then addresses 16 rows from one base
-      // register (16 row pointers would not fit in registers)
-      widen_row(c, c.k, idx, s.kbuf[j]);
-      if (f32) {
-        vrow[j] = static_cast<const float*>(c.v) + idx;
-      } else {
-        widen_row(c, c.v, idx, s.vbuf[j]);
-        vrow[j] = s.vbuf[j];
-      }
-    }
-    for (int j = n; j < kLanes; ++j) std::memset(s.kbuf[j], 0, sizeof(float) * dh);
+    float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
+    // K rows at a fixed pitch in kbuf (bf16 rows are there already): the score loop then
+    // addresses all 16 from one base register (16 row pointers would not fit in registers)
+    for (int j = 0; j < kLanes; ++j)
+      if (krow[j] != s.kbuf[j]) std::memcpy(s.kbuf[j], krow[j], sizeof(float) * dh);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int g = 0; g < groups; ++g) {
       // the fully unrolled j loops keep the 16 score vectors in registers
@@ -203,19 +263,7 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
       }
     }
   }
-  // partial results: o = O / l, lse in natural log
-  for (int g = 0; g < groups; ++g) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int64_t qv = qv0 + g * kLanes + lane;
-      if (qv >= qv1) break;
-      int64_t row, head, part;
-      c.locate(item, h, qv, &row, &head, &part);
-      const float l = s.l[g][lane];
-      float* o = c.part_o + (part * c.hq + head) * dh;
-      for (int64_t d = 0; d < dh; ++d) o[d] = s.ot[g][d][lane] / l;
-      c.part_lse[part * c.hq + head] = (s.m[g][lane] + std::log2(l)) * kLn2;
-    }
-  }
+  write_lane_partials(c, item, h, qv0, qv1, groups, s);
 }
 
 #define MRT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -228,6 +276,49 @@ struct alignas(64) Bf16Scratch {
   uint16_t ktile[kLanes][kMaxHeadDim];                // the tile's K rows, fixed pitch
   uint16_t zero[kMaxHeadDim];
 };
+
+// Word indices that interleave the first (lo) or second (hi) 16 words of two vectors a, b:
+// (a0, b0, a1, b1, ...) for _mm512_permutex2var_epi16.
+struct InterleaveIdx {
+  __m512i lo, hi;
+};
+MRT_AVX512_BF16 inline InterleaveIdx interleave_idx() {
+  alignas(64) int16_t lo[32], hi[32];
+  for (int i = 0; i < 16; ++i) {
+    lo[2 * i] = static_cast<int16_t>(i);
+    lo[2 * i + 1] = static_cast<int16_t>(32 + i);
+    hi[2 * i] = static_cast<int16_t>(16 + i);
+    hi[2 * i + 1] = static_cast<int16_t>(48 + i);
+  }
+  return {_mm512_load_si512(lo), _mm512_load_si512(hi)};
+}
+
+// bf16 K/V rows of a tile, in place in the cache; rows past n point at zeros.
+inline void bf16_tile_rows(const Ctx& c, const int64_t* blocks, int64_t t0, int n, int64_t h, const uint16_t* zero,
+                           const uint16_t** krow, const uint16_t** vrow) {
+  int64_t idx[kLanes];
+  tile_offsets(c, blocks, t0, n, h, idx);
+  for (int j = 0; j < kLanes; ++j) {
+    krow[j] = j < n ? static_cast<const uint16_t*>(c.k) + idx[j] : zero;
+    vrow[j] = j < n ? static_cast<const uint16_t*>(c.v) + idx[j] : zero;
+  }
+}
+
+// V rows of a tile interleaved in pairs, vpair[i][d] = (V[2i][d], V[2i+1][d]): the PV dot products'
+// operand. 32 values of d at a time (16 when dh is an odd multiple of 16).
+MRT_AVX512_BF16 void pair_v_rows(const uint16_t* const* vrow, int pairs, int64_t dh, const InterleaveIdx& ix,
+                                 uint32_t (*vpair)[kMaxHeadDim]) {
+  for (int i = 0; i < pairs; ++i) {
+    for (int64_t d0 = 0; d0 < dh; d0 += 32) {
+      const bool full = dh - d0 >= 32;
+      const __mmask32 mk = full ? 0xFFFFFFFFu : 0xFFFFu;
+      const __m512i a = _mm512_maskz_loadu_epi16(mk, vrow[2 * i] + d0);
+      const __m512i b = _mm512_maskz_loadu_epi16(mk, vrow[2 * i + 1] + d0);
+      _mm512_storeu_si512(&vpair[i][d0], _mm512_permutex2var_epi16(a, ix.lo, b));
+      if (full) _mm512_storeu_si512(&vpair[i][d0 + 16], _mm512_permutex2var_epi16(a, ix.hi, b));
+    }
+  }
+}
 
 // bfloat16 caches with AVX512_BF16: QK^T and PV are pairwise bf16 dot products accumulated in
 // float32 (two products per lane and instruction, twice the FMA rate). q stays unscaled (exact);
@@ -251,59 +342,28 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
         for (int64_t d2 = 0; d2 < dh2; ++d2) s.qt[g][d2][lane] = 0;
       }
     }
-    for (int64_t d = 0; d < dh; ++d) _mm512_store_ps(s.ot[g][d], _mm512_setzero_ps());
-    _mm512_store_ps(s.m[g], _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-    _mm512_store_ps(s.l[g], _mm512_setzero_ps());
   }
+  init_lane_groups(s, groups, dh);
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const uint16_t* kc = static_cast<const uint16_t*>(c.k);
-  const uint16_t* vc = static_cast<const uint16_t*>(c.v);
   const __m512 qscale = _mm512_set1_ps(c.qscale);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  // word indices that interleave the first 16 words of two vectors: (a0, b0, a1, b1, ...)
-  alignas(64) int16_t lo_idx[32], hi_idx[32];
-  for (int i = 0; i < 16; ++i) {
-    lo_idx[2 * i] = static_cast<int16_t>(i);
-    lo_idx[2 * i + 1] = static_cast<int16_t>(32 + i);
-    hi_idx[2 * i] = static_cast<int16_t>(16 + i);
-    hi_idx[2 * i + 1] = static_cast<int16_t>(48 + i);
-  }
+  const InterleaveIdx ix = interleave_idx();
   alignas(64) int16_t pair_idx[32];  // (p0[i], p1[i]) from one vector holding p0 then p1
   for (int i = 0; i < 16; ++i) {
     pair_idx[2 * i] = static_cast<int16_t>(i);
     pair_idx[2 * i + 1] = static_cast<int16_t>(16 + i);
   }
-  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
   const __m512i ipair = _mm512_load_si512(pair_idx);
   const uint16_t* krow[kLanes];
   const uint16_t* vrow[kLanes];
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    for (int j = 0; j < kLanes; ++j) {
-      if (j >= n) {
-        krow[j] = vrow[j] = s.zero;
-        continue;
-      }
-      const int64_t t = t0 + j;
-      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
-      krow[j] = kc + idx;
-      vrow[j] = vc + idx;
-    }
+    bf16_tile_rows(c, blocks, t0, n, h, s.zero, krow, vrow);
     // K rows at a fixed pitch: the score loop addresses all 16 from one base register
     for (int j = 0; j < kLanes; ++j) std::memcpy(s.ktile[j], krow[j], sizeof(uint16_t) * dh);
-    // V rows interleaved in pairs, 32 values of d at a time
     const int pairs = (n + 1) / 2;
-    for (int i = 0; i < pairs; ++i) {
-      for (int64_t d0 = 0; d0 < dh; d0 += 32) {
-        const int64_t w = std::min<int64_t>(32, dh - d0);  // dh is a multiple of 16
-        const __mmask32 mk = w == 32 ? 0xFFFFFFFFu : 0xFFFFu;
-        const __m512i a = _mm512_maskz_loadu_epi16(mk, vrow[2 * i] + d0);
-        const __m512i b = _mm512_maskz_loadu_epi16(mk, vrow[2 * i + 1] + d0);
-        _mm512_storeu_si512(&s.vpair[i][d0], _mm512_permutex2var_epi16(a, ilo, b));
-        if (w == 32) _mm512_storeu_si512(&s.vpair[i][d0 + 16], _mm512_permutex2var_epi16(a, ihi, b));
-      }
-    }
+    pair_v_rows(vrow, pairs, dh, ix, s.vpair);
     for (int g = 0; g < groups; ++g) {
       __m512 sc[kLanes];
 #pragma GCC unroll 16
@@ -353,18 +413,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
       }
     }
   }
-  for (int g = 0; g < groups; ++g) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int64_t qv = qv0 + g * kLanes + lane;
-      if (qv >= qv1) break;
-      int64_t row, head, part;
-      c.locate(item, h, qv, &row, &head, &part);
-      const float l = s.l[g][lane];
-      float* o = c.part_o + (part * c.hq + head) * dh;
-      for (int64_t d = 0; d < dh; ++d) o[d] = s.ot[g][d][lane] / l;
-      c.part_lse[part * c.hq + head] = (s.m[g][lane] + std::log2(l)) * kLn2;
-    }
-  }
+  write_lane_partials(c, item, h, qv0, qv1, groups, s);
 }
 // Horizontal sums of 16 vectors at once: lane j of the result is the sum of a[j]'s 16 lanes
 // (pairwise unpack-and-add, then 128-bit lane shuffles; ~30 instructions for all 16).
@@ -395,49 +444,20 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
   const uint16_t* q0 = static_cast<const uint16_t*>(c.q) + row * c.q_row_stride + head0 * c.q_head_stride;
   float* acc = &s.ot[0][0][0];  // [grp][dh]
   float mrun[kLanes], lrun[kLanes];
-  for (int64_t m = 0; m < grp; ++m) {
-    mrun[m] = -std::numeric_limits<float>::infinity();
-    lrun[m] = 0.f;
-    for (int64_t d = 0; d < dh; d += 16) _mm512_storeu_ps(acc + m * dh + d, _mm512_setzero_ps());
-  }
+  init_own(acc, mrun, lrun, grp, dh);
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const uint16_t* kc = static_cast<const uint16_t*>(c.k);
-  const uint16_t* vc = static_cast<const uint16_t*>(c.v);
   const __m512 qscale = _mm512_set1_ps(c.qscale);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  alignas(64) int16_t lo_idx[32], hi_idx[32];
-  for (int i = 0; i < 16; ++i) {
-    lo_idx[2 * i] = static_cast<int16_t>(i);
-    lo_idx[2 * i + 1] = static_cast<int16_t>(32 + i);
-    hi_idx[2 * i] = static_cast<int16_t>(16 + i);
-    hi_idx[2 * i + 1] = static_cast<int16_t>(48 + i);
-  }
-  const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
+  const InterleaveIdx ix = interleave_idx();
   const uint16_t* krow[kLanes];
   const uint16_t* vrow[kLanes];
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    for (int j = 0; j < kLanes; ++j) {
-      if (j >= n) {
-        krow[j] = vrow[j] = s.zero;
-        continue;
-      }
-      const int64_t t = t0 + j;
-      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
-      krow[j] = kc + idx;
-      vrow[j] = vc + idx;
-    }
+    bf16_tile_rows(c, blocks, t0, n, h, s.zero, krow, vrow);
     const int pairs = (n + 1) / 2;
-    for (int i = 0; i < pairs; ++i) {
-      for (int64_t d0 = 0; d0 < dh; d0 += 32) {
-        const __m512i a = _mm512_loadu_si512(vrow[2 * i] + d0);
-        const __m512i b = _mm512_loadu_si512(vrow[2 * i + 1] + d0);
-        _mm512_storeu_si512(&s.vpair[i][d0], _mm512_permutex2var_epi16(a, ilo, b));
-        _mm512_storeu_si512(&s.vpair[i][d0 + 16], _mm512_permutex2var_epi16(a, ihi, b));
-      }
-    }
-    const __mmask16 valid = n == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    pair_v_rows(vrow, pairs, dh, ix, s.vpair);
+    const __mmask16 valid = cpu::tail_mask(n);
     for (int64_t m = 0; m < grp; ++m) {
       const uint16_t* qm = q0 + m * c.q_head_stride;
       __m512 a[kLanes];
@@ -467,12 +487,7 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
       }
     }
   }
-  for (int64_t m = 0; m < grp; ++m) {
-    float* o = c.part_o + (part * c.hq + head0 + m) * dh;
-    const float inv = 1.f / lrun[m];
-    for (int64_t d = 0; d < dh; ++d) o[d] = acc[m * dh + d] * inv;
-    c.part_lse[part * c.hq + head0 + m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
-  }
+  write_own_partials(c, part, head0, acc, mrun, lrun);
 }
 
 // The float32 twin of own_task_avx512_bf16 (float32 caches, or bf16 widened per tile): keys as
@@ -485,39 +500,20 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
   float* qf = &s.qt[0][0][0];   // [grp][dh], pre-scaled
   float* acc = &s.ot[0][0][0];  // [grp][dh]
   float mrun[kLanes], lrun[kLanes];
+  init_own(acc, mrun, lrun, grp, dh);
   for (int64_t m = 0; m < grp; ++m) {
     const int64_t qbase = row * c.q_row_stride + (head0 + m) * c.q_head_stride;
     for (int64_t d = 0; d < dh; ++d) qf[m * dh + d] = c.load(c.q, qbase + d) * c.qscale;
-    for (int64_t d = 0; d < dh; d += 16) _mm512_storeu_ps(acc + m * dh + d, _mm512_setzero_ps());
-    mrun[m] = -std::numeric_limits<float>::infinity();
-    lrun[m] = 0.f;
   }
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const bool f32 = c.dtype == KvDtype::kFloat32;
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const float* krow[kLanes];
   const float* vrow[kLanes];
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    for (int j = 0; j < kLanes; ++j) {
-      if (j >= n) {
-        krow[j] = vrow[j] = s.zero;
-        continue;
-      }
-      const int64_t t = t0 + j;
-      const int64_t idx = c.kv_index(blocks[t / c.bs], t % c.bs, h);
-      if (f32) {
-        krow[j] = static_cast<const float*>(c.k) + idx;
-        vrow[j] = static_cast<const float*>(c.v) + idx;
-      } else {
-        widen_row(c, c.k, idx, s.kbuf[j]);
-        widen_row(c, c.v, idx, s.vbuf[j]);
-        krow[j] = s.kbuf[j];
-        vrow[j] = s.vbuf[j];
-      }
-    }
-    const __mmask16 valid = n == kLanes ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
+    const __mmask16 valid = cpu::tail_mask(n);
     for (int64_t m = 0; m < grp; ++m) {
       const float* qm = qf + m * dh;
       __m512 a[kLanes];
@@ -544,12 +540,7 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
       }
     }
   }
-  for (int64_t m = 0; m < grp; ++m) {
-    float* o = c.part_o + (part * c.hq + head0 + m) * dh;
-    const float inv = 1.f / lrun[m];
-    for (int64_t d = 0; d < dh; ++d) o[d] = acc[m * dh + d] * inv;
-    c.part_lse[part * c.hq + head0 + m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
-  }
+  write_own_partials(c, part, head0, acc, mrun, lrun);
 }
 
 // One scratch per thread for the life of the thread (the OpenMP workers persist): ~150 KB, which

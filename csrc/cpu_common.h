@@ -86,6 +86,16 @@ void parallel_for(int64_t n, int threads, F&& f) {
 
 #if MRT_HAVE_X86
 #define MRT_AVX512 __attribute__((target("avx512f")))
+#define MRT_AVX512BW __attribute__((target("avx512f,avx512bw")))
+
+// lanes 0 .. n-1 of a 16-lane vector
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// the masked lanes of 16 bf16 values widened to float32 (others 0)
+MRT_AVX512BW inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
+  const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
+}
 
 // 2^x, x in log2 units; relative error ~1e-7; x <= -200 gives exactly 0 (masked keys are -inf)
 MRT_AVX512 inline __m512 exp2_avx512(__m512 x) {

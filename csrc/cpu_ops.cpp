@@ -21,12 +21,9 @@ bool cpu_ops_available() {
 #if MRT_HAVE_X86
 namespace {
 
-#define MRT_OPS __attribute__((target("avx512f,avx512bw")))
-
-MRT_OPS inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
-}
+#define MRT_OPS MRT_AVX512BW
+using cpu::load_bf16x16;
+using cpu::tail_mask;
 
 // float32 -> bf16 with round-to-nearest-even, as PyTorch's conversion (inputs here are finite)
 MRT_OPS inline __m256i to_bf16(__m512 x) {
@@ -40,22 +37,21 @@ MRT_OPS inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
   _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
 }
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 MRT_OPS void rms_norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t h, float eps) {
   __m512 ss = _mm512_setzero_ps();
   for (int64_t i = 0; i < h; i += 16) {
-    const __m512 v = load_bf16(x + i, tail_mask(h - i));
+    const __m512 v = load_bf16x16(x + i, tail_mask(h - i));
     ss = _mm512_fmadd_ps(v, v, ss);
   }
   const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(h) + eps);
   const __m512 vr = _mm512_set1_ps(r);
   for (int64_t i = 0; i < h; i += 16) {
     const __mmask16 m = tail_mask(h - i);
-    const __m512 y = load_bf16(x + i, m);
+    const __m512 y = load_bf16x16(x + i, m);
     // round the normalised value to bf16 first, then scale by the weight in bf16 (transformers)
     const __m512 yb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(_mm512_mul_ps(y, vr))), 16));
-    store_bf16(out + i, _mm512_mul_ps(load_bf16(w + i, m), yb), m);
+    store_bf16(out + i, _mm512_mul_ps(load_bf16x16(w + i, m), yb), m);
   }
 }
 
@@ -63,10 +59,10 @@ MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, i
   const __m512 one = _mm512_set1_ps(1.f), neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 x = load_bf16(g + i, m);
+    const __m512 x = load_bf16x16(g + i, m);
     const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, cpu::exp2_avx512(_mm512_mul_ps(x, neg_log2e))));
     const __m512 sb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(s)), 16));
-    store_bf16(out + i, _mm512_mul_ps(sb, load_bf16(u + i, m)), m);
+    store_bf16(out + i, _mm512_mul_ps(sb, load_bf16x16(u + i, m)), m);
   }
 }
 
@@ -76,7 +72,7 @@ MRT_OPS inline __m512 round_bf16(__m512 x) {  // float32 -> bf16 -> float32
 
 template <bool kBf16>
 MRT_OPS inline __m512 load_any(const void* base, int64_t i) {
-  if (kBf16) return load_bf16(static_cast<const uint16_t*>(base) + i, 0xFFFF);
+  if (kBf16) return load_bf16x16(static_cast<const uint16_t*>(base) + i, 0xFFFF);
   return _mm512_loadu_ps(static_cast<const float*>(base) + i);
 }
 

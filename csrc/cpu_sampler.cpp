@@ -50,14 +50,10 @@ void row_stats_scalar(const Logits& x, int64_t row, float it, int64_t block, flo
 }
 
 #if MRT_HAVE_X86
-#define MRT_AVX512BW __attribute__((target("avx512f,avx512bw")))
+using cpu::tail_mask;
 
 MRT_AVX512BW inline __m512 load16(const Logits& x, int64_t row, int64_t i, __mmask16 m) {
-  if (x.bf16) {
-    const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m),
-                                               static_cast<const uint16_t*>(x.base) + row * x.stride + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)), 16));
-  }
+  if (x.bf16) return cpu::load_bf16x16(static_cast<const uint16_t*>(x.base) + row * x.stride + i, m);
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x.base) + row * x.stride + i);
 }
 
@@ -66,8 +62,7 @@ MRT_AVX512BW void block_weights_avx512(const Logits& x, int64_t row, int64_t b0,
                                        float* w) {
   const __m512 a = _mm512_set1_ps(it * kLog2e), c = _mm512_set1_ps(mx * kLog2e);
   for (int64_t i = b0; i < end; i += 16) {
-    const int64_t n = std::min<int64_t>(16, end - i);
-    const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __mmask16 m = tail_mask(end - i);
     _mm512_mask_storeu_ps(w + (i - b0), m, cpu::exp2_avx512(_mm512_fmsub_ps(load16(x, row, i, m), a, c)));
   }
 }
@@ -77,15 +72,13 @@ MRT_AVX512BW void row_stats_avx512(const Logits& x, int64_t row, float it, int64
   const int64_t V = x.vocab;
   __m512 vmx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < V; i += 16) {
-    const int64_t n = std::min<int64_t>(16, V - i);
-    const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __mmask16 m = tail_mask(V - i);
     vmx = _mm512_mask_max_ps(vmx, m, vmx, load16(x, row, i, m));
   }
   const float mx = _mm512_reduce_max_ps(vmx);
   int64_t arg = 0;  // the first id holding the max, as torch.argmax
   for (int64_t i = 0; i < V; i += 16) {
-    const int64_t n = std::min<int64_t>(16, V - i);
-    const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+    const __mmask16 m = tail_mask(V - i);
     const __mmask16 hit = _mm512_mask_cmp_ps_mask(m, load16(x, row, i, m), _mm512_set1_ps(mx), _CMP_EQ_OQ);
     if (hit) {
       arg = i + __builtin_ctz(hit);
@@ -101,8 +94,7 @@ MRT_AVX512BW void row_stats_avx512(const Logits& x, int64_t row, float it, int64
     const int64_t end = std::min(V, b0 + block);
     __m512 s = _mm512_setzero_ps();
     for (int64_t i = b0; i < end; i += 16) {
-      const int64_t n = std::min<int64_t>(16, end - i);
-      const __mmask16 m = n == 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+      const __mmask16 m = tail_mask(end - i);
       const __m512 w = cpu::exp2_avx512(_mm512_fmsub_ps(load16(x, row, i, m), a, c));
       s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, w));
     }
