@@ -39,3 +39,9 @@ def prefix_tree_segments(items: list[tuple[list[int], list[int]]]) -> list[tuple
     if items:
         walk(items, 0, -1)
     return out
+
+
+def segment_blocks(items: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """The prefix tree's segments as (block ids, rows): each run of blocks once, with every row below it."""
+    blocks_of = {r: blocks for blocks, rows in items for r in rows}
+    return [(blocks_of[rows[0]][start:end], rows) for start, end, rows, _ in prefix_tree_segments(items)]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from mrt_engine.attention import cpu_kernel
 from mrt_engine.attention.metadata import AttentionMetadata
-from mrt_engine.attention.share_tree import prefix_tree_segments
+from mrt_engine.attention.share_tree import segment_blocks
 from mrt_engine.profiling import section
 
 # A padded batch may hold up to this factor of (rows x keys) over its real work before a new one starts.
@@ -111,10 +111,7 @@ def _share_segments(meta: AttentionMetadata, block_size: int):
         else:
             first = torch.tensor([rows[0] for _, rows in groups], dtype=torch.long, device=tables.device)
             lists = tables.index_select(0, first).tolist()
-        items = [(lst[:ns], rows) for lst, (ns, rows) in zip(lists, groups)]
-        blocks_of = {r: blk for blk, rows in items for r in rows}
-        segments = [(blocks_of[rows[0]][start:end], rows)
-                    for start, end, rows, _ in prefix_tree_segments(items)]
+        segments = segment_blocks([(lst[:ns], rows) for lst, (ns, rows) in zip(lists, groups)])
     return ctx, segments, row_shared
 
 
@@ -159,8 +156,7 @@ def _extend_kernel_plan(meta: AttentionMetadata, num_heads: int, k_cache: torch.
             own.append((table[nfull:-(-end // bs)], end - nfull * bs, [r]))
     if not chosen:
         return None, None, chosen
-    blocks_of = {r: blk for blk, rows in groups for r in rows}
-    items = own + [(blocks_of[rows[0]][a:b], (b - a) * bs, rows) for a, b, rows, _ in prefix_tree_segments(groups)]
+    items = own + [(blk, len(blk) * bs, rows) for blk, rows in segment_blocks(groups)]
     idx = torch.tensor(token_idx, dtype=torch.long)
     return cpu_kernel.DecodePlan(items, len(token_idx), num_heads, k_cache), idx, chosen
 
