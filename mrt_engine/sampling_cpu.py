@@ -23,17 +23,8 @@ ENV = "MRT_ENGINE_CPU_SAMPLER"
 
 @functools.lru_cache(maxsize=1)
 def simd_available() -> bool:
-    from mrt_engine.attention import cpu_kernel
-
-    return _sample is not None and cpu_kernel.simd_available() and _avx512bw()
-
-
-def _avx512bw() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512bw" in f.read()
-    except OSError:
-        return False
+    # the vector path needs AVX-512F and BW, the same check as the fused ops'
+    return _sample is not None and bool(_C.cpu_ops_available())
 
 
 def usable(logits: torch.Tensor) -> bool:
