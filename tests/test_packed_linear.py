@@ -22,7 +22,7 @@ def test_matches_f_linear(dtype, rows):
     lin = PackedLinear(96, 40, bias=True, dtype=dtype)
     x = torch.randn(rows, 96).to(dtype)
     out = lin(x)
-    assert lin._packed is not None, "the CPU float32/bf16 weight was not packed"
+    assert lin.packed_weight.packed is not None, "the CPU float32/bf16 weight was not packed"
     ref = F.linear(x, lin.weight, lin.bias)
     if dtype == torch.bfloat16:
         torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
@@ -34,11 +34,11 @@ def test_off_switch_and_other_dtypes(monkeypatch):
     monkeypatch.setenv(packed_linear.ENV, "0")
     lin = PackedLinear(16, 8)
     lin(torch.randn(3, 16))
-    assert lin._packed is None
+    assert lin.packed_weight.packed is None
     monkeypatch.delenv(packed_linear.ENV)
     lin64 = PackedLinear(16, 8, dtype=torch.float64)
     torch.testing.assert_close(lin64(torch.randn(3, 16, dtype=torch.float64)).shape, torch.Size([3, 8]))
-    assert lin64._packed is None
+    assert lin64.packed_weight.packed is None
 
 
 def test_weight_updates_repack(make_tiny_model, tmp_path):

@@ -126,7 +126,7 @@ class LlamaModel(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = _param(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.requires_grad_(False)
-        self._lm_head_packed = None   # prepacked LM head (float32 CPU), False where unavailable
+        self._lm_head_packed = packed_linear.LazyPacked()   # used in float32 on a CPU
         self.attn_backend = attention_backend
         self.num_layers = spec.num_layers
         self.num_heads = spec.num_heads
@@ -165,16 +165,12 @@ class LlamaModel(nn.Module):
         reuses one across steps; a fresh vocab-sized tensor page-faults on every step)."""
         h = self.norm(hidden)
         with section("gemm_lm_head"):
-            if self.dtype == torch.float32 and self._lm_head_packed is not False:
-                # prepacked in float32 only: the GEMM gain there (~1.5x at decode sizes) outweighs
-                # the copy into `out`; in bf16 the gain (~5%) is less than that copy costs
-                if self._lm_head_packed is None:
-                    self._lm_head_packed = packed_linear.pack(self.lm_head_weight)
-                    if self._lm_head_packed is None:
-                        self._lm_head_packed = False
-                if self._lm_head_packed is not False:
-                    logits = packed_linear.linear(h, self._lm_head_packed, self.lm_head_weight, None)
-                    return logits if out is None else out.copy_(logits)
+            # prepacked in float32 only: the GEMM gain there (~1.5x at decode sizes) outweighs
+            # the copy into `out`; in bf16 the gain (~5%) is less than that copy costs
+            packed = self._lm_head_packed.get(self.lm_head_weight) if self.dtype == torch.float32 else None
+            if packed is not None:
+                logits = packed_linear.linear(h, packed, self.lm_head_weight, None)
+                return logits if out is None else out.copy_(logits)
             if out is None:
                 logits = F.linear(h, self.lm_head_weight)
             else:
@@ -252,7 +248,7 @@ class LlamaModel(nn.Module):
         for _, tensor, target, off, rows in items:
             target.narrow(0, off, rows).copy_(tensor)
         # prepacked copies of the weights are stale now: repacked on their next use
-        self._lm_head_packed = None
+        self._lm_head_packed.drop()
         for mod in self.modules():
             if isinstance(mod, PackedLinear):
                 mod.unpack()

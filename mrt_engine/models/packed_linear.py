@@ -52,18 +52,33 @@ def linear(x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor, b
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+class LazyPacked:
+    """A weight's prepacked copy, made on first use (None where packing is off or unavailable);
+    `drop()` when the weight has changed."""
+
+    __slots__ = ("packed", "_tried")
+
+    def __init__(self):
+        self.drop()
+
+    def drop(self) -> None:
+        self.packed, self._tried = None, False
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor | None:
+        if not self._tried:
+            self.packed, self._tried = pack(weight), True
+        return self.packed
+
+
 class PackedLinear(nn.Linear):
     """nn.Linear whose forward uses a prepacked copy of its weight (made lazily, dropped by `unpack`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._packed: torch.Tensor | None = None
-        self._packed_tried = False
+        self.packed_weight = LazyPacked()
 
     def unpack(self) -> None:
-        self._packed, self._packed_tried = None, False
+        self.packed_weight.drop()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._packed_tried:
-            self._packed, self._packed_tried = pack(self.weight), True
-        return linear(x, self._packed, self.weight, self.bias)
+        return linear(x, self.packed_weight.get(self.weight), self.weight, self.bias)
