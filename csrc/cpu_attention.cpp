@@ -648,7 +648,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
 #if MRT_HAVE_X86
   if (simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available()) {
     const bool own_kernel = dh_ % 32 == 0 && c.grp <= kLanes;
-    parallel_for(num_tasks(), threads, [&](int64_t i, int) {
+    parallel_for(num_tasks(), threads, [&](int64_t i) {
       const Task& t = tasks_[i];
       if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
         own_task_avx512_bf16(c, t.item, t.head, thread_scratch<Bf16Scratch>());
@@ -657,7 +657,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
     });
   } else if (simd) {
     const bool own_kernel = c.grp <= kLanes;
-    parallel_for(num_tasks(), threads, [&](int64_t i, int) {
+    parallel_for(num_tasks(), threads, [&](int64_t i) {
       const Task& t = tasks_[i];
       if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
         own_task_avx512(c, t.item, t.head, thread_scratch<SimdScratch>());
@@ -667,7 +667,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   } else
 #endif
   {
-    parallel_for(num_tasks(), threads, [&](int64_t i, int) {
+    parallel_for(num_tasks(), threads, [&](int64_t i) {
       const Task& t = tasks_[i];
       task_scalar(c, t.item, t.head, t.qv_begin, t.qv_end);
     });
@@ -676,7 +676,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   const int64_t hq = hq_, dh = dh_;
   const float* po = part_o_.data();
   const float* pl = part_lse_.data();
-  parallel_for(num_rows_, threads, [&](int64_t r, int) {
+  parallel_for(num_rows_, threads, [&](int64_t r) {
     const int64_t a = row_part_ptr_[r], b = row_part_ptr_[r + 1];
     for (int64_t h = 0; h < hq; ++h) {
       float* o = out + (r * hq + h) * dh;

@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
-#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -37,50 +36,37 @@ inline float bf16_to_float(uint16_t b) {
 // compete with those workers, which keep spinning for a while after every PyTorch op (on a 2-core
 // machine that made the kernel slower on two threads than on one). Looked up at the first run.
 using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
-using OmpThreadNumFn = int (*)();
-struct OpenMpRuntime {
-  GompParallelFn parallel = nullptr;
-  OmpThreadNumFn thread_num = nullptr;
-};
-inline const OpenMpRuntime& openmp_runtime() {
-  static const OpenMpRuntime rt = [] {
-    OpenMpRuntime r;
-    r.parallel = reinterpret_cast<GompParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-    r.thread_num = reinterpret_cast<OmpThreadNumFn>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
-    if (!r.parallel || !r.thread_num) r = OpenMpRuntime{};
-    return r;
-  }();
-  return rt;
+inline GompParallelFn openmp_parallel() {
+  static const GompParallelFn fn = reinterpret_cast<GompParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+  return fn;
 }
 
 template <class W>
-void run_worker(void* arg) {
-  auto* job = static_cast<std::pair<W*, OmpThreadNumFn>*>(arg);
-  (*job->first)(job->second());
+void run_worker(void* worker) {
+  (*static_cast<W*>(worker))();
 }
 
-// Run f(task, worker) for task in [0, n) on up to `threads` threads (the caller is one of them).
+// Run f(task) for task in [0, n) on up to `threads` threads (the caller is one of them); tasks are
+// handed out in order from one counter, so which thread runs a task never matters to its result.
 template <class F>
 void parallel_for(int64_t n, int threads, F&& f) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
   std::atomic<int64_t> next{0};
-  auto worker = [&](int w) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i, w);
+  auto worker = [&] {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
   };
   if (threads == 1) {
-    worker(0);
+    worker();
     return;
   }
-  const OpenMpRuntime& rt = openmp_runtime();
-  if (rt.parallel) {
-    std::pair<decltype(worker)*, OmpThreadNumFn> job{&worker, rt.thread_num};
-    rt.parallel(&run_worker<decltype(worker)>, &job, static_cast<unsigned>(threads), 0);
+  if (const GompParallelFn parallel = openmp_parallel()) {
+    parallel(&run_worker<decltype(worker)>, &worker, static_cast<unsigned>(threads), 0);
     return;
   }
   std::vector<std::thread> pool;
   pool.reserve(threads - 1);
-  for (int w = 1; w < threads; ++w) pool.emplace_back(worker, w);
-  worker(0);
+  for (int w = 1; w < threads; ++w) pool.emplace_back(worker);
+  worker();
   for (auto& t : pool) t.join();
 }
 

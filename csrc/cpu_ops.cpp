@@ -115,7 +115,7 @@ void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, voi
     throw std::invalid_argument("rope: need dh a positive multiple of 32 and x_stride >= heads * dh");
 #if MRT_HAVE_X86
   const int64_t es = bf16 ? 2 : 4;
-  cpu::parallel_for(rows, rows * heads * dh < (1 << 16) ? 1 : num_threads, [&](int64_t r, int) {
+  cpu::parallel_for(rows, rows * heads * dh < (1 << 16) ? 1 : num_threads, [&](int64_t r) {
     const char* xr = static_cast<const char*>(x) + r * x_stride * es;
     const char* cr = static_cast<const char*>(cos) + r * dh * es;
     const char* sr = static_cast<const char*>(sin) + r * dh * es;
@@ -148,7 +148,7 @@ void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint1
   if (rows < 0 || hidden <= 0 || x_stride < hidden || out_stride < hidden)
     throw std::invalid_argument("rms_norm_bf16: need hidden > 0 and row strides >= hidden");
 #if MRT_HAVE_X86
-  cpu::parallel_for(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r, int) {
+  cpu::parallel_for(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r) {
     rms_norm_row(x + r * x_stride, w, out + r * out_stride, hidden, eps);
   });
 #endif
@@ -160,7 +160,7 @@ void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint
   if (rows < 0 || n <= 0 || in_stride < n || out_stride < n)
     throw std::invalid_argument("silu_mul_bf16: need n > 0 and row strides >= n");
 #if MRT_HAVE_X86
-  cpu::parallel_for(rows, rows * n < (1 << 16) ? 1 : num_threads, [&](int64_t r, int) {
+  cpu::parallel_for(rows, rows * n < (1 << 16) ? 1 : num_threads, [&](int64_t r) {
     silu_mul_row(g + r * in_stride, u + r * in_stride, out + r * out_stride, n);
   });
 #endif

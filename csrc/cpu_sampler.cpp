@@ -144,13 +144,13 @@ void sample_full_softmax(const void* logits, bool bf16, int64_t num_logit_rows, 
   const int64_t B = (vocab + C - 1) / C;
   std::vector<float> bsum(static_cast<size_t>(num_logit_rows * B));
   std::vector<RowStats> stats(static_cast<size_t>(num_logit_rows));
-  cpu::parallel_for(num_logit_rows, num_threads, [&](int64_t m, int) {
+  cpu::parallel_for(num_logit_rows, num_threads, [&](int64_t m) {
 #if MRT_HAVE_X86
     if (simd) return row_stats_avx512(x, m, inv_t[m], C, &bsum[m * B], &stats[m]);
 #endif
     row_stats_scalar(x, m, inv_t[m], C, &bsum[m * B], &stats[m]);
   });
-  cpu::parallel_for(num_rows, num_threads, [&](int64_t r, int) {
+  cpu::parallel_for(num_rows, num_threads, [&](int64_t r) {
     const int64_t m = rows[r];
     const RowStats& st = stats[m];
     const float it = inv_t[m];
