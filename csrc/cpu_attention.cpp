@@ -125,20 +125,27 @@ MRT_AVX512 void init_lane_groups(S& s, int groups, int64_t dh) {
   }
 }
 
-// The query-lanes kernels' partial results: o = O / l, lse in natural log.
+// The query-lanes kernels' partial results: o = O / l (16 x 16 blocks of O^T transposed back
+// into rows), lse in natural log.
 template <class S>
-void write_lane_partials(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, int groups,
-                         const S& s) {
+MRT_AVX512 void write_lane_partials(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, int groups,
+                                    const S& s) {
   for (int g = 0; g < groups; ++g) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int64_t qv = qv0 + g * kLanes + lane;
-      if (qv >= qv1) break;
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, qv1 - qv0 - g * kLanes));
+    float* o[kLanes];
+    for (int lane = 0; lane < lanes; ++lane) {
       int64_t row, head, part;
-      c.locate(item, h, qv, &row, &head, &part);
+      c.locate(item, h, qv0 + g * kLanes + lane, &row, &head, &part);
       const float l = s.l[g][lane];
-      float* o = c.part_o + (part * c.hq + head) * c.dh;
-      for (int64_t d = 0; d < c.dh; ++d) o[d] = s.ot[g][d][lane] / l;
+      o[lane] = c.part_o + (part * c.hq + head) * c.dh;
       c.part_lse[part * c.hq + head] = (s.m[g][lane] + std::log2(l)) * kLn2;
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(s.l[g]));
+    for (int64_t d0 = 0; d0 < c.dh; d0 += kLanes) {
+      __m512 r[kLanes];
+      for (int i = 0; i < kLanes; ++i) r[i] = _mm512_mul_ps(_mm512_load_ps(s.ot[g][d0 + i]), inv);
+      cpu::transpose16x16(r);
+      for (int lane = 0; lane < lanes; ++lane) _mm512_storeu_ps(o[lane] + d0, r[lane]);
     }
   }
 }
@@ -170,6 +177,25 @@ inline void tile_offsets(const Ctx& c, const int64_t* blocks, int64_t t0, int n,
   }
 }
 
+// Ask for the K/V rows of the tile at t0 (if the item has one) ahead of their use: a tile's 16
+// rows are scattered over the cache at a stride the hardware prefetcher does not follow, and
+// without this the kernels wait on the first touch of every row.
+inline void prefetch_tile(const Ctx& c, const int64_t* blocks, int64_t len, int64_t t0, int64_t h) {
+  if (t0 >= len) return;
+  const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+  int64_t idx[kLanes];
+  tile_offsets(c, blocks, t0, n, h, idx);
+  const int64_t elem = c.dtype == KvDtype::kFloat32 ? 4 : 2, bytes = c.dh * elem;
+  const char* kb = static_cast<const char*>(c.k);
+  const char* vb = static_cast<const char*>(c.v);
+  for (int j = 0; j < n; ++j) {
+    for (int64_t off = 0; off < bytes; off += 64) {
+      __builtin_prefetch(kb + idx[j] * elem + off);
+      __builtin_prefetch(vb + idx[j] * elem + off);
+    }
+  }
+}
+
 // Float32 K/V rows of a tile for the float32-FMA kernels: rows in the cache for float32 caches,
 // bf16 rows widened into kbuf/vbuf; rows past n point at zeros.
 MRT_AVX512 void float_tile_rows(const Ctx& c, const int64_t* blocks, int64_t t0, int n, int64_t h, SimdScratch& s,
@@ -194,18 +220,29 @@ MRT_AVX512 void float_tile_rows(const Ctx& c, const int64_t* blocks, int64_t t0,
 MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
   const int64_t dh = c.dh;
   const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
-  // Q^T (pre-scaled), padding lanes zero
+  // Q^T (pre-scaled), padding lanes zero: 16 x 16 blocks of query rows, transposed
+  const __m512 qscale = _mm512_set1_ps(c.qscale);
   for (int g = 0; g < groups; ++g) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int64_t qv = qv0 + g * kLanes + lane;
-      if (qv < qv1) {
-        int64_t row, head, part;
-        c.locate(item, h, qv, &row, &head, &part);
-        const int64_t qbase = row * c.q_row_stride + head * c.q_head_stride;
-        for (int64_t d = 0; d < dh; ++d) s.qt[g][d][lane] = c.load(c.q, qbase + d) * c.qscale;
-      } else {
-        for (int64_t d = 0; d < dh; ++d) s.qt[g][d][lane] = 0.f;
+    int64_t qoff[kLanes];
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, qv1 - qv0 - g * kLanes));
+    for (int lane = 0; lane < lanes; ++lane) {
+      int64_t row, head, part;
+      c.locate(item, h, qv0 + g * kLanes + lane, &row, &head, &part);
+      qoff[lane] = row * c.q_row_stride + head * c.q_head_stride;
+    }
+    for (int64_t d0 = 0; d0 < dh; d0 += kLanes) {
+      __m512 r[kLanes];
+      for (int lane = 0; lane < kLanes; ++lane) {
+        if (lane >= lanes)
+          r[lane] = _mm512_setzero_ps();
+        else if (c.dtype == KvDtype::kFloat32)
+          r[lane] = _mm512_mul_ps(_mm512_loadu_ps(static_cast<const float*>(c.q) + qoff[lane] + d0), qscale);
+        else
+          r[lane] = _mm512_mul_ps(
+              cpu::load_bf16x16(static_cast<const uint16_t*>(c.q) + qoff[lane] + d0, 0xFFFF), qscale);
       }
+      cpu::transpose16x16(r);
+      for (int i = 0; i < kLanes; ++i) _mm512_store_ps(s.qt[g][d0 + i], r[i]);
     }
   }
   init_lane_groups(s, groups, dh);
@@ -213,23 +250,32 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
   const float* krow[kLanes];
   const float* vrow[kLanes];
+  prefetch_tile(c, blocks, len, 0, h);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
     float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
-    // K rows at a fixed pitch in kbuf (bf16 rows are there already): the score loop then
-    // addresses all 16 from one base register (16 row pointers would not fit in registers)
-    for (int j = 0; j < kLanes; ++j)
-      if (krow[j] != s.kbuf[j]) std::memcpy(s.kbuf[j], krow[j], sizeof(float) * dh);
+    prefetch_tile(c, blocks, len, t0 + kLanes, h);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int g = 0; g < groups; ++g) {
-      // the fully unrolled j loops keep the 16 score vectors in registers
+      // the fully unrolled j loops keep the 16 score vectors in registers; keys in two halves
+      // of 8, so their row pointers stay in registers too (K is read in place, not copied)
       __m512 sc[kLanes];
-#pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < dh; ++d) {
-        const __m512 qd = _mm512_load_ps(s.qt[g][d]);
-#pragma GCC unroll 16
-        for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(s.kbuf[j][d]), sc[j]);
+#pragma GCC unroll 2
+      for (int j0 = 0; j0 < kLanes; j0 += kLanes / 2) {
+        const float* kr[kLanes / 2];
+        __m512 a[kLanes / 2];
+#pragma GCC unroll 8
+        for (int j = 0; j < kLanes / 2; ++j) {
+          kr[j] = krow[j0 + j];
+          a[j] = _mm512_setzero_ps();
+        }
+        for (int64_t d = 0; d < dh; ++d) {
+          const __m512 qd = _mm512_load_ps(s.qt[g][d]);
+#pragma GCC unroll 8
+          for (int j = 0; j < kLanes / 2; ++j) a[j] = _mm512_fmadd_ps(qd, _mm512_set1_ps(kr[j][d]), a[j]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < kLanes / 2; ++j) sc[j0 + j] = a[j];
       }
 #pragma GCC unroll 16
       for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? sc[j] : neg_inf;
@@ -273,7 +319,6 @@ struct alignas(64) Bf16Scratch {
   float ot[kLaneGroups][kMaxHeadDim][kLanes];         // O^T accumulators
   float m[kLaneGroups][kLanes], l[kLaneGroups][kLanes];
   uint32_t vpair[kLanes / 2][kMaxHeadDim];            // (V[2i][d], V[2i+1][d]) bf16 pairs
-  uint16_t ktile[kLanes][kMaxHeadDim];                // the tile's K rows, fixed pitch
   uint16_t zero[kMaxHeadDim];
 };
 
@@ -328,19 +373,26 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
                                       Bf16Scratch& s) {
   const int64_t dh = c.dh, dh2 = dh / 2;
   const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
+  // Q^T as bf16 pairs: a row's (d, d+1) pairs are its 32-bit words, so 16 x 16 blocks of words
+  // transpose like floats; padding lanes zero
   const uint16_t* qbase16 = static_cast<const uint16_t*>(c.q);
   for (int g = 0; g < groups; ++g) {
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int64_t qv = qv0 + g * kLanes + lane;
-      if (qv < qv1) {
-        int64_t row, head, part;
-        c.locate(item, h, qv, &row, &head, &part);
-        const uint16_t* src = qbase16 + row * c.q_row_stride + head * c.q_head_stride;
-        for (int64_t d2 = 0; d2 < dh2; ++d2)
-          s.qt[g][d2][lane] = static_cast<uint32_t>(src[2 * d2]) | (static_cast<uint32_t>(src[2 * d2 + 1]) << 16);
-      } else {
-        for (int64_t d2 = 0; d2 < dh2; ++d2) s.qt[g][d2][lane] = 0;
-      }
+    const uint16_t* qrow[kLanes];
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, qv1 - qv0 - g * kLanes));
+    for (int lane = 0; lane < lanes; ++lane) {
+      int64_t row, head, part;
+      c.locate(item, h, qv0 + g * kLanes + lane, &row, &head, &part);
+      qrow[lane] = qbase16 + row * c.q_row_stride + head * c.q_head_stride;
+    }
+    for (int64_t w0 = 0; w0 < dh2; w0 += kLanes) {
+      const int words = static_cast<int>(std::min<int64_t>(kLanes, dh2 - w0));
+      const __mmask16 mk = cpu::tail_mask(words);
+      __m512 r[kLanes];
+      for (int lane = 0; lane < kLanes; ++lane)
+        r[lane] = lane < lanes ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(mk, qrow[lane] + 2 * w0))
+                               : _mm512_setzero_ps();
+      cpu::transpose16x16(r);
+      for (int i = 0; i < words; ++i) _mm512_store_ps(reinterpret_cast<float*>(s.qt[g][w0 + i]), r[i]);
     }
   }
   init_lane_groups(s, groups, dh);
@@ -357,25 +409,36 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
   const __m512i ipair = _mm512_load_si512(pair_idx);
   const uint16_t* krow[kLanes];
   const uint16_t* vrow[kLanes];
+  prefetch_tile(c, blocks, len, 0, h);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
     bf16_tile_rows(c, blocks, t0, n, h, s.zero, krow, vrow);
-    // K rows at a fixed pitch: the score loop addresses all 16 from one base register
-    for (int j = 0; j < kLanes; ++j) std::memcpy(s.ktile[j], krow[j], sizeof(uint16_t) * dh);
+    prefetch_tile(c, blocks, len, t0 + kLanes, h);
     const int pairs = (n + 1) / 2;
     pair_v_rows(vrow, pairs, dh, ix, s.vpair);
     for (int g = 0; g < groups; ++g) {
+      // keys in two halves of 8 so their row pointers stay in registers (K read in place)
       __m512 sc[kLanes];
-#pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) sc[j] = _mm512_setzero_ps();
-      for (int64_t d2 = 0; d2 < dh2; ++d2) {
-        const __m512bh qd = (__m512bh)_mm512_load_si512(s.qt[g][d2]);
-#pragma GCC unroll 16
-        for (int j = 0; j < kLanes; ++j) {
-          uint32_t kp;
-          std::memcpy(&kp, &s.ktile[j][2 * d2], sizeof kp);
-          sc[j] = _mm512_dpbf16_ps(sc[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
+#pragma GCC unroll 2
+      for (int j0 = 0; j0 < kLanes; j0 += kLanes / 2) {
+        const uint16_t* kr[kLanes / 2];
+        __m512 a[kLanes / 2];
+#pragma GCC unroll 8
+        for (int j = 0; j < kLanes / 2; ++j) {
+          kr[j] = krow[j0 + j];
+          a[j] = _mm512_setzero_ps();
         }
+        for (int64_t d2 = 0; d2 < dh2; ++d2) {
+          const __m512bh qd = (__m512bh)_mm512_load_si512(s.qt[g][d2]);
+#pragma GCC unroll 8
+          for (int j = 0; j < kLanes / 2; ++j) {
+            uint32_t kp;
+            std::memcpy(&kp, kr[j] + 2 * d2, sizeof kp);
+            a[j] = _mm512_dpbf16_ps(a[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
+          }
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < kLanes / 2; ++j) sc[j0 + j] = a[j];
       }
 #pragma GCC unroll 16
       for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? _mm512_mul_ps(sc[j], qscale) : neg_inf;
@@ -452,9 +515,11 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
   const InterleaveIdx ix = interleave_idx();
   const uint16_t* krow[kLanes];
   const uint16_t* vrow[kLanes];
+  prefetch_tile(c, blocks, len, 0, h);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
     bf16_tile_rows(c, blocks, t0, n, h, s.zero, krow, vrow);
+    prefetch_tile(c, blocks, len, t0 + kLanes, h);
     const int pairs = (n + 1) / 2;
     pair_v_rows(vrow, pairs, dh, ix, s.vpair);
     const __mmask16 valid = cpu::tail_mask(n);
@@ -510,9 +575,11 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const float* krow[kLanes];
   const float* vrow[kLanes];
+  prefetch_tile(c, blocks, len, 0, h);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
     float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
+    prefetch_tile(c, blocks, len, t0 + kLanes, h);
     const __mmask16 valid = cpu::tail_mask(n);
     for (int64_t m = 0; m < grp; ++m) {
       const float* qm = qf + m * dh;
