@@ -38,6 +38,7 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bounds  # noqa: E402
 import engine_forks  # noqa: E402
 from workload import (QUICK_MODEL, SHAPES, Workload, fork_prompts, kv_bytes_per_token,  # noqa: E402
                       machine_info, random_model, random_traces, read_config, suffix_ids)
@@ -379,8 +380,11 @@ def main(argv=None) -> int:
             print(f"vLLM failed: {e}", file=sys.stderr)
             results["vllm"] = {"label": LABELS["vllm"], "skipped": str(e)[-500:]}
     a = results.get("mrt_engine")
+    bound = None
     if a and a.get("breakdown"):
         a["breakdown"].update(gemm_roofline(config, w, a))
+        v = results.get("vllm", {})
+        bound = bounds.bounds(config, w, a, v.get("wall_s"), bounds.matmul_rate(args.dtype))
     # 5. ratios: wall time of the reference / wall time of the engine (same work everywhere)
     for ref, key in (("transformers", "speedup_vs_transformers"), ("vllm", "speedup_vs_vllm")):
         base = results.get(ref)
@@ -390,11 +394,14 @@ def main(argv=None) -> int:
     print_table(results)
     if a and a.get("breakdown"):
         print_breakdown(a["breakdown"])
+    if bound:
+        bounds.print_bounds(bound)
     os.makedirs(args.out_dir, exist_ok=True)
     a = results.get("mrt_engine", {})
     headline = a.get("speedup_vs_transformers")
     report = {"workload": workload_info, "machine": machine, "results": results,
               "speedup_vs_transformers": headline, "speedup_vs_vllm": a.get("speedup_vs_vllm"),
+              **({"bounds": bound} if bound else {}),
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "loadavg_at_end": _loadavg()}
     json_path = os.path.join(args.out_dir, "branched.json")

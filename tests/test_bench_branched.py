@@ -214,3 +214,31 @@ def test_random_qwen2_model_loads_through_the_real_paths(tmp_path):
     assert list(ours) == ref[0, len(prompt):].tolist()
     with pytest.raises(ValueError, match="arch"):
         workload.random_model(workload.ModelShape(arch="gpt2"), cache_root=str(tmp_path))
+
+
+def test_attention_flop_counts_every_row_key_pair():
+    """Hand count: 1 trace, forks at 2 and 4, F=1, K=2, A=3. Fork at t feeds rows with contexts
+    t, t+1 (prefill), then each branch contexts t+2, t+3: (2+3) + 2*(4+5) for t=2, (4+5) + 2*(6+7)
+    for t=4 -> 23 + 35 = 58 pairs; 4 * heads 2 * dh 8 * layers 3 flops each."""
+    import bounds
+
+    w = Workload(traces=1, trace_len=4, prompt_len=1, positions=2, suffix_len=1, branches=2, answer_len=3)
+    assert w.fork_positions() == [2, 4]
+    cfg = {"num_attention_heads": 2, "hidden_size": 16, "num_hidden_layers": 3}
+    assert bounds.attention_flop(cfg, w) == 58 * 4 * 2 * 8 * 3
+    assert bounds.attention_flop(cfg, Workload(traces=3, trace_len=4, prompt_len=1, positions=2, suffix_len=1,
+                                                branches=2, answer_len=3)) == 3 * 58 * 4 * 2 * 8 * 3
+
+
+def test_quick_bounds_follow_from_the_report(quick_run):
+    """The floor is the run's GEMM and attention flops at the best matmul rate it saw, and no
+    engine is faster than its floor: ours (profiled) never beats it."""
+    _, report, _ = quick_run
+    b = report["bounds"]
+    bd = report["results"]["mrt_engine"]["breakdown"]
+    rate = b["rate_used_gflop_per_s"]
+    assert rate >= b["matmul_gflop_per_s_measured"] > 0
+    assert b["gemm_gflop"] == pytest.approx(bd["gemm_flop"] / 1e9, abs=0.01)
+    assert b["floor_s"] == pytest.approx((b["gemm_gflop"] + b["attention_gflop"]) / rate, rel=0.01, abs=2e-3)
+    assert b["ours_profiled_s"]["wall"] >= b["floor_s"]
+    assert "ceiling_vs_vllm" not in b          # no vLLM in the quick run
