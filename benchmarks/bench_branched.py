@@ -30,9 +30,7 @@ import gc
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 
@@ -40,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bounds  # noqa: E402
 import engine_forks  # noqa: E402
+import vllm_baseline  # noqa: E402
 from workload import (QUICK_MODEL, SHAPES, Workload, fork_prompts, kv_bytes_per_token,  # noqa: E402
                       machine_info, random_model, random_traces, read_config, suffix_ids)
 
@@ -114,6 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vllm-threads", type=int, default=None,
                    help="vLLM without core binding and with this many OpenMP threads (default: "
                    "vLLM's own binding, every core); pair with --threads for a same-threads run")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="time vLLM's repetition i right after ours (its runner started before our timed "
+                   "repetitions and kept waiting), so machine-speed drift hits both alike; --reps then "
+                   "sets both engines' repetitions (default on)")
     p.add_argument("--vllm-peak-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="an extra untimed vLLM fork call that polls its KV usage for peak KV (default on)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/ for --shape small, "
@@ -208,30 +211,62 @@ def hf_subset(w: Workload, n: int) -> list[int]:
 
 
 def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
-    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_fork_runner.py")
-    job = {"model_dir": model_dir, "dtype": args.dtype, "traces": traces,
-           "positions": w.fork_positions(), "branches": w.branches, "answer_len": w.answer_len,
-           "suffixes": [suffix_ids(w, vocab, rep) for rep in range(args.vllm_reps)],
-           "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed, "peak_pass": args.vllm_peak_pass,
-           "warmup_traces": 1 if args.light_warmup else len(traces)}
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=str(args.vllm_kv_gib))
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")   # both cores compute (peers-cpu.md)
-    if args.vllm_threads:
-        # no core binding (a pinned thread cannot move off a busy core) and N OpenMP threads
-        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(args.vllm_threads))
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, res_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
-        with open(job_path, "w") as f:
-            json.dump(job, f)
-        proc = subprocess.run([args.vllm_python, runner, job_path, res_path], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.isfile(res_path):
-            tail = (proc.stdout + proc.stderr)[-3000:]
-            raise RuntimeError(f"vllm_fork_runner.py failed (exit {proc.returncode}):\n{tail}")
-        with open(res_path) as f:
-            res = json.load(f)
+    res = vllm_baseline.run_vllm(model_dir, w, traces, vocab, args)
     walls = res.pop("walls_s")
-    return summarize("vllm", walls, res.pop("gen_tokens"), **res)
+    return summarize("vllm", walls, res.pop("gen_tokens"), interleaved=False, **res)
+
+
+class Pairing:
+    """(d) interleaved with (a): vLLM's repetition i runs right after ours (vllm_baseline.py).
+    A vLLM failure is recorded and ends the pairing; it never costs (a) its result."""
+
+    def __init__(self, model_dir: str, w: Workload, vocab: int, args):
+        self.model_dir, self.w, self.vocab, self.args = model_dir, w, vocab, args
+        self.session, self.walls, self.result, self.error = None, [], None, None
+
+    def __call__(self, traces):
+        print("starting (d) vLLM for interleaved repetitions ...", flush=True)
+        try:
+            self.session = vllm_baseline.VllmSession(self.model_dir, self.w, traces, self.vocab, self.args,
+                                                     self.args.reps)
+        except (RuntimeError, OSError) as e:
+            self.error = str(e)
+            print(f"vLLM failed: {e}", file=sys.stderr)
+            return None, None
+        return self.after_rep, self.finish
+
+    def after_rep(self, rep: int) -> None:
+        if self.session is None:
+            return
+        time.sleep(0.5)   # let the other engine's OpenMP workers stop spinning
+        try:
+            self.walls.append(self.session.rep())
+            print(f"  rep {rep}: vLLM fork phase {self.walls[-1]:.3f} s", flush=True)
+        except (RuntimeError, OSError, ValueError) as e:
+            self.error = str(e)
+            print(f"vLLM failed: {e}", file=sys.stderr)
+            self.session.close()
+            self.session = None
+        time.sleep(0.5)
+
+    def finish(self) -> None:
+        if self.session is None:
+            return
+        try:
+            res = self.session.finish()
+        except (RuntimeError, OSError) as e:
+            self.error = str(e)
+            print(f"vLLM failed: {e}", file=sys.stderr)
+            return
+        finally:
+            self.session = None
+        res.pop("walls_s")
+        self.result = summarize("vllm", self.walls, res.pop("gen_tokens"), interleaved=True, **res)
+
+    def report(self) -> dict:
+        if self.result is not None:
+            return self.result
+        return {"label": LABELS["vllm"], "skipped": (self.error or "vLLM did not run")[-500:]}
 
 
 def gemm_roofline(config: dict, w: Workload, r: dict) -> dict:
@@ -263,6 +298,16 @@ def print_breakdown(bd: dict) -> None:
     if "gemm_gflop_per_s" in bd:
         print(f"  GEMMs: {bd['gemm_gflop']} GFLOP; layers at {bd['gemm_gflop_per_s']} GFLOP/s, LM head at "
               f"{bd.get('lm_head_gflop_per_s')} GFLOP/s")
+
+
+def paired_speedups(results: dict) -> dict | None:
+    """vLLM's wall / ours for each interleaved repetition pair, and their median."""
+    a, v = results.get("mrt_engine"), results.get("vllm")
+    if not (a and v and v.get("interleaved") and "all_walls_s" in a and "all_walls_s" in v):
+        return None
+    per = [round(y / x, 2) for x, y in zip(a["all_walls_s"], v["all_walls_s"])]
+    return {"per_rep": per, "median": round(statistics.median(per), 2),
+            "how": "repetition i of vLLM ran right after repetition i of ours (same suffix)"}
 
 
 def print_one(r: dict) -> None:
@@ -356,8 +401,11 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     traces = None
     # 2. (a) and (b): the traces come from (a)'s engine, and are reused by everything else
+    pairing = None
+    if args.interleave and "vllm" in args.engines and "mrt_engine" in args.engines:
+        pairing = Pairing(model_dir, w, vocab, args)
     if "mrt_engine" in args.engines or "mrt_engine_no_sharing" in args.engines:
-        traces, eng = engine_forks.run_engines(model_dir, w, args, kv_token)
+        traces, eng = engine_forks.run_engines(model_dir, w, args, kv_token, paired=pairing)
         for name, r in eng.items():
             walls = r.pop("walls_s")
             results[name] = summarize(name, walls, r.pop("gen_tokens"), **r)
@@ -370,8 +418,12 @@ def main(argv=None) -> int:
         print("running (c) transformers ...", flush=True)
         results["transformers"] = run_transformers(model_dir, w, traces, args)
         print_one(results["transformers"])
-    # 4. (d) vLLM in its own interpreter
-    if "vllm" in args.engines:
+    # 4. (d) vLLM in its own interpreter: interleaved with (a) above, or all its repetitions now
+    if pairing is not None:
+        results["vllm"] = pairing.report()
+        if "wall_s" in results["vllm"]:
+            print_one(results["vllm"])
+    elif "vllm" in args.engines:
         print("running (d) vLLM ...", flush=True)
         try:
             results["vllm"] = run_vllm(model_dir, w, traces, vocab, args)
@@ -391,7 +443,11 @@ def main(argv=None) -> int:
         for r in results.values():
             if base and "wall_s" in base and "wall_s" in r:
                 r[key] = round(base["wall_s"] / r["wall_s"], 2)
+    paired = paired_speedups(results)
     print_table(results)
+    if paired:
+        print(f"paired (rep i of vLLM / rep i of ours, run back to back): "
+              f"{', '.join(f'{x}x' for x in paired['per_rep'])}; median {paired['median']}x")
     if a and a.get("breakdown"):
         print_breakdown(a["breakdown"])
     if bound:
@@ -401,6 +457,7 @@ def main(argv=None) -> int:
     headline = a.get("speedup_vs_transformers")
     report = {"workload": workload_info, "machine": machine, "results": results,
               "speedup_vs_transformers": headline, "speedup_vs_vllm": a.get("speedup_vs_vllm"),
+              **({"speedup_vs_vllm_paired": paired} if paired else {}),
               **({"bounds": bound} if bound else {}),
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "loadavg_at_end": _loadavg()}

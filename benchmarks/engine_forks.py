@@ -181,11 +181,13 @@ def _breakdown(wall: float, sections: dict, steps: int, how: str) -> dict:
             "how": how + "; exclusive wall time per category"}
 
 
-def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=False, profile_rep="extra"):
+def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=False, profile_rep="extra",
+                after_rep=None):
     """Warm-up, then `reps` timed calls, and the breakdown when `profile`: from one extra call
     (profile_rep "extra"), or from the last timed call itself ("last": for slow shapes, where
     the timers' ~1 ms per step is noise); returns the result dict (without the trace phase).
-    run_call(suffix, rep, traces) runs the forks of the first `traces` traces."""
+    run_call(suffix, rep, traces) runs the forks of the first `traces` traces; after_rep(rep),
+    if given, runs after each timed call (the interleaved baseline's repetition)."""
     counter = EmbeddingCounter(llm)
     vocab = llm_vocab(llm)
     t0 = time.perf_counter()
@@ -224,6 +226,8 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=F
         runs.append({"wall": wall, "stats": stats, "gen": gen, "distinct": distinct,
                      # every branch feeds A-1 decode tokens; the rest of what was fed is prefill
                      "prefill": fed - n_seq * (w.answer_len - 1) if counter.module is not None else None})
+        if after_rep is not None:
+            after_rep(rep)
     counter.close()
     if profile and profile_rep == "extra":
         breakdown = profiled_call(llm, w, run_call, reps)
@@ -249,8 +253,10 @@ def llm_vocab(llm) -> int:
     raise AttributeError("cannot find the model's vocab_size on the LLM object")
 
 
-def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
-    """Returns (traces as token-id lists, {name: result dict}) for the engines selected."""
+def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int, paired=None):
+    """Returns (traces as token-id lists, {name: result dict}) for the engines selected.
+    `paired(traces)`, if given, is called once the traces exist and returns (after_rep, finish):
+    after_rep(rep) runs after each timed repetition of (a), finish() right after (a)."""
     from mrt_engine import LLM, SamplingParams
 
     bs = args.block_size
@@ -286,11 +292,17 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int):
     print(f"traces: {w.traces} x {w.trace_len} tokens ({'sampled' if new > 1 else 'prefilled'} by mrt_engine, keep=True) in "
           f"{trace_s:.2f} s ({w.traces * new / trace_s:.1f} generated tok/s)", flush=True)
     if "mrt_engine" in args.engines:
-        print("running (a) mrt_engine, sharing on ...", flush=True)
-        r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
-                        lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep),
-                        profile=getattr(args, "profile", False),
-                        profile_rep=getattr(args, "profile_rep", "extra"))
+        after_rep, finish = paired(traces) if paired else (None, None)
+        print("running (a) mrt_engine, sharing on" + (" (interleaved with vLLM)" if after_rep else "") + " ...",
+              flush=True)
+        try:
+            r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
+                            lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep),
+                            profile=getattr(args, "profile", False),
+                            profile_rep=getattr(args, "profile_rep", "extra"), after_rep=after_rep)
+        finally:
+            if finish:
+                finish()
         r.update(trace_phase_s=round(trace_s, 3), trace_source=args.trace_source,
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
                  # the suffix, plus the fork point's last token re-fed for its logits

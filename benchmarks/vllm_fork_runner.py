@@ -2,8 +2,11 @@
 
     <vllm-python> vllm_fork_runner.py JOB.json RESULT.json
 
-JOB.json (written by bench_branched.py): model_dir, dtype, traces (token ids), positions,
-branches K, answer_len A, suffixes (one forced suffix per timed repetition), warmup_suffix, seed.
+JOB.json (written by vllm_baseline.py): model_dir, dtype, traces (token ids), positions,
+branches K, answer_len A, suffixes (one forced suffix per timed repetition), warmup_suffix, seed,
+interleave. With interleave on, after the warm-up it prints "@@MRT READY" and times one repetition
+per "rep" line on stdin (answering "@@MRT WALL <s>") until "end"; the benchmark runs one of its
+own repetitions between them, so the two engines are timed within seconds of each other.
 Only the standard library and vllm are imported: this runs in a venv without mrt_engine.
 
 What runs: prefill the traces once (untimed, max_tokens=1) so their blocks are cached; then, per
@@ -26,6 +29,9 @@ import statistics
 import sys
 import threading
 import time
+
+
+MARK = "@@MRT "   # protocol lines for vllm_baseline.VllmSession (vLLM's own output never starts so)
 
 
 def metric_totals(llm) -> dict:
@@ -78,7 +84,8 @@ def main() -> int:
     prefill_traces()
     llm.generate(fork_prompts(job["warmup_suffix"], job.get("warmup_traces")), fork_params, use_tqdm=False)
     walls, gen, counts = [], None, []
-    for suffix in job["suffixes"]:
+
+    def timed(suffix) -> float:
         if reset_each_rep:
             llm.reset_prefix_cache()
             prefill_traces()
@@ -92,7 +99,26 @@ def main() -> int:
         if len(lens) != n_branches or set(lens) != {A}:
             raise RuntimeError(f"vLLM returned {len(lens)} branches of lengths {sorted(set(lens))}, "
                                f"expected {n_branches} of {A}")
-        gen = sum(lens)
+        return sum(lens)
+
+    if job.get("interleave"):
+        # the benchmark asks for each repetition after one of its own (vllm_baseline.VllmSession)
+        print(MARK + "READY", flush=True)
+        pending = list(job["suffixes"])
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "end":
+                break
+            if cmd != "rep" or not pending:
+                print(MARK + f"ERROR unexpected {cmd!r} ({len(pending)} repetitions left)", flush=True)
+                return 2
+            gen = timed(pending.pop(0))
+            print(MARK + f"WALL {walls[-1]!r}", flush=True)
+        if not walls:
+            raise RuntimeError("the session ended before any timed repetition")
+    else:
+        for suffix in job["suffixes"]:
+            gen = timed(suffix)
 
     # untimed pass for peak KV: poll the usage gauge while the fork call runs (blocks held by
     # requests; cached blocks nobody holds count as free); skipped when the job says so

@@ -242,3 +242,44 @@ def test_quick_bounds_follow_from_the_report(quick_run):
     assert b["floor_s"] == pytest.approx((b["gemm_gflop"] + b["attention_gflop"]) / rate, rel=0.01, abs=2e-3)
     assert b["ours_profiled_s"]["wall"] >= b["floor_s"]
     assert "ceiling_vs_vllm" not in b          # no vLLM in the quick run
+
+
+def _fake_vllm_python(tmp_path) -> str:
+    """An 'interpreter' that runs tests/fake_vllm_runner.py with the runner's arguments."""
+    exe = tmp_path / "fake-vllm-python"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {os.path.join(ROOT, 'tests', 'fake_vllm_runner.py')} \"$@\"\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def _run_with_fake_vllm(tmp_path, fail: str = ""):
+    out, cache = tmp_path / "out", tmp_path / "models"
+    env = dict(os.environ, MRT_BENCH_CACHE=str(cache), FAKE_VLLM_FAIL=fail)
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_branched.py"), "--quick", "--no-profile",
+                           "--engines", "mrt_engine,vllm", "--vllm-python", _fake_vllm_python(tmp_path),
+                           "--out-dir", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "branched.json") as f:
+        return proc, json.load(f)
+
+
+def test_interleaved_vllm_pairs_each_repetition_with_ours(tmp_path):
+    """vLLM's repetitions come from the session (the fake's walls 0.25, 0.5, ...), one per
+    repetition of ours, and the paired speedups are its walls over ours, pair by pair."""
+    proc, report = _run_with_fake_vllm(tmp_path)
+    a, v = report["results"]["mrt_engine"], report["results"]["vllm"]
+    assert v["interleaved"] is True and v["vllm"] == "fake"
+    assert v["all_walls_s"] == [0.25 * (i + 1) for i in range(len(a["all_walls_s"]))]
+    paired = report["speedup_vs_vllm_paired"]
+    assert paired["per_rep"] == [round(y / x, 2) for x, y in zip(a["all_walls_s"], v["all_walls_s"])]
+    assert "interleaved with vLLM" in proc.stdout and "paired (rep i of vLLM" in proc.stdout
+
+
+@pytest.mark.parametrize("fail", ["start", "rep"])
+def test_a_failing_vllm_costs_ours_nothing(tmp_path, fail):
+    """vLLM dying at start-up or mid-run is reported (with its output) and our run still completes."""
+    proc, report = _run_with_fake_vllm(tmp_path, fail)
+    assert "wall_s" in report["results"]["mrt_engine"]
+    skipped = report["results"]["vllm"]["skipped"]
+    assert ("fake startup failure" if fail == "start" else "fake failure mid-run") in skipped
+    assert "speedup_vs_vllm_paired" not in report and report["speedup_vs_vllm"] is None

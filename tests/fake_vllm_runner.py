@@ -1,0 +1,43 @@
+"""Stands in for `<vllm-python> vllm_fork_runner.py JOB RESULT` in tests (no vLLM on CI): speaks
+the interleave protocol of vllm_baseline.VllmSession with made-up walls. FAKE_VLLM_FAIL=rep makes it
+die at the first repetition, FAKE_VLLM_FAIL=start before READY."""
+import json
+import os
+import sys
+
+MARK = "@@MRT "
+
+
+def main() -> int:
+    _runner, job_path, res_path = sys.argv[1:4]
+    with open(job_path) as f:
+        job = json.load(f)
+    fail = os.environ.get("FAKE_VLLM_FAIL", "")
+    print("INFO vllm-like noise on stdout", flush=True)
+    if fail == "start":
+        print("fake startup failure", file=sys.stderr)
+        return 3
+    if not job.get("interleave"):
+        print("fake runner only speaks the interleave protocol", file=sys.stderr)
+        return 4
+    print(MARK + "READY", flush=True)
+    walls, pending = [], list(job["suffixes"])
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "end":
+            break
+        if fail == "rep":
+            print("fake failure mid-run", file=sys.stderr)
+            return 5
+        pending.pop(0)
+        walls.append(0.25 * (len(walls) + 1))
+        print(MARK + f"WALL {walls[-1]!r}", flush=True)
+    n = len(job["traces"]) * len(job["positions"]) * job["branches"]
+    with open(res_path, "w") as f:
+        json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,
+                   "vllm": "fake"}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
