@@ -703,6 +703,22 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
   part_lse_.resize(item_rows_.size() * hq_);
 }
 
+// The first K/V tile of the tasks a thread is likely to take after task i (tasks go out in order
+// from one counter): most tasks are short (a row's own tail is one or two tiles), so asking for a
+// task's rows only when it starts leaves the kernel waiting on memory for most of it.
+void CpuDecodeAttention::prefetch_next_tasks(const void* ctx, int64_t i, int threads) const {
+#if MRT_HAVE_X86
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const int64_t last = std::min<int64_t>(num_tasks() - 1, i + threads);
+  for (int64_t j = i + 1; j <= last; ++j) {
+    const Task& t = tasks_[j];
+    prefetch_tile(c, item_blocks_.data() + item_block_ptr_[t.item], item_len_[t.item], 0, t.head);
+  }
+#else
+  (void)ctx, (void)i, (void)threads;
+#endif
+}
+
 void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head_stride, const void* k_cache,
                              const void* v_cache, float* out, KvDtype dtype, float scale, int num_threads,
                              bool simd, bool bf16_dot) {
@@ -716,6 +732,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   if (simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available()) {
     const bool own_kernel = dh_ % 32 == 0 && c.grp <= kLanes;
     parallel_for(num_tasks(), threads, [&](int64_t i) {
+      prefetch_next_tasks(&c, i, threads);
       const Task& t = tasks_[i];
       if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
         own_task_avx512_bf16(c, t.item, t.head, thread_scratch<Bf16Scratch>());
@@ -725,6 +742,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   } else if (simd) {
     const bool own_kernel = c.grp <= kLanes;
     parallel_for(num_tasks(), threads, [&](int64_t i) {
+      prefetch_next_tasks(&c, i, threads);
       const Task& t = tasks_[i];
       if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
         own_task_avx512(c, t.item, t.head, thread_scratch<SimdScratch>());

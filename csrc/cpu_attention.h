@@ -55,6 +55,7 @@ class CpuDecodeAttention {
   std::vector<int64_t> item_row_ptr_, item_rows_, item_block_ptr_, item_blocks_, item_len_;
   std::vector<int64_t> row_part_ptr_, row_parts_;  // partial slots of each row, in item order
   std::vector<Task> tasks_;
+  void prefetch_next_tasks(const void* ctx, int64_t i, int threads) const;
   std::vector<float> part_o_, part_lse_;            // [P, H, Dh], [P, H]; P = item_rows.size()
 };
 
