@@ -238,7 +238,7 @@ class Pairing:
     def after_rep(self, rep: int) -> None:
         if self.session is None:
             return
-        time.sleep(0.5)   # let the other engine's OpenMP workers stop spinning
+        time.sleep(0.5)   # let our OpenMP workers stop spinning (the session waits out vLLM's)
         try:
             self.walls.append(self.session.rep())
             print(f"  rep {rep}: vLLM fork phase {self.walls[-1]:.3f} s", flush=True)
@@ -247,7 +247,6 @@ class Pairing:
             print(f"vLLM failed: {e}", file=sys.stderr)
             self.session.close()
             self.session = None
-        time.sleep(0.5)
 
     def finish(self) -> None:
         if self.session is None:

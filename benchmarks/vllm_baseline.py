@@ -6,6 +6,7 @@ to run it under vLLM's own interpreter.
   asks it for one timed repetition after each of ours (`rep`), so repetition i of both engines
   runs within seconds of each other. On a machine whose speed drifts by tens of percent from one
   minute to the next (a shared 2-core VM), only pairs measured that close say which is faster.
+  After each vLLM repetition the session waits until vLLM's processes are idle (`wait_idle`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 
 from workload import Workload, suffix_ids
 
@@ -74,11 +76,51 @@ class VllmSession:
         self.proc = subprocess.Popen([args.vllm_python, RUNNER, job_path, self.res_path], env=vllm_env(args),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      start_new_session=True)
+        self.settle_s: list[float] = []
         try:
             self._expect("READY")
+            self.settle_s.append(self.wait_idle())
         except BaseException:
             self.close()
             raise
+
+    def _group_cpu_ticks(self) -> int | None:
+        """CPU time (clock ticks) used so far by the runner's process group, from /proc."""
+        total, found = 0, False
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return None
+        for e in entries:
+            if not e.isdigit():
+                continue
+            try:
+                with open(f"/proc/{e}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == self.proc.pid:     # pgid: the session leader is the runner
+                total += int(fields[11]) + int(fields[12])
+                found = True
+        return total if found else None
+
+    def wait_idle(self, window: float = 0.25, busy: float = 0.05, limit: float = 20.0) -> float:
+        """Waits until vLLM's processes use under `busy` of a core over `window` seconds; returns
+        the seconds waited. vLLM keeps a core busy-polling for about a second after every batch
+        of work, which would slow whichever engine runs next (measured: 100% of a core for ~1.1 s)."""
+        t0 = time.perf_counter()
+        hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        prev = self._group_cpu_ticks()
+        if prev is None:   # no /proc: a fixed pause longer than the polling seen on Linux
+            time.sleep(2.0)
+            return 2.0
+        while time.perf_counter() - t0 < limit:
+            time.sleep(window)
+            cur = self._group_cpu_ticks()
+            if cur is None or (cur - prev) / hz < busy * window:
+                break
+            prev = cur
+        return round(time.perf_counter() - t0, 2)
 
     def _fail(self, why: str):
         self.log.flush()
@@ -105,6 +147,7 @@ class VllmSession:
         self.proc.stdin.flush()
         wall = float(self._expect("WALL"))
         self.done += 1
+        self.settle_s.append(self.wait_idle())
         return wall
 
     def finish(self) -> dict:
@@ -116,7 +159,9 @@ class VllmSession:
             if code != 0 or not os.path.isfile(self.res_path):
                 self._fail(f"failed (exit {code})")
             with open(self.res_path) as f:
-                return json.load(f)
+                res = json.load(f)
+            res["settle_s"] = self.settle_s
+            return res
         finally:
             self.close()
 

@@ -1,11 +1,19 @@
 """Stands in for `<vllm-python> vllm_fork_runner.py JOB RESULT` in tests (no vLLM on CI): speaks
 the interleave protocol of vllm_baseline.VllmSession with made-up walls. FAKE_VLLM_FAIL=rep makes it
-die at the first repetition, FAKE_VLLM_FAIL=start before READY."""
+die at the first repetition, FAKE_VLLM_FAIL=start before READY. FAKE_VLLM_SPIN=S busy-loops S
+seconds after each answer, as vLLM polls after each batch."""
 import json
 import os
 import sys
+import time
 
 MARK = "@@MRT "
+
+
+def spin():
+    end = time.perf_counter() + float(os.environ.get("FAKE_VLLM_SPIN", "0"))
+    while time.perf_counter() < end:
+        pass
 
 
 def main() -> int:
@@ -21,6 +29,7 @@ def main() -> int:
         print("fake runner only speaks the interleave protocol", file=sys.stderr)
         return 4
     print(MARK + "READY", flush=True)
+    spin()
     walls, pending = [], list(job["suffixes"])
     for line in sys.stdin:
         cmd = line.strip()
@@ -32,6 +41,7 @@ def main() -> int:
         pending.pop(0)
         walls.append(0.25 * (len(walls) + 1))
         print(MARK + f"WALL {walls[-1]!r}", flush=True)
+        spin()
     n = len(job["traces"]) * len(job["positions"]) * job["branches"]
     with open(res_path, "w") as f:
         json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,

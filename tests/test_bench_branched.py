@@ -252,9 +252,9 @@ def _fake_vllm_python(tmp_path) -> str:
     return str(exe)
 
 
-def _run_with_fake_vllm(tmp_path, fail: str = ""):
+def _run_with_fake_vllm(tmp_path, fail: str = "", spin: float = 0.0):
     out, cache = tmp_path / "out", tmp_path / "models"
-    env = dict(os.environ, MRT_BENCH_CACHE=str(cache), FAKE_VLLM_FAIL=fail)
+    env = dict(os.environ, MRT_BENCH_CACHE=str(cache), FAKE_VLLM_FAIL=fail, FAKE_VLLM_SPIN=str(spin))
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_branched.py"), "--quick", "--no-profile",
                            "--engines", "mrt_engine,vllm", "--vllm-python", _fake_vllm_python(tmp_path),
                            "--out-dir", str(out)], capture_output=True, text=True, env=env, timeout=600)
@@ -265,14 +265,16 @@ def _run_with_fake_vllm(tmp_path, fail: str = ""):
 
 def test_interleaved_vllm_pairs_each_repetition_with_ours(tmp_path):
     """vLLM's repetitions come from the session (the fake's walls 0.25, 0.5, ...), one per
-    repetition of ours, and the paired speedups are its walls over ours, pair by pair."""
-    proc, report = _run_with_fake_vllm(tmp_path)
+    repetition of ours, and the paired speedups are its walls over ours, pair by pair. The fake
+    busy-loops 1 s after READY and after each repetition: the session waits that out each time."""
+    proc, report = _run_with_fake_vllm(tmp_path, spin=1.0)
     a, v = report["results"]["mrt_engine"], report["results"]["vllm"]
     assert v["interleaved"] is True and v["vllm"] == "fake"
     assert v["all_walls_s"] == [0.25 * (i + 1) for i in range(len(a["all_walls_s"]))]
     paired = report["speedup_vs_vllm_paired"]
     assert paired["per_rep"] == [round(y / x, 2) for x, y in zip(a["all_walls_s"], v["all_walls_s"])]
     assert "interleaved with vLLM" in proc.stdout and "paired (rep i of vLLM" in proc.stdout
+    assert len(v["settle_s"]) == 1 + len(a["all_walls_s"]) and min(v["settle_s"]) >= 0.75
 
 
 @pytest.mark.parametrize("fail", ["start", "rep"])
