@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -248,8 +249,15 @@ class Pairing:
             self.session.close()
             self.session = None
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
+        """Ends the session: its result when `ok`, else (our run failed or was interrupted) it is
+        killed at once, without the untimed peak-KV pass."""
         if self.session is None:
+            return
+        if not ok:
+            self.session.close()
+            self.session = None
+            self.error = "our run failed or was interrupted; the vLLM session was killed"
             return
         try:
             res = self.session.finish()
@@ -367,6 +375,8 @@ def plot(results: dict, path: str, title: str) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so a vLLM session (its own process group) is shut down with us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.mode == "mrt":
         import bench_progress
 

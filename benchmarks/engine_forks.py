@@ -256,7 +256,8 @@ def llm_vocab(llm) -> int:
 def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int, paired=None):
     """Returns (traces as token-id lists, {name: result dict}) for the engines selected.
     `paired(traces)`, if given, is called once the traces exist and returns (after_rep, finish):
-    after_rep(rep) runs after each timed repetition of (a), finish() right after (a)."""
+    after_rep(rep) runs after each timed repetition of (a), finish() right after (a), finish(ok=False)
+    when (a) raised (or was interrupted)."""
     from mrt_engine import LLM, SamplingParams
 
     bs = args.block_size
@@ -300,9 +301,12 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int, paired=N
                             lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep),
                             profile=getattr(args, "profile", False),
                             profile_rep=getattr(args, "profile_rep", "extra"), after_rep=after_rep)
-        finally:
+        except BaseException:
             if finish:
-                finish()
+                finish(ok=False)
+            raise
+        if finish:
+            finish()
         r.update(trace_phase_s=round(trace_s, 3), trace_source=args.trace_source,
                  predicted_kv_blocks=predicted_blocks(w, bs, True, args.no_sharing_mode),
                  # the suffix, plus the fork point's last token re-fed for its logits

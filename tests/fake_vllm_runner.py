@@ -1,7 +1,8 @@
 """Stands in for `<vllm-python> vllm_fork_runner.py JOB RESULT` in tests (no vLLM on CI): speaks
 the interleave protocol of vllm_baseline.VllmSession with made-up walls. FAKE_VLLM_FAIL=rep makes it
 die at the first repetition, FAKE_VLLM_FAIL=start before READY. FAKE_VLLM_SPIN=S busy-loops S
-seconds after each answer, as vLLM polls after each batch."""
+seconds after each answer, as vLLM polls after each batch. FAKE_VLLM_CHILD=PATH starts a child
+process (as vLLM starts its engine core) and writes its pid to PATH."""
 import json
 import os
 import sys
@@ -25,6 +26,13 @@ def main() -> int:
     if fail == "start":
         print("fake startup failure", file=sys.stderr)
         return 3
+    child_file = os.environ.get("FAKE_VLLM_CHILD")
+    if child_file:
+        import subprocess
+
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        with open(child_file, "w") as f:
+            f.write(str(child.pid))
     if not job.get("interleave"):
         print("fake runner only speaks the interleave protocol", file=sys.stderr)
         return 4

@@ -285,3 +285,36 @@ def test_a_failing_vllm_costs_ours_nothing(tmp_path, fail):
     skipped = report["results"]["vllm"]["skipped"]
     assert ("fake startup failure" if fail == "start" else "fake failure mid-run") in skipped
     assert "speedup_vs_vllm_paired" not in report and report["speedup_vs_vllm"] is None
+
+
+def test_session_close_ends_the_runners_children(tmp_path, monkeypatch):
+    """vLLM runs its engine in child processes: closing a session (as an interrupted benchmark
+    does) must end them too, not only the runner."""
+    import argparse
+    import time
+
+    import vllm_baseline
+
+    child_file = tmp_path / "child.pid"
+    monkeypatch.setenv("FAKE_VLLM_CHILD", str(child_file))
+    args = argparse.Namespace(dtype="float32", vllm_peak_pass=False, light_warmup=True, vllm_kv_gib=1,
+                              vllm_threads=None, vllm_python=_fake_vllm_python(tmp_path))
+    w = Workload(traces=1, trace_len=8, prompt_len=2, positions=2, suffix_len=1, branches=2, answer_len=2)
+    session = vllm_baseline.VllmSession("unused", w, [[5] * 8], 64, args, reps=1)
+    pid = int(child_file.read_text())
+
+    def alive() -> bool:   # a zombie waiting for a reaper counts as ended
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert alive()                                    # running while the session is
+    session.close()
+    for _ in range(100):
+        if not alive():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the runner's child {pid} outlived session.close()")
