@@ -703,14 +703,13 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
   part_lse_.resize(item_rows_.size() * hq_);
 }
 
-// The first K/V tile of the tasks a thread may take after task i (tasks go out in order from one
-// counter, so its next one is usually among the next 2 * threads; asking again for lines already
-// cached costs little): most tasks are short (a row's own tail is one or two tiles), so asking
-// for a task's rows only when it starts leaves the kernel waiting on memory for most of it.
+// The first K/V tile of the tasks a thread is likely to take after task i (tasks go out in order
+// from one counter): most tasks are short (a row's own tail is one or two tiles), so asking for a
+// task's rows only when it starts leaves the kernel waiting on memory for most of it.
 void CpuDecodeAttention::prefetch_next_tasks(const void* ctx, int64_t i, int threads) const {
 #if MRT_HAVE_X86
   const Ctx& c = *static_cast<const Ctx*>(ctx);
-  const int64_t last = std::min<int64_t>(num_tasks() - 1, i + 2 * threads);
+  const int64_t last = std::min<int64_t>(num_tasks() - 1, i + threads);
   for (int64_t j = i + 1; j <= last; ++j) {
     const Task& t = tasks_[j];
     prefetch_tile(c, item_blocks_.data() + item_block_ptr_[t.item], item_len_[t.item], 0, t.head);
