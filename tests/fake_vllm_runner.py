@@ -1,5 +1,5 @@
 """Stands in for `<vllm-python> vllm_fork_runner.py JOB RESULT` in tests (no vLLM on CI): speaks
-the interleave protocol of vllm_baseline.VllmSession with made-up walls. FAKE_VLLM_FAIL=rep makes it
+the interleave protocol of vllm_baseline.VllmSession, or runs the one-shot mode, with made-up walls. FAKE_VLLM_FAIL=rep makes it
 die at the first repetition, FAKE_VLLM_FAIL=start before READY. FAKE_VLLM_SPIN=S busy-loops S
 seconds after each answer, as vLLM polls after each batch. FAKE_VLLM_CHILD=PATH starts a child
 process (as vLLM starts its engine core) and writes its pid to PATH."""
@@ -33,9 +33,13 @@ def main() -> int:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         with open(child_file, "w") as f:
             f.write(str(child.pid))
-    if not job.get("interleave"):
-        print("fake runner only speaks the interleave protocol", file=sys.stderr)
-        return 4
+    n = len(job["traces"]) * len(job["positions"]) * job["branches"]
+    if not job.get("interleave"):   # one-shot: every repetition now, walls 0.25, 0.5, ...
+        walls = [0.25 * (i + 1) for i in range(len(job["suffixes"]))]
+        with open(res_path, "w") as f:
+            json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,
+                       "vllm": "fake"}, f)
+        return 0
     print(MARK + "READY", flush=True)
     spin()
     walls, pending = [], list(job["suffixes"])
@@ -50,7 +54,6 @@ def main() -> int:
         walls.append(0.25 * (len(walls) + 1))
         print(MARK + f"WALL {walls[-1]!r}", flush=True)
         spin()
-    n = len(job["traces"]) * len(job["positions"]) * job["branches"]
     with open(res_path, "w") as f:
         json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,
                    "vllm": "fake"}, f)

@@ -252,12 +252,12 @@ def _fake_vllm_python(tmp_path) -> str:
     return str(exe)
 
 
-def _run_with_fake_vllm(tmp_path, fail: str = "", spin: float = 0.0):
+def _run_with_fake_vllm(tmp_path, fail: str = "", spin: float = 0.0, extra=()):
     out, cache = tmp_path / "out", tmp_path / "models"
     env = dict(os.environ, MRT_BENCH_CACHE=str(cache), FAKE_VLLM_FAIL=fail, FAKE_VLLM_SPIN=str(spin))
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "bench_branched.py"), "--quick", "--no-profile",
                            "--engines", "mrt_engine,vllm", "--vllm-python", _fake_vllm_python(tmp_path),
-                           "--out-dir", str(out)], capture_output=True, text=True, env=env, timeout=600)
+                           "--out-dir", str(out), *extra], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "branched.json") as f:
         return proc, json.load(f)
@@ -318,3 +318,13 @@ def test_session_close_ends_the_runners_children(tmp_path, monkeypatch):
         time.sleep(0.05)
     else:
         pytest.fail(f"the runner's child {pid} outlived session.close()")
+
+
+def test_one_shot_vllm_runs_after_ours(tmp_path):
+    """--no-interleave: vLLM's repetitions come from one runner call after our run; no pairs."""
+    proc, report = _run_with_fake_vllm(tmp_path, extra=("--no-interleave",))
+    v = report["results"]["vllm"]
+    assert v["interleaved"] is False and v["all_walls_s"] == [0.25] and "settle_s" not in v
+    assert "speedup_vs_vllm_paired" not in report
+    assert report["speedup_vs_vllm"] == round(v["wall_s"] / report["results"]["mrt_engine"]["wall_s"], 2)
+    assert "interleaved with vLLM" not in proc.stdout
