@@ -276,28 +276,6 @@ class Pairing:
         return {"label": LABELS["vllm"], "skipped": (self.error or "vLLM did not run")[-500:]}
 
 
-def gemm_roofline(config: dict, w: Workload, r: dict) -> dict:
-    """Matmul work of the fork phase and the rate the profiled GEMMs ran at: every fed token
-    (prefill + decode) goes through every layer's projections, every sampled row through the LM
-    head (a fork's K samples share its first row). The GEMM floor = this work at that rate."""
-    h, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kvh = config.get("num_key_value_heads") or heads
-    dh = config.get("head_dim") or h // heads
-    layer = h * (heads * dh + 2 * kvh * dh) + heads * dh * h + 3 * h * inter
-    fed = (r.get("prefill_tokens") or 0) + w.fork_tokens() * w.branches * (w.answer_len - 1)
-    logit_rows = w.fork_tokens() * (1 + w.branches * (w.answer_len - 1))
-    flop_layers = 2 * layer * config["num_hidden_layers"] * fed
-    flop_head = 2 * h * config["vocab_size"] * logit_rows
-    bd = r["breakdown"]["seconds"]
-    out = {"gemm_flop": flop_layers + flop_head, "gemm_gflop": round((flop_layers + flop_head) / 1e9, 3)}
-    if bd.get("gemm"):
-        out["gemm_gflop_per_s"] = round(flop_layers / bd["gemm"] / 1e9, 1)
-    if bd.get("gemm_lm_head"):
-        out["lm_head_gflop_per_s"] = round(flop_head / bd["gemm_lm_head"] / 1e9, 1)
-    return out
-
-
 def print_breakdown(bd: dict) -> None:
     print(f"\n(a) per-step breakdown ({bd['steps']} steps, profiled wall {bd['wall_s']:.3f} s):")
     for k, ms in bd["per_step_ms"].items():
@@ -443,7 +421,7 @@ def main(argv=None) -> int:
     a = results.get("mrt_engine")
     bound = None
     if a and a.get("breakdown"):
-        a["breakdown"].update(gemm_roofline(config, w, a))
+        a["breakdown"].update(bounds.gemm_roofline(config, w, a))
         v = results.get("vllm", {})
         bound = bounds.bounds(config, w, a, v.get("wall_s"), bounds.matmul_rate(args.dtype))
     # 5. ratios: wall time of the reference / wall time of the engine (same work everywhere)

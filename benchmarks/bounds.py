@@ -15,12 +15,38 @@ import time
 from workload import Workload
 
 
+def _heads(config: dict) -> tuple[int, int]:
+    """(query heads, head size) from a Hugging Face config.json dict."""
+    heads = config["num_attention_heads"]
+    return heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
+def gemm_roofline(config: dict, w: Workload, r: dict) -> dict:
+    """Matmul work of the fork phase and the rate the profiled GEMMs ran at: every fed token
+    (prefill + decode) goes through every layer's projections, every sampled row through the LM
+    head (a fork's K samples share its first row). The GEMM floor = this work at that rate."""
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    heads, dh = _heads(config)
+    kvh = config.get("num_key_value_heads") or heads
+    layer = h * (heads * dh + 2 * kvh * dh) + heads * dh * h + 3 * h * inter
+    fed = (r.get("prefill_tokens") or 0) + w.fork_tokens() * w.branches * (w.answer_len - 1)
+    logit_rows = w.fork_tokens() * (1 + w.branches * (w.answer_len - 1))
+    flop_layers = 2 * layer * config["num_hidden_layers"] * fed
+    flop_head = 2 * h * config["vocab_size"] * logit_rows
+    bd = r["breakdown"]["seconds"]
+    out = {"gemm_flop": flop_layers + flop_head, "gemm_gflop": round((flop_layers + flop_head) / 1e9, 3)}
+    if bd.get("gemm"):
+        out["gemm_gflop_per_s"] = round(flop_layers / bd["gemm"] / 1e9, 1)
+    if bd.get("gemm_lm_head"):
+        out["lm_head_gflop_per_s"] = round(flop_head / bd["gemm_lm_head"] / 1e9, 1)
+    return out
+
+
 def attention_flop(config: dict, w: Workload) -> int:
     """q.k and p.v multiply-adds of the fork phase, as flops: a fork at t feeds token t-1 and the
     F suffix tokens (contexts t .. t+F), then each of its K branches feeds A-1 tokens (contexts
     t+F+1 .. t+F+A-1); every (row, key) pair costs 4 * Hq * Dh flops in every layer."""
-    heads = config["num_attention_heads"]
-    dh = config.get("head_dim") or config["hidden_size"] // heads
+    heads, dh = _heads(config)
     F, K, A = w.suffix_len, w.branches, w.answer_len
     pairs = 0
     for t in w.fork_positions():
