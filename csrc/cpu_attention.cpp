@@ -159,13 +159,53 @@ MRT_AVX512 void init_own(float* acc, float* mrun, float* lrun, int64_t grp, int6
   }
 }
 
-void write_own_partials(const Ctx& c, int64_t part, int64_t head0, const float* acc, const float* mrun,
-                        const float* lrun) {
-  for (int64_t m = 0; m < c.grp; ++m) {
-    float* o = c.part_o + (part * c.hq + head0 + m) * c.dh;
-    const float inv = 1.f / lrun[m];
-    for (int64_t d = 0; d < c.dh; ++d) o[d] = acc[m * c.dh + d] * inv;
-    c.part_lse[part * c.hq + head0 + m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
+// The key-lanes kernels' results for their grp query heads: o [grp][dh] = acc / l and lse [grp]
+// in natural log, into a partial slot or straight into the row's output.
+MRT_AVX512 void write_own(int64_t grp, int64_t dh, const float* acc, const float* mrun, const float* lrun, float* o,
+                          float* lse) {
+  for (int64_t m = 0; m < grp; ++m) {
+    const __m512 inv = _mm512_set1_ps(1.f / lrun[m]);
+    for (int64_t d = 0; d < dh; d += 16)
+      _mm512_storeu_ps(o + m * dh + d, _mm512_mul_ps(_mm512_loadu_ps(acc + m * dh + d), inv));
+    lse[m] = (mrun[m] + std::log2(lrun[m])) * kLn2;
+  }
+}
+
+// Row output from its partial slots parts[0..np) (item order) and, when own_lse is given, its own
+// tail's result already in out_row: the LSE merge with weights computed 16 heads at a time (one
+// exp2 per vector) and sums over d in vectors. w: scratch of (np + 1) * 16 floats.
+MRT_AVX512 void merge_row_avx512(const float* po, const float* pl, const int64_t* parts, int64_t np, int64_t hq,
+                                 int64_t dh, const float* own_lse, float* out_row, float* w) {
+  if (np == 0) return;  // the own tail alone: already final
+  const int64_t first = own_lse ? 0 : 1;  // weight row 0 is the own tail's
+  const __m512 log2e = _mm512_set1_ps(kLog2e);
+  for (int64_t h0 = 0; h0 < hq; h0 += 16) {
+    const __mmask16 mk = cpu::tail_mask(hq - h0);
+    __m512 mx = own_lse ? _mm512_maskz_loadu_ps(mk, own_lse + h0)
+                        : _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < np; ++i) mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(mk, pl + parts[i] * hq + h0));
+    __m512 den = _mm512_setzero_ps();
+    for (int64_t i = first; i <= np; ++i) {
+      const __m512 x = i == 0 ? _mm512_maskz_loadu_ps(mk, own_lse + h0)
+                              : _mm512_maskz_loadu_ps(mk, pl + parts[i - 1] * hq + h0);
+      const __m512 wi = exp2_avx512(_mm512_mul_ps(_mm512_sub_ps(x, mx), log2e));
+      den = _mm512_add_ps(den, wi);
+      _mm512_storeu_ps(w + i * 16, wi);
+    }
+    alignas(64) float inv[16];
+    _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.f), den));
+    const int64_t heads = std::min<int64_t>(16, hq - h0);
+    for (int64_t hh = 0; hh < heads; ++hh) {
+      float* o = out_row + (h0 + hh) * dh;
+      for (int64_t d0 = 0; d0 < dh; d0 += 16) {
+        __m512 acc = own_lse ? _mm512_mul_ps(_mm512_loadu_ps(o + d0), _mm512_set1_ps(w[hh]))
+                             : _mm512_setzero_ps();
+        for (int64_t i = 0; i < np; ++i)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(w[(i + 1) * 16 + hh]),
+                                _mm512_loadu_ps(po + (parts[i] * hq + h0 + hh) * dh + d0), acc);
+        _mm512_storeu_ps(o + d0, _mm512_mul_ps(acc, _mm512_set1_ps(inv[hh])));
+      }
+    }
   }
 }
 
@@ -506,7 +546,8 @@ MRT_AVX512 inline __m512 hsum16(const __m512* a) {
 // so here the lanes are keys for the scores (16 keys per vector, dot products over d reduced by
 // hsum16) and d for the output; the V pairs are shared with the group kernel's layout.
 // Needs dh % 32 == 0 and at most 16 query heads per KV head.
-MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, Bf16Scratch& s) {
+MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, Bf16Scratch& s, float* o,
+                                          float* lse) {
   const int64_t dh = c.dh, chunks = dh / 32, grp = c.grp;
   int64_t row, head0, part;
   c.locate(item, h, 0, &row, &head0, &part);
@@ -558,13 +599,13 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
       }
     }
   }
-  write_own_partials(c, part, head0, acc, mrun, lrun);
+  write_own(grp, dh, acc, mrun, lrun, o, lse);
 }
 
 // The float32 twin of own_task_avx512_bf16 (float32 caches, or bf16 widened per tile): keys as
 // lanes for the scores, d as lanes for the output. Needs dh % 16 == 0 and at most 16 query heads
 // per KV head.
-MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScratch& s) {
+MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScratch& s, float* o, float* lse) {
   const int64_t dh = c.dh, grp = c.grp;
   int64_t row, head0, part;
   c.locate(item, h, 0, &row, &head0, &part);
@@ -613,7 +654,7 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
       }
     }
   }
-  write_own_partials(c, part, head0, acc, mrun, lrun);
+  write_own(grp, dh, acc, mrun, lrun, o, lse);
 }
 
 // One scratch per thread for the life of the thread (the OpenMP workers persist): ~150 KB, which
@@ -705,6 +746,27 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
   std::stable_sort(tasks_.begin(), tasks_.end(), [this](const Task& a, const Task& b) {
     return (a.qv_end - a.qv_begin) * item_len_[a.item] > (b.qv_end - b.qv_begin) * item_len_[b.item];
   });
+  own_item_.assign(num_rows, -1);
+  std::vector<char> is_own(items, 0);
+  for (int64_t i = 0; i < items; ++i) {
+    if (item_row_ptr_[i + 1] - item_row_ptr_[i] != 1) continue;
+    const int64_t r = item_rows_[item_row_ptr_[i]];
+    if (own_item_[r] < 0) {
+      own_item_[r] = i;
+      is_own[i] = 1;
+    }
+  }
+  for (const Task& t : tasks_)
+    if (!is_own[t.item]) shared_tasks_.push_back(t);
+  rest_part_ptr_.assign(num_rows + 1, 0);
+  for (int64_t r = 0; r < num_rows; ++r) {
+    for (int64_t i = row_part_ptr_[r]; i < row_part_ptr_[r + 1]; ++i) {
+      const int64_t p = row_parts_[i];
+      if (own_item_[r] < 0 || p != item_row_ptr_[own_item_[r]]) rest_parts_.push_back(p);
+    }
+    rest_part_ptr_[r + 1] = static_cast<int64_t>(rest_parts_.size());
+    max_parts_ = std::max(max_parts_, row_part_ptr_[r + 1] - row_part_ptr_[r]);
+  }
   part_o_.resize(item_rows_.size() * hq_ * dh_);
   part_lse_.resize(item_rows_.size() * hq_);
 }
@@ -712,16 +774,33 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
 // The first K/V tile of the tasks a thread is likely to take after task i (tasks go out in order
 // from one counter): most tasks are short (a row's own tail is one or two tiles), so asking for a
 // task's rows only when it starts leaves the kernel waiting on memory for most of it.
-void CpuDecodeAttention::prefetch_next_tasks(const void* ctx, int64_t i, int threads) const {
+void CpuDecodeAttention::prefetch_next_tasks(const void* ctx, const std::vector<Task>& tasks, int64_t i,
+                                             int threads) const {
 #if MRT_HAVE_X86
   const Ctx& c = *static_cast<const Ctx*>(ctx);
-  const int64_t last = std::min<int64_t>(num_tasks() - 1, i + threads);
+  const int64_t last = std::min<int64_t>(static_cast<int64_t>(tasks.size()) - 1, i + threads);
   for (int64_t j = i + 1; j <= last; ++j) {
-    const Task& t = tasks_[j];
+    const Task& t = tasks[j];
     prefetch_tile(c, item_blocks_.data() + item_block_ptr_[t.item], item_len_[t.item], 0, t.head);
   }
 #else
-  (void)ctx, (void)i, (void)threads;
+  (void)ctx, (void)tasks, (void)i, (void)threads;
+#endif
+}
+
+// The same for the own tails of the rows the merge pass hands out next.
+void CpuDecodeAttention::prefetch_next_rows(const void* ctx, int64_t r, int threads) const {
+#if MRT_HAVE_X86
+  const Ctx& c = *static_cast<const Ctx*>(ctx);
+  const int64_t last = std::min<int64_t>(num_rows_ - 1, r + threads);
+  for (int64_t j = r + 1; j <= last; ++j) {
+    const int64_t it = own_item_[j];
+    if (it < 0) continue;
+    for (int64_t h = 0; h < hkv_; ++h)
+      prefetch_tile(c, item_blocks_.data() + item_block_ptr_[it], item_len_[it], 0, h);
+  }
+#else
+  (void)ctx, (void)r, (void)threads;
 #endif
 }
 
@@ -734,37 +813,68 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
         item_row_ptr_.data(), item_rows_.data(), item_block_ptr_.data(), item_blocks_.data(),
         item_len_.data(), part_o_.data(), part_lse_.data()};
   const int threads = std::max(1, num_threads);
+  const int64_t hq = hq_, dh = dh_, grp = c.grp;
 #if MRT_HAVE_X86
-  if (simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available()) {
-    const bool own_kernel = dh_ % 32 == 0 && c.grp <= kLanes;
-    parallel_for(num_tasks(), threads, [&](int64_t i) {
-      prefetch_next_tasks(&c, i, threads);
-      const Task& t = tasks_[i];
-      if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
-        own_task_avx512_bf16(c, t.item, t.head, thread_scratch<Bf16Scratch>());
-      else
-        task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<Bf16Scratch>());
+  const bool use_bf16 = simd && bf16_dot && dtype == KvDtype::kBFloat16 && bf16_dot_available();
+  if (simd) {
+    // the key-lanes kernel for single-row items (bf16 dot products need pairs of 16-value chunks)
+    const bool own_kernel = grp <= kLanes && (!use_bf16 || dh_ % 32 == 0);
+    const std::vector<Task>& tasks = own_kernel ? shared_tasks_ : tasks_;
+    // one task: a group item's query vectors, or a single-row item that is not its row's own tail
+    auto run_task = [&](int64_t i) {
+      prefetch_next_tasks(&c, tasks, i, threads);
+      const Task& t = tasks[i];
+      const bool single = own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1;
+      int64_t row, head0, part;
+      c.locate(t.item, t.head, 0, &row, &head0, &part);
+      float* po = part_o_.data() + (part * hq + head0) * dh;
+      float* pl = part_lse_.data() + part * hq + head0;
+      if (use_bf16) {
+        if (single)
+          own_task_avx512_bf16(c, t.item, t.head, thread_scratch<Bf16Scratch>(), po, pl);
+        else
+          task_avx512_bf16(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<Bf16Scratch>());
+      } else {
+        if (single)
+          own_task_avx512(c, t.item, t.head, thread_scratch<SimdScratch>(), po, pl);
+        else
+          task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<SimdScratch>());
+      }
+    };
+    parallel_for(static_cast<int64_t>(tasks.size()), threads, run_task);
+    // per row: its own tail into the output, then the LSE merge with its partials
+    const float* po = part_o_.data();
+    const float* pl = part_lse_.data();
+    parallel_for(num_rows_, threads, [&](int64_t r) {
+      thread_local std::vector<float> w, own_lse;
+      w.resize((max_parts_ + 1) * 16);
+      own_lse.resize(hq);
+      float* orow = out + r * hq * dh;
+      const int64_t own = own_kernel ? own_item_[r] : -1;
+      if (own >= 0) {
+        prefetch_next_rows(&c, r, threads);
+        for (int64_t h = 0; h < hkv_; ++h) {
+          if (use_bf16)
+            own_task_avx512_bf16(c, own, h, thread_scratch<Bf16Scratch>(), orow + h * grp * dh,
+                                 own_lse.data() + h * grp);
+          else
+            own_task_avx512(c, own, h, thread_scratch<SimdScratch>(), orow + h * grp * dh, own_lse.data() + h * grp);
+        }
+      }
+      const int64_t* parts = own_kernel ? rest_parts_.data() + rest_part_ptr_[r] : row_parts_.data() + row_part_ptr_[r];
+      const int64_t np = own_kernel ? rest_part_ptr_[r + 1] - rest_part_ptr_[r] : row_part_ptr_[r + 1] - row_part_ptr_[r];
+      merge_row_avx512(po, pl, parts, np, hq, dh, own >= 0 ? own_lse.data() : nullptr, orow, w.data());
     });
-  } else if (simd) {
-    const bool own_kernel = c.grp <= kLanes;
-    parallel_for(num_tasks(), threads, [&](int64_t i) {
-      prefetch_next_tasks(&c, i, threads);
-      const Task& t = tasks_[i];
-      if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1)
-        own_task_avx512(c, t.item, t.head, thread_scratch<SimdScratch>());
-      else
-        task_avx512(c, t.item, t.head, t.qv_begin, t.qv_end, thread_scratch<SimdScratch>());
-    });
-  } else
-#endif
-  {
-    parallel_for(num_tasks(), threads, [&](int64_t i) {
-      const Task& t = tasks_[i];
-      task_scalar(c, t.item, t.head, t.qv_begin, t.qv_end);
-    });
+    return;
   }
+#else
+  (void)bf16_dot;
+#endif
+  parallel_for(num_tasks(), threads, [&](int64_t i) {
+    const Task& t = tasks_[i];
+    task_scalar(c, t.item, t.head, t.qv_begin, t.qv_end);
+  });
   // LSE merge of each row's partials in item order
-  const int64_t hq = hq_, dh = dh_;
   const float* po = part_o_.data();
   const float* pl = part_lse_.data();
   parallel_for(num_rows_, threads, [&](int64_t r) {

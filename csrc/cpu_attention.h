@@ -55,7 +55,14 @@ class CpuDecodeAttention {
   std::vector<int64_t> item_row_ptr_, item_rows_, item_block_ptr_, item_blocks_, item_len_;
   std::vector<int64_t> row_part_ptr_, row_parts_;  // partial slots of each row, in item order
   std::vector<Task> tasks_;
-  void prefetch_next_tasks(const void* ctx, int64_t i, int threads) const;
+  // A row's own tail (its first item of that row alone) is computed in the merge pass on the
+  // SIMD paths, straight into the row's output: no task, no partial written and read back.
+  std::vector<int64_t> own_item_;                   // per row: that item, or -1
+  std::vector<int64_t> rest_part_ptr_, rest_parts_;  // row_parts_ without the own item's slot
+  std::vector<Task> shared_tasks_;                  // tasks_ without the own items
+  int64_t max_parts_ = 0;                           // most partial slots of one row
+  void prefetch_next_tasks(const void* ctx, const std::vector<Task>& tasks, int64_t i, int threads) const;
+  void prefetch_next_rows(const void* ctx, int64_t r, int threads) const;
   std::vector<float> part_o_, part_lse_;            // [P, H, Dh], [P, H]; P = item_rows.size()
 };
 

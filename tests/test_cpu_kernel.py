@@ -98,6 +98,47 @@ def test_wide_items_and_strided_q(simd):
     torch.testing.assert_close(out.double(), oracle(q, k_cache, v_cache, items, 0.125), rtol=2e-5, atol=2e-5)
 
 
+# A row's first single-row item is its own tail, computed in the merge pass on the SIMD paths:
+# rows with no such item, a second single-row item (a task), an own tail listed after the
+# segments, a row of single-row items only; more than 16 query heads per KV head (no key-lanes
+# kernel); 20 partials on one row.
+LAYOUTS = [dict(hkv=2, grp=3, dh=64, bs=16), dict(hkv=1, grp=17, dh=32, bs=8), dict(hkv=2, grp=2, dh=48, bs=5)]
+
+
+@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS, ids=["scalar", "avx512", "avx512bf16"][:len(PATHS)])
+def test_own_tail_layouts(case, dtype, path):
+    simd, bf16_dot = path
+    if bf16_dot and dtype != torch.bfloat16:
+        pytest.skip("the dot-product path is for bfloat16 caches")
+    rng = random.Random(11)
+    torch.manual_seed(11)
+    hkv, grp, dh, bs, rows, nb = case["hkv"], case["grp"], case["dh"], case["bs"], 6, 80
+    k_cache = torch.randn(nb, bs, hkv, dh).to(dtype)
+    v_cache = torch.randn(nb, bs, hkv, dh).to(dtype)
+    q = torch.randn(rows, hkv * grp, dh).to(dtype)
+
+    def item(n, rs):
+        return (rng.sample(range(nb), -(-n // bs)), n, rs)
+
+    items = [item(3 * bs, [0, 1, 2, 4]),      # row 0: segments only
+             item(bs + 3, [1]), item(2, [1]),  # row 1: own tail, then a second single-row item
+             item(2 * bs, [2, 3, 4, 5]),
+             item(7, [2]),                    # row 2: own tail after a segment
+             item(1, [3]), item(bs, [3]),     # row 3: single-row items only
+             item(2 * bs, [0, 4])]
+    items += [item(bs, [5, 4]) for _ in range(18)] + [item(5, [5])]   # row 5: 20 partials
+    plan = cpu_kernel.DecodePlan(items, rows, hkv * grp, k_cache)
+    out = plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot)
+    ref = oracle(q, k_cache, v_cache, items, 0.2)
+    if bf16_dot:
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=4e-3)
+    else:
+        torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    assert torch.equal(plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, num_threads=1), out)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_thread_count_does_not_change_the_result(path):
     simd, bf16_dot = path
