@@ -70,6 +70,15 @@ void parallel_for(int64_t n, int threads, F&& f) {
   for (auto& t : pool) t.join();
 }
 
+// f(begin, end) over `threads` equal contiguous ranges of [0, n): for many tiny tasks (a row of an
+// elementwise op), where one shared counter per task costs more in cache-line traffic between
+// the cores than the task itself.
+template <class F>
+void parallel_ranges(int64_t n, int threads, F&& f) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  parallel_for(parts, static_cast<int>(parts), [&](int64_t p) { f(n * p / parts, n * (p + 1) / parts); });
+}
+
 #if MRT_HAVE_X86
 #define MRT_AVX512 __attribute__((target("avx512f")))
 #define MRT_AVX512BW __attribute__((target("avx512f,avx512bw")))

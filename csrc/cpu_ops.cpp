@@ -34,34 +34,83 @@ MRT_OPS inline __m256i to_bf16(__m512 x) {
 }
 
 MRT_OPS inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
-  _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
+  if (m == 0xFFFF)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x));
+  else
+    _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
 }
 
 
+// 32 bf16 values as two float32 vectors without a cross-lane shuffle (Zen 4 runs the widening
+// vpmovzxwd / narrowing vpmovdw of 512-bit vectors at a fraction of the ALU rate): the even-indexed
+// values are each 32-bit word shifted up, the odd-indexed ones the word with its low half cleared.
+// Elementwise ops work on the halves alike and pack them back the same way.
+struct Bf16Pair {
+  __m512 even, odd;
+};
+MRT_OPS inline Bf16Pair load_bf16x32(const uint16_t* p) {
+  const __m512i v = _mm512_loadu_si512(p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
+}
+
+// float32 rounded to the nearest bf16 (ties to even), as a float32 bit pattern with a zero low half
+MRT_OPS inline __m512i round_bf16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                          _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
+MRT_OPS inline __m512 round_bf16_fast(__m512 x) { return _mm512_castsi512_ps(round_bf16_bits(x)); }
+
+// the two halves rounded to bf16 and interleaved back into 32 values
+MRT_OPS inline void store_bf16x32(uint16_t* p, __m512 even, __m512 odd) {
+  _mm512_storeu_si512(p, _mm512_or_si512(round_bf16_bits(odd), _mm512_srli_epi32(round_bf16_bits(even), 16)));
+}
+
 MRT_OPS void rms_norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t h, float eps) {
-  __m512 ss = _mm512_setzero_ps();
-  for (int64_t i = 0; i < h; i += 16) {
+  __m512 ss = _mm512_setzero_ps(), ss_odd = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= h; i += 32) {
+    const Bf16Pair v = load_bf16x32(x + i);
+    ss = _mm512_fmadd_ps(v.even, v.even, ss);
+    ss_odd = _mm512_fmadd_ps(v.odd, v.odd, ss_odd);
+  }
+  for (; i < h; i += 16) {
     const __m512 v = load_bf16x16(x + i, tail_mask(h - i));
     ss = _mm512_fmadd_ps(v, v, ss);
   }
-  const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(h) + eps);
+  const float r = 1.f / std::sqrt(_mm512_reduce_add_ps(_mm512_add_ps(ss, ss_odd)) / static_cast<float>(h) + eps);
   const __m512 vr = _mm512_set1_ps(r);
-  for (int64_t i = 0; i < h; i += 16) {
+  // round the normalised value to bf16 first, then scale by the weight in bf16 (transformers)
+  for (i = 0; i + 32 <= h; i += 32) {
+    const Bf16Pair y = load_bf16x32(x + i), wv = load_bf16x32(w + i);
+    store_bf16x32(out + i, _mm512_mul_ps(wv.even, round_bf16_fast(_mm512_mul_ps(y.even, vr))),
+                  _mm512_mul_ps(wv.odd, round_bf16_fast(_mm512_mul_ps(y.odd, vr))));
+  }
+  for (; i < h; i += 16) {
     const __mmask16 m = tail_mask(h - i);
-    const __m512 y = load_bf16x16(x + i, m);
-    // round the normalised value to bf16 first, then scale by the weight in bf16 (transformers)
-    const __m512 yb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(_mm512_mul_ps(y, vr))), 16));
+    const __m512 yb = round_bf16_fast(_mm512_mul_ps(load_bf16x16(x + i, m), vr));
     store_bf16(out + i, _mm512_mul_ps(load_bf16x16(w + i, m), yb), m);
   }
 }
 
-MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, int64_t n) {
+MRT_OPS inline __m512 silu(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f), neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
-  for (int64_t i = 0; i < n; i += 16) {
+  return _mm512_div_ps(x, _mm512_add_ps(one, cpu::exp2_avx512(_mm512_mul_ps(x, neg_log2e))));
+}
+
+MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const Bf16Pair x = load_bf16x32(g + i), up = load_bf16x32(u + i);
+    store_bf16x32(out + i, _mm512_mul_ps(round_bf16_fast(silu(x.even)), up.even),
+                  _mm512_mul_ps(round_bf16_fast(silu(x.odd)), up.odd));
+  }
+  for (; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 x = load_bf16x16(g + i, m);
-    const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, cpu::exp2_avx512(_mm512_mul_ps(x, neg_log2e))));
-    const __m512 sb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(s)), 16));
+    const __m512 sb = round_bf16_fast(silu(load_bf16x16(g + i, m)));
     store_bf16(out + i, _mm512_mul_ps(sb, load_bf16x16(u + i, m)), m);
   }
 }
@@ -115,13 +164,15 @@ void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, voi
     throw std::invalid_argument("rope: need dh a positive multiple of 32 and x_stride >= heads * dh");
 #if MRT_HAVE_X86
   const int64_t es = bf16 ? 2 : 4;
-  cpu::parallel_for(rows, rows * heads * dh < (1 << 16) ? 1 : num_threads, [&](int64_t r) {
+  cpu::parallel_ranges(rows, rows * heads * dh < (1 << 16) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
     const char* xr = static_cast<const char*>(x) + r * x_stride * es;
     const char* cr = static_cast<const char*>(cos) + r * dh * es;
     const char* sr = static_cast<const char*>(sin) + r * dh * es;
     char* o = static_cast<char*>(out) + r * heads * dh * es;
     if (bf16) rope_row<true>(xr, cr, sr, o, heads, dh);
     else rope_row<false>(xr, cr, sr, o, heads, dh);
+    }
   });
 #endif
 }
@@ -148,8 +199,8 @@ void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint1
   if (rows < 0 || hidden <= 0 || x_stride < hidden || out_stride < hidden)
     throw std::invalid_argument("rms_norm_bf16: need hidden > 0 and row strides >= hidden");
 #if MRT_HAVE_X86
-  cpu::parallel_for(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r) {
-    rms_norm_row(x + r * x_stride, w, out + r * out_stride, hidden, eps);
+  cpu::parallel_ranges(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * x_stride, w, out + r * out_stride, hidden, eps);
   });
 #endif
 }
@@ -160,8 +211,8 @@ void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint
   if (rows < 0 || n <= 0 || in_stride < n || out_stride < n)
     throw std::invalid_argument("silu_mul_bf16: need n > 0 and row strides >= n");
 #if MRT_HAVE_X86
-  cpu::parallel_for(rows, rows * n < (1 << 16) ? 1 : num_threads, [&](int64_t r) {
-    silu_mul_row(g + r * in_stride, u + r * in_stride, out + r * out_stride, n);
+  cpu::parallel_ranges(rows, rows * n < (1 << 16) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) silu_mul_row(g + r * in_stride, u + r * in_stride, out + r * out_stride, n);
   });
 #endif
 }
