@@ -154,6 +154,35 @@ MRT_OPS void rope_row(const void* x, const void* cos, const void* sin, void* out
   }
 }
 
+MRT_OPS inline __m512 neg(__m512 v) {  // a sign flip: exact
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+}
+
+// bf16 rows with half % 32 == 0: the first and second halves 32 values at a time as even/odd
+// pairs (no widening shuffles), the same roundings as rope_row<true>.
+MRT_OPS void rope_row_bf16x32(const uint16_t* x, const uint16_t* cos, const uint16_t* sin, uint16_t* out,
+                              int64_t heads, int64_t dh) {
+  const int64_t half = dh / 2;
+  for (int64_t d = 0; d < half; d += 32) {
+    const Bf16Pair c1 = load_bf16x32(cos + d), s1 = load_bf16x32(sin + d);
+    const Bf16Pair c2 = load_bf16x32(cos + d + half), s2 = load_bf16x32(sin + d + half);
+    for (int64_t h = 0; h < heads; ++h) {
+      const Bf16Pair a = load_bf16x32(x + h * dh + d), b = load_bf16x32(x + h * dh + d + half);
+      // first half: x[d] cos[d] + (-x[d + half]) sin[d]; second: x[d + half] cos[d + half] + x[d] sin[d + half]
+      store_bf16x32(out + h * dh + d,
+                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(a.even, c1.even)),
+                                  round_bf16_fast(_mm512_mul_ps(neg(b.even), s1.even))),
+                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(a.odd, c1.odd)),
+                                  round_bf16_fast(_mm512_mul_ps(neg(b.odd), s1.odd))));
+      store_bf16x32(out + h * dh + d + half,
+                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(b.even, c2.even)),
+                                  round_bf16_fast(_mm512_mul_ps(a.even, s2.even))),
+                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(b.odd, c2.odd)),
+                                  round_bf16_fast(_mm512_mul_ps(a.odd, s2.odd))));
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -170,7 +199,10 @@ void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, voi
     const char* cr = static_cast<const char*>(cos) + r * dh * es;
     const char* sr = static_cast<const char*>(sin) + r * dh * es;
     char* o = static_cast<char*>(out) + r * heads * dh * es;
-    if (bf16) rope_row<true>(xr, cr, sr, o, heads, dh);
+    if (bf16 && dh % 64 == 0)
+      rope_row_bf16x32(reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<const uint16_t*>(cr),
+                       reinterpret_cast<const uint16_t*>(sr), reinterpret_cast<uint16_t*>(o), heads, dh);
+    else if (bf16) rope_row<true>(xr, cr, sr, o, heads, dh);
     else rope_row<false>(xr, cr, sr, o, heads, dh);
     }
   });
