@@ -360,11 +360,18 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
 
 #define MRT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
+// Keys per softmax chunk of the bf16 kernel: a group's scores of a whole chunk are computed, then
+// exponentiated against one running max, then multiplied into O^T; the O^T accumulators are read,
+// rescaled and written back once per chunk instead of once per 16 keys.
+constexpr int kChunk = 128;
+
 struct alignas(64) Bf16Scratch {
   uint32_t qt[kLaneGroups][kMaxHeadDim / 2][kLanes];  // Q^T as bf16 pairs: [group][d/2][lane]
   float ot[kLaneGroups][kMaxHeadDim][kLanes];         // O^T accumulators
   float m[kLaneGroups][kLanes], l[kLaneGroups][kLanes];
-  uint32_t vpair[kLanes / 2][kMaxHeadDim];            // (V[2i][d], V[2i+1][d]) bf16 pairs
+  uint32_t vpair[kChunk / 2][kMaxHeadDim];            // (V[2i][d], V[2i+1][d]) bf16 pairs
+  float sc[kChunk][kLanes];                           // one group's scores of a chunk
+  uint32_t ppair[kChunk / 2][kLanes];                 // (P_2i, P_2i+1) per lane as bf16 pairs
   uint16_t zero[kMaxHeadDim];
 };
 
@@ -414,7 +421,8 @@ MRT_AVX512_BF16 void pair_v_rows(const uint16_t* const* vrow, int pairs, int64_t
 // bfloat16 caches with AVX512_BF16: QK^T and PV are pairwise bf16 dot products accumulated in
 // float32 (two products per lane and instruction, twice the FMA rate). q stays unscaled (exact);
 // the scale is applied to the float32 scores. P is rounded to bf16 for PV, as PyTorch's fused CPU
-// kernel and FlashAttention do; the softmax sum l is kept in float32.
+// kernel and FlashAttention do; the softmax sum l is kept in float32. Keys go in chunks of
+// kChunk (see there); within a chunk, 16 keys at a time for the scores.
 MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1,
                                       Bf16Scratch& s) {
   const int64_t dh = c.dh, dh2 = dh / 2;
@@ -453,56 +461,64 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
     pair_idx[2 * i + 1] = static_cast<int16_t>(16 + i);
   }
   const __m512i ipair = _mm512_load_si512(pair_idx);
-  const uint16_t* krow[kLanes];
-  const uint16_t* vrow[kLanes];
-  prefetch_tile(c, blocks, len, 0, h);
-  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    bf16_tile_rows(c, blocks, t0, n, h, s.zero, krow, vrow);
-    prefetch_tile(c, blocks, len, t0 + kLanes, h);
-    const int pairs = (n + 1) / 2;
+  const uint16_t* krow[kChunk];
+  const uint16_t* vrow[kChunk];
+  for (int64_t t = 0; t < std::min<int64_t>(len, kChunk); t += kLanes) prefetch_tile(c, blocks, len, t, h);
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int nk = static_cast<int>(std::min<int64_t>(kChunk, len - c0));
+    const int tiles = (nk + kLanes - 1) / kLanes, pairs = (nk + 1) / 2;
+    for (int t = 0; t < tiles; ++t)
+      bf16_tile_rows(c, blocks, c0 + t * kLanes, std::min(kLanes, nk - t * kLanes), h, s.zero, krow + t * kLanes,
+                     vrow + t * kLanes);
+    // the next chunk's rows are asked for now: this chunk's arithmetic hides their latency
+    for (int64_t t = c0 + kChunk; t < std::min<int64_t>(len, c0 + 2 * kChunk); t += kLanes)
+      prefetch_tile(c, blocks, len, t, h);
     pair_v_rows(vrow, pairs, dh, ix, s.vpair);
     for (int g = 0; g < groups; ++g) {
-      // keys in two halves of 8 so their row pointers stay in registers (K read in place)
-      __m512 sc[kLanes];
+      __m512 mx = neg_inf;
+      for (int t = 0; t < tiles; ++t) {
+        const int n = std::min(kLanes, nk - t * kLanes);
+        // keys in two halves of 8 so their row pointers stay in registers (K read in place)
+        __m512 sc[kLanes];
 #pragma GCC unroll 2
-      for (int j0 = 0; j0 < kLanes; j0 += kLanes / 2) {
-        const uint16_t* kr[kLanes / 2];
-        __m512 a[kLanes / 2];
-#pragma GCC unroll 8
-        for (int j = 0; j < kLanes / 2; ++j) {
-          kr[j] = krow[j0 + j];
-          a[j] = _mm512_setzero_ps();
-        }
-        for (int64_t d2 = 0; d2 < dh2; ++d2) {
-          const __m512bh qd = (__m512bh)_mm512_load_si512(s.qt[g][d2]);
+        for (int j0 = 0; j0 < kLanes; j0 += kLanes / 2) {
+          const uint16_t* kr[kLanes / 2];
+          __m512 a[kLanes / 2];
 #pragma GCC unroll 8
           for (int j = 0; j < kLanes / 2; ++j) {
-            uint32_t kp;
-            std::memcpy(&kp, kr[j] + 2 * d2, sizeof kp);
-            a[j] = _mm512_dpbf16_ps(a[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
+            kr[j] = krow[t * kLanes + j0 + j];
+            a[j] = _mm512_setzero_ps();
           }
-        }
+          for (int64_t d2 = 0; d2 < dh2; ++d2) {
+            const __m512bh qd = (__m512bh)_mm512_load_si512(s.qt[g][d2]);
 #pragma GCC unroll 8
-        for (int j = 0; j < kLanes / 2; ++j) sc[j0 + j] = a[j];
+            for (int j = 0; j < kLanes / 2; ++j) {
+              uint32_t kp;
+              std::memcpy(&kp, kr[j] + 2 * d2, sizeof kp);
+              a[j] = _mm512_dpbf16_ps(a[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
+            }
+          }
+#pragma GCC unroll 8
+          for (int j = 0; j < kLanes / 2; ++j) sc[j0 + j] = a[j];
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < kLanes; ++j) {
+          sc[j] = j < n ? _mm512_mul_ps(sc[j], qscale) : neg_inf;
+          mx = _mm512_max_ps(mx, sc[j]);
+          _mm512_store_ps(s.sc[t * kLanes + j], sc[j]);
+        }
       }
-#pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? _mm512_mul_ps(sc[j], qscale) : neg_inf;
-      __m512 mx = sc[0];
-#pragma GCC unroll 16
-      for (int j = 1; j < kLanes; ++j) mx = _mm512_max_ps(mx, sc[j]);
       const __m512 m_old = _mm512_load_ps(s.m[g]);
       const __m512 m_new = _mm512_max_ps(m_old, mx);
       const __m512 alpha = exp2_avx512(_mm512_sub_ps(m_old, m_new));
       __m512 sum = _mm512_setzero_ps();
-      alignas(64) uint32_t ppair[kLanes / 2][kLanes];  // (P_2i, P_2i+1) per lane as bf16 pairs
-#pragma GCC unroll 8
-      for (int i = 0; i < kLanes / 2; ++i) {
-        const __m512 p0 = exp2_avx512(_mm512_sub_ps(sc[2 * i], m_new));
-        const __m512 p1 = exp2_avx512(_mm512_sub_ps(sc[2 * i + 1], m_new));
+      for (int i = 0; i < pairs; ++i) {
+        // a score past nk (an odd chunk's last pair) is -inf: its p is 0
+        const __m512 p0 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(s.sc[2 * i]), m_new));
+        const __m512 p1 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(s.sc[2 * i + 1]), m_new));
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: p0, 16-31: p1
-        _mm512_store_si512(ppair[i], _mm512_permutexvar_epi16(ipair, both));
+        _mm512_store_si512(s.ppair[i], _mm512_permutexvar_epi16(ipair, both));
       }
       _mm512_store_ps(s.m[g], m_new);
       _mm512_store_ps(s.l[g], _mm512_fmadd_ps(_mm512_load_ps(s.l[g]), alpha, sum));
@@ -511,7 +527,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
 #pragma GCC unroll 16
         for (int dd = 0; dd < 16; ++dd) acc[dd] = _mm512_mul_ps(_mm512_load_ps(s.ot[g][d0 + dd]), alpha);
         for (int i = 0; i < pairs; ++i) {
-          const __m512bh p = (__m512bh)_mm512_load_si512(ppair[i]);
+          const __m512bh p = (__m512bh)_mm512_load_si512(s.ppair[i]);
           const uint32_t* vp = &s.vpair[i][d0];
 #pragma GCC unroll 16
           for (int dd = 0; dd < 16; ++dd)
