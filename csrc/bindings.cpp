@@ -136,6 +136,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
       py::arg("hidden"), py::arg("eps"), py::arg("num_threads"));
   m.def(
+      "rms_norm_f32",
+      [](uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t out, int64_t out_stride, int64_t rows, int64_t hidden,
+         float eps, int num_threads) {
+        py::gil_scoped_release release;
+        mrt::rms_norm_f32(reinterpret_cast<const float*>(x), x_stride, reinterpret_cast<const float*>(w),
+                          reinterpret_cast<float*>(out), out_stride, rows, hidden, eps, num_threads);
+      },
+      py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
+      py::arg("hidden"), py::arg("eps"), py::arg("num_threads"));
+  m.def(
       "silu_mul_bf16",
       [](uintptr_t g, uintptr_t u, int64_t in_stride, uintptr_t out, int64_t out_stride, int64_t rows, int64_t n,
          int num_threads) {

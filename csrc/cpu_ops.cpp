@@ -96,6 +96,27 @@ MRT_OPS void rms_norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, i
   }
 }
 
+MRT_OPS void rms_norm_row_f32(const float* x, const float* w, float* out, int64_t h, float eps) {
+  __m512 ss = _mm512_setzero_ps(), ss2 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= h; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    ss = _mm512_fmadd_ps(a, a, ss);
+    ss2 = _mm512_fmadd_ps(b, b, ss2);
+  }
+  for (; i < h; i += 16) {
+    const __m512 a = _mm512_maskz_loadu_ps(tail_mask(h - i), x + i);
+    ss = _mm512_fmadd_ps(a, a, ss);
+  }
+  const __m512 vr =
+      _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(_mm512_add_ps(ss, ss2)) / static_cast<float>(h) + eps));
+  for (i = 0; i < h; i += 16) {
+    const __mmask16 m = tail_mask(h - i);
+    _mm512_mask_storeu_ps(out + i, m,
+                          _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vr)));
+  }
+}
+
 MRT_OPS inline __m512 silu(__m512 x) {
   const __m512 one = _mm512_set1_ps(1.f), neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
   return _mm512_div_ps(x, _mm512_add_ps(one, cpu::exp2_avx512(_mm512_mul_ps(x, neg_log2e))));
@@ -233,6 +254,18 @@ void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint1
 #if MRT_HAVE_X86
   cpu::parallel_ranges(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * x_stride, w, out + r * out_stride, hidden, eps);
+  });
+#endif
+}
+
+void rms_norm_f32(const float* x, int64_t x_stride, const float* w, float* out, int64_t out_stride, int64_t rows,
+                  int64_t hidden, float eps, int num_threads) {
+  if (!cpu_ops_available()) throw std::invalid_argument("rms_norm_f32 needs AVX-512F/BW");
+  if (rows < 0 || hidden <= 0 || x_stride < hidden || out_stride < hidden)
+    throw std::invalid_argument("rms_norm_f32: need hidden > 0 and row strides >= hidden");
+#if MRT_HAVE_X86
+  cpu::parallel_ranges(rows, rows * hidden < (1 << 15) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row_f32(x + r * x_stride, w, out + r * out_stride, hidden, eps);
   });
 #endif
 }

@@ -40,11 +40,14 @@ def test_bad_input_is_a_clear_error():
         cpu_ops.silu_mul_bf16(x.t())
 
 
-def test_the_model_uses_them_only_for_bf16(monkeypatch):
+def test_which_dtypes_use_them_and_the_switch(monkeypatch):
     assert cpu_ops.usable(torch.zeros(2, 16, dtype=torch.bfloat16))
     assert not cpu_ops.usable(torch.zeros(2, 16))
+    assert cpu_ops.usable_f32(torch.zeros(2, 16)) and not cpu_ops.usable_f32(torch.zeros(2, 16, dtype=torch.bfloat16))
+    assert not cpu_ops.usable_f32(torch.zeros(16, 2).t())
     monkeypatch.setenv(cpu_ops.ENV, "0")
     assert not cpu_ops.usable(torch.zeros(2, 16, dtype=torch.bfloat16))
+    assert not cpu_ops.usable_f32(torch.zeros(2, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -70,3 +73,16 @@ def test_rope_bad_input():
         cpu_ops.rope(torch.randn(2, 4, 48), torch.randn(2, 1, 48), torch.randn(2, 1, 48))
     with pytest.raises(ValueError, match="rope expects"):
         cpu_ops.rope(x.double(), cos.double(), cos.double())
+
+
+@pytest.mark.parametrize("rows,hidden", [(256, 384), (3, 896), (7, 17), (40, 33)])
+def test_rms_norm_f32_is_pytorch_to_rounding(rows, hidden):
+    torch.manual_seed(rows * hidden)
+    x = (torch.randn(rows, 2 * hidden) * 3)[:, :hidden]   # strided rows
+    w = torch.randn(hidden)
+    ref = w * (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6))
+    out = cpu_ops.rms_norm_f32(x, w, 1e-6)
+    torch.testing.assert_close(out.double(), ref, rtol=3e-7, atol=1e-7)
+    torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (hidden,), w, 1e-6), rtol=3e-7, atol=1e-7)
+    with pytest.raises(ValueError, match="rms_norm_f32 expects"):
+        cpu_ops.rms_norm_f32(x, w.double(), 1e-6)

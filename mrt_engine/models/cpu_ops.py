@@ -1,11 +1,13 @@
-"""Fused RMSNorm and SiLU*up (bf16) and RoPE (float32, bf16) on the CPU (`mrt_engine._C`).
+"""Fused RMSNorm (bf16, float32), SiLU*up (bf16) and RoPE (float32, bf16) on the CPU (`mrt_engine._C`).
 
 Each replaces 3-4 PyTorch ops (each a pass over the activations plus dispatch cost, which
 dominates at decode sizes) with one pass and the same roundings as the transformers sequence:
 RMSNorm normalises in float32, rounds to bf16, then scales by the weight in bf16; SiLU*up rounds
 silu(gate) to bf16 before the product; RoPE rounds after each multiply and the add, in float32 or
-bf16 (no fused multiply-add), so it is bit-identical in both dtypes. float32 models keep PyTorch's
-RMSNorm and SiLU (an exp of ours would round differently). `MRT_ENGINE_CPU_OPS=0` turns them off.
+bf16 (no fused multiply-add), so it is bit-identical in both dtypes. The float32 RMSNorm is the same
+arithmetic with the sum of squares in another order, so it matches PyTorch's to rounding (the
+float32 engine is held to transformers within tolerances anyway); float32 models keep PyTorch's
+SiLU (an exp of ours would round differently). `MRT_ENGINE_CPU_OPS=0` turns them off.
 """
 from __future__ import annotations
 
@@ -25,6 +27,23 @@ ENV = "MRT_ENGINE_CPU_OPS"
 def usable(x: torch.Tensor) -> bool:
     return (_ok and os.environ.get(ENV, "1") != "0" and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and x.dim() == 2 and x.stride(1) == 1)
+
+
+def usable_f32(x: torch.Tensor) -> bool:
+    return (_ok and os.environ.get(ENV, "1") != "0" and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 2 and x.stride(1) == 1)
+
+
+def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of float32 x [N, H] with a float32 weight [H]: weight * (x * rsqrt(mean(x^2) + eps))."""
+    if not usable_f32(x) or weight.dtype != torch.float32 or weight.shape != (x.shape[1],) \
+            or not weight.is_contiguous():
+        raise ValueError("rms_norm_f32 expects float32 CPU x [N, H] with contiguous rows and a contiguous "
+                         "float32 weight [H]")
+    out = torch.empty(x.shape, dtype=torch.float32)
+    _C.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
+                    x.shape[1], float(eps), torch.get_num_threads())
+    return out
 
 
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

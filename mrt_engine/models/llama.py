@@ -35,7 +35,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; same arithmetic as below in fp32
+        if x.dtype == torch.float32:  # one pass; the arithmetic of the bf16 branch below, in fp32
+            if cpu_ops.usable_f32(x):
+                return cpu_ops.rms_norm_f32(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         if cpu_ops.usable(x):  # the same arithmetic in one pass (bf16 on a CPU)
             return cpu_ops.rms_norm_bf16(x, self.weight, self.eps)
