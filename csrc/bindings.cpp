@@ -93,15 +93,15 @@ PYBIND11_MODULE(_C, m) {
           "run",
           [](mrt::CpuDecodeAttention& self, uintptr_t q, int64_t q_row_stride, int64_t q_head_stride,
              uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int dtype, float scale, int num_threads,
-             bool simd, bool bf16_dot) {
+             bool simd, bool bf16_dot, bool out_bf16) {
             py::gil_scoped_release release;
             self.run(reinterpret_cast<const void*>(q), q_row_stride, q_head_stride,
                      reinterpret_cast<const void*>(k_cache),
-                     reinterpret_cast<const void*>(v_cache), reinterpret_cast<float*>(out),
-                     static_cast<mrt::KvDtype>(dtype), scale, num_threads, simd, bf16_dot);
+                     reinterpret_cast<const void*>(v_cache), reinterpret_cast<void*>(out),
+                     static_cast<mrt::KvDtype>(dtype), scale, num_threads, simd, bf16_dot, out_bf16);
           },
           py::arg("q"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("dtype"),
-          py::arg("scale"), py::arg("num_threads"), py::arg("simd"), py::arg("bf16_dot"))
+          py::arg("scale"), py::arg("num_threads"), py::arg("simd"), py::arg("bf16_dot"), py::arg("out_bf16") = false)
       .def_property_readonly("num_items", &mrt::CpuDecodeAttention::num_items)
       .def_property_readonly("num_tasks", &mrt::CpuDecodeAttention::num_tasks)
       .def_static("simd_available", &mrt::CpuDecodeAttention::simd_available)

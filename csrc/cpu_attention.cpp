@@ -209,6 +209,20 @@ MRT_AVX512 void merge_row_avx512(const float* po, const float* pl, const int64_t
   }
 }
 
+// n float32 values to bf16, rounded to nearest even like PyTorch's conversion (NaN stays NaN)
+MRT_AVX512 void floats_to_bf16_avx512(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(src + i);
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+  }
+  for (; i < n; ++i) dst[i] = cpu::float_to_bf16(src[i]);
+}
+
 // Cache offset of each key of a tile (keys t0 .. t0+n-1 of the item; a tile may span blocks).
 // Every tile's offsets are computed twice (prefetched one tile ahead, then read), so one division
 // per tile and a walk through the blocks, not a division per key.
@@ -821,8 +835,8 @@ void CpuDecodeAttention::prefetch_next_rows(const void* ctx, int64_t r, int thre
 }
 
 void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head_stride, const void* k_cache,
-                             const void* v_cache, float* out, KvDtype dtype, float scale, int num_threads,
-                             bool simd, bool bf16_dot) {
+                             const void* v_cache, void* out_ptr, KvDtype dtype, float scale, int num_threads,
+                             bool simd, bool bf16_dot, bool out_bf16) {
   if (dtype != KvDtype::kFloat32 && dtype != KvDtype::kBFloat16) throw std::invalid_argument("unsupported dtype");
   if (simd && !simd_available()) throw std::invalid_argument("the SIMD path needs AVX-512F");
   Ctx c{q, k_cache, v_cache, dtype, scale * kLog2e, hq_, hkv_, hq_ / hkv_, dh_, bs_, q_row_stride, q_head_stride,
@@ -862,10 +876,11 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
     const float* po = part_o_.data();
     const float* pl = part_lse_.data();
     parallel_for(num_rows_, threads, [&](int64_t r) {
-      thread_local std::vector<float> w, own_lse;
+      thread_local std::vector<float> w, own_lse, rowbuf;
       w.resize((max_parts_ + 1) * 16);
       own_lse.resize(hq);
-      float* orow = out + r * hq * dh;
+      if (out_bf16) rowbuf.resize(hq * dh);
+      float* orow = out_bf16 ? rowbuf.data() : static_cast<float*>(out_ptr) + r * hq * dh;
       const int64_t own = own_kernel ? own_item_[r] : -1;
       if (own >= 0) {
         prefetch_next_rows(&c, r, threads);
@@ -880,6 +895,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
       const int64_t* parts = own_kernel ? rest_parts_.data() + rest_part_ptr_[r] : row_parts_.data() + row_part_ptr_[r];
       const int64_t np = own_kernel ? rest_part_ptr_[r + 1] - rest_part_ptr_[r] : row_part_ptr_[r + 1] - row_part_ptr_[r];
       merge_row_avx512(po, pl, parts, np, hq, dh, own >= 0 ? own_lse.data() : nullptr, orow, w.data());
+      if (out_bf16) floats_to_bf16_avx512(orow, hq * dh, static_cast<uint16_t*>(out_ptr) + r * hq * dh);
     });
     return;
   }
@@ -894,9 +910,12 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   const float* po = part_o_.data();
   const float* pl = part_lse_.data();
   parallel_for(num_rows_, threads, [&](int64_t r) {
+    thread_local std::vector<float> rowbuf;
+    if (out_bf16) rowbuf.resize(hq * dh);
+    float* orow = out_bf16 ? rowbuf.data() : static_cast<float*>(out_ptr) + r * hq * dh;
     const int64_t a = row_part_ptr_[r], b = row_part_ptr_[r + 1];
     for (int64_t h = 0; h < hq; ++h) {
-      float* o = out + (r * hq + h) * dh;
+      float* o = orow + h * dh;
       if (b - a == 1) {
         std::memcpy(o, po + (row_parts_[a] * hq + h) * dh, sizeof(float) * dh);
         continue;
@@ -914,6 +933,10 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
       }
       const float inv = 1.f / den;
       for (int64_t d = 0; d < dh; ++d) o[d] *= inv;
+    }
+    if (out_bf16) {
+      uint16_t* dst = static_cast<uint16_t*>(out_ptr) + r * hq * dh;
+      for (int64_t i = 0; i < hq * dh; ++i) dst[i] = cpu::float_to_bf16(orow[i]);
     }
   });
 }

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -29,6 +30,14 @@ inline float bf16_to_float(uint16_t b) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+
+// float32 -> bf16, rounded to nearest even as PyTorch converts; NaN stays a (quiet) NaN
+inline uint16_t float_to_bf16(float f) {
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 // The process's OpenMP runtime, if one is loaded with global symbols (PyTorch's libgomp is): the

@@ -158,6 +158,25 @@ def test_simd_and_scalar_paths_agree():
                                plan.run(q, k_cache, v_cache, 0.125, simd=False), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=["scalar", "avx512", "avx512bf16"][:len(PATHS)])
+def test_out_takes_the_result_in_either_dtype(path):
+    # written into `out`: float32 as returned, bfloat16 as `.to(torch.bfloat16)` of it (nearest even)
+    simd, bf16_dot = path
+    q, k_cache, v_cache, items = random_case(13, hkv=2, grp=3, dh=48, bs=16, dtype=torch.bfloat16)
+    plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+    ref = plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot)
+    out32 = torch.full(q.shape, float("nan"))
+    assert plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, out=out32) is out32
+    assert torch.equal(out32, ref)
+    out16 = torch.full(q.shape, float("nan"), dtype=torch.bfloat16)
+    plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, out=out16)
+    assert torch.equal(out16, ref.to(torch.bfloat16))
+    for bad in (torch.empty(q.shape, dtype=torch.float64), torch.empty(q.shape[0] + 1, *q.shape[1:]),
+                torch.empty(q.shape[1], q.shape[0], q.shape[2]).transpose(0, 1)):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, out=bad)
+
+
 def test_bad_plans_are_clear_errors():
     k_cache = torch.zeros(4, 16, 2, 64)
     ok = [([0], 5, [0]), ([1, 2], 32, [0, 1])]

@@ -65,8 +65,11 @@ class DecodePlan:
                              blocks, lens)
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-            simd: bool = True, num_threads: int | None = None, bf16_dot: bool = True) -> torch.Tensor:
-        """Decode attention of q [D, H, Dh] over the plan's items; returns float32 [D, H, Dh].
+            simd: bool = True, num_threads: int | None = None, bf16_dot: bool = True,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode attention of q [D, H, Dh] over the plan's items; returns float32 [D, H, Dh], or
+        `out` filled in: a contiguous CPU float32 or bfloat16 [D, H, Dh] tensor (bf16 rounded to
+        nearest even, as `.to(torch.bfloat16)`; the model's activations take it without a cast).
 
         `simd=False` runs the scalar path; `bf16_dot=False` keeps bfloat16 on the float32-FMA path
         instead of AVX512_BF16 dot products (which round the probabilities to bf16 for PV).
@@ -83,9 +86,15 @@ class DecodePlan:
                 raise ValueError(f"{name} must be a contiguous CPU tensor")
         if q.device.type != "cpu" or q.stride(2) != 1:
             raise ValueError("q must be a CPU tensor whose last dimension is contiguous")
-        out = torch.empty(q.shape, dtype=torch.float32)
-        self._plan.run(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), _DTYPES[q.dtype],
-                       float(scale), num_threads or torch.get_num_threads(), simd, bf16_dot)
+        if out is None:
+            out = torch.empty(q.shape, dtype=torch.float32)
+        elif (out.dtype not in _DTYPES or out.device.type != "cpu" or not out.is_contiguous()
+              or tuple(out.shape) != self.q_shape):
+            raise ValueError(f"out must be a contiguous CPU float32/bfloat16 tensor of shape {self.q_shape}, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        self._plan.run(q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+                       out.data_ptr(), _DTYPES[q.dtype], float(scale), num_threads or torch.get_num_threads(), simd,
+                       bf16_dot, out.dtype == torch.bfloat16)
         return out
 
 

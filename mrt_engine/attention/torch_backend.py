@@ -349,9 +349,10 @@ class TorchAttentionBackend:
                 self._prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         if meta.num_decode:
             n0 = meta.num_prefill_tokens
-            o = self._decode(q[n0:], k_cache, v_cache, meta, scale)
-            with section("cast"):
-                out[n0:] = o
+            o = self._decode(q[n0:], k_cache, v_cache, meta, scale, out[n0:])
+            if o.data_ptr() != out[n0:].data_ptr():   # the C++ kernel writes into out itself
+                with section("cast"):
+                    out[n0:] = o
         return out
 
     @staticmethod
@@ -397,9 +398,9 @@ class TorchAttentionBackend:
             out[a:a + n] = o.view(hkv, n, grp, dh).transpose(0, 1).reshape(n, hkv * grp, dh)
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta, scale):
+    def _decode(q, k_cache, v_cache, meta, scale, out=None):
         """Decode rows: own parts, prefix-tree segment parts, LSE-merged; returns [D, Hq, Dh] (fp32
-        after a merge or from the C++ kernel, q's dtype when no row shares)."""
+        after a merge, q's dtype when no row shares), or `out` filled in by the C++ kernel."""
         if cpu_kernel.usable(q, k_cache):
             kplan = meta.backend_cache.get("cpu_kernel_plan")
             if kplan is None:
@@ -408,7 +409,7 @@ class TorchAttentionBackend:
                                                   k_cache)
                 meta.backend_cache["cpu_kernel_plan"] = kplan
             with section("attn_decode"):
-                return kplan.run(q, k_cache, v_cache, scale)
+                return kplan.run(q, k_cache, v_cache, scale, out=out)
         plan = meta.backend_cache.get("torch_decode_plan")
         if plan is None:
             with section("attn_plan"):
