@@ -13,6 +13,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -700,7 +701,49 @@ S& thread_scratch() {
 }
 #endif  // MRT_HAVE_X86
 
+std::mutex& buffer_pool_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::vector<std::vector<float>>& buffer_pool() {
+  static std::vector<std::vector<float>> pool;
+  return pool;
+}
+
 }  // namespace
+
+// Partial buffers outlive their plan in a small pool: the engine builds a plan per step, and a
+// fresh buffer of a few MB pays a page fault per 4 KB (the OS zeroes each page) in the step's first
+// layer. Contents are never read before a run writes them, so a reused buffer needs no clearing.
+namespace {
+std::vector<float> take_buffer(size_t n) {
+  static_assert(sizeof(float) == 4, "");
+  std::vector<float> v;
+  {
+    std::lock_guard<std::mutex> lock(buffer_pool_mutex());
+    auto& pool = buffer_pool();
+    if (!pool.empty()) {
+      v = std::move(pool.back());
+      pool.pop_back();
+    }
+  }
+  if (v.size() < n) v.resize(n);
+  return v;
+}
+
+void give_buffer(std::vector<float>&& v) {
+  if (v.empty()) return;
+  std::lock_guard<std::mutex> lock(buffer_pool_mutex());
+  auto& pool = buffer_pool();
+  if (pool.size() < 8) pool.push_back(std::move(v));
+}
+}  // namespace
+
+CpuDecodeAttention::~CpuDecodeAttention() {
+  give_buffer(std::move(part_o_));
+  give_buffer(std::move(part_lse_));
+}
 
 bool CpuDecodeAttention::simd_available() {
 #if MRT_HAVE_X86
@@ -797,8 +840,8 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
     rest_part_ptr_[r + 1] = static_cast<int64_t>(rest_parts_.size());
     max_parts_ = std::max(max_parts_, row_part_ptr_[r + 1] - row_part_ptr_[r]);
   }
-  part_o_.resize(item_rows_.size() * hq_ * dh_);
-  part_lse_.resize(item_rows_.size() * hq_);
+  part_o_ = take_buffer(item_rows_.size() * hq_ * dh_);
+  part_lse_ = take_buffer(item_rows_.size() * hq_);
 }
 
 // The first K/V tile of the tasks a thread is likely to take after task i (tasks go out in order

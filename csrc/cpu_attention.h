@@ -31,6 +31,7 @@ class CpuDecodeAttention {
                      int64_t block_size, int64_t num_cache_blocks, std::vector<int64_t> item_row_ptr,
                      std::vector<int64_t> item_rows, std::vector<int64_t> item_block_ptr,
                      std::vector<int64_t> item_blocks, std::vector<int64_t> item_len);
+  ~CpuDecodeAttention();  // hands its partial buffers to the next plan
 
   // q [num_rows, H, Dh] of `dtype` with the given row and head strides (elements; Dh contiguous),
   // both caches [num_cache_blocks, block_size, Hkv, Dh] contiguous of `dtype`; out [num_rows, H, Dh]
