@@ -83,17 +83,21 @@ class ModelRunner:
         flat = ids + pos + slots + logit_rows + ctx
         gptr = grows = gshared = []
         bmax = 0
+        # on a CPU the padded [D, Bmax] tables tensor is built only if a backend asks for it
+        # (AttentionMetadata.block_tables): the C++ kernel reads the host lists
+        eager_tables = self.device.type != "cpu"
         if d:
             tables = batch.decode_block_tables
             gptr, grows, gshared = plan_decode_groups(tables, ctx, self.block_size)
             flat += gptr
             flat += grows
             flat += gshared
-            bmax = max(len(t) for t in tables)
-            for t in tables:
-                flat += t
-                if len(t) < bmax:
-                    flat += [0] * (bmax - len(t))
+            if eager_tables:
+                bmax = max(len(t) for t in tables)
+                for t in tables:
+                    flat += t
+                    if len(t) < bmax:
+                        flat += [0] * (bmax - len(t))
         tables_off = len(flat)
         for _, _, _, t in prefill_tables:
             flat += t
@@ -118,7 +122,8 @@ class ModelRunner:
             meta.group_ptr = take(len(gptr))
             meta.group_rows = take(len(grows))
             meta.group_num_shared = take(len(gshared))
-            meta.decode_block_tables = take(d * bmax).view(d, bmax)
+            if eager_tables:
+                meta.decode_block_tables = take(d * bmax).view(d, bmax)
             meta.group_ptr_host = gptr
             meta.group_num_shared_host = gshared
             # host copies for the Triton backend's plan (no device reads back)

@@ -56,6 +56,16 @@ class AttentionMetadata:
     # (e.g. the torch backend's padded gather plan); the model runner leaves it empty
     backend_cache: dict = field(default_factory=dict)
 
+    def block_tables(self) -> torch.Tensor | None:
+        """decode_block_tables; on a CPU step the runner leaves it out (the C++ kernel reads the host
+        lists) and it is built from decode_block_tables_host on first use, padded with 0."""
+        if self.decode_block_tables is None and self.decode_block_tables_host:
+            tables = self.decode_block_tables_host
+            width = max(len(t) for t in tables)
+            self.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables],
+                                                    dtype=torch.int64, device=self.slot_mapping.device)
+        return self.decode_block_tables
+
     @property
     def num_decode(self) -> int:
         return 0 if self.decode_context_lens is None else int(self.decode_context_lens.shape[0])

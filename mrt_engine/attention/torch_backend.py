@@ -89,7 +89,7 @@ def _share_segments(meta: AttentionMetadata, block_size: int):
     """
     bs = block_size
     ctx = meta.decode_context_lens_host or meta.decode_context_lens.tolist()
-    tables = meta.decode_block_tables
+    tables = meta.block_tables()
     ptr = meta.group_ptr_host or [0, len(ctx)]
     nshared_g = meta.group_num_shared_host or [0] * (len(ptr) - 1)
     rows_by_group = meta.group_rows.tolist() if meta.group_rows is not None else list(range(len(ctx)))
@@ -169,7 +169,7 @@ def _build_decode_plan(meta: AttentionMetadata, block_size: int, device) -> _Dec
     buckets.
     """
     bs = block_size
-    tables = meta.decode_block_tables
+    tables = meta.block_tables()
     ctx, segments, row_shared = _share_segments(meta, bs)
     shared, shared_rows = [], []
     if segments:

@@ -117,7 +117,7 @@ class TritonAttentionBackend:
         # cascade launches write only the slots their chunks cover; the rest must read as empty
         fill = plan.num_slots if self.deterministic else plan.shared_slots
         lse_parts[:, :, :fill].fill_(float("-inf"))
-        tables = meta.decode_block_tables
+        tables = meta.block_tables()
         for launch in (plan.shared, plan.private):
             if launch is not None:
                 cascade_decode(q, k_cache, v_cache, tables, launch.group_ptr, launch.group_rows, launch.range_start,
@@ -200,7 +200,7 @@ class TritonAttentionBackend:
                 lists = [meta.decode_block_tables_host[m[0]] for m in members]
             else:
                 first = torch.tensor([m[0] for m in members], dtype=torch.int64, device=k_cache.device)
-                lists = meta.decode_block_tables.index_select(0, first).tolist()
+                lists = meta.block_tables().index_select(0, first).tolist()
             segments = prefix_tree_segments([(list(lst[:ns]), m) for lst, (_, ns), m in zip(lists, groups, members)])
             unit = self.det_chunk if self.deterministic else 1
             for (_, ns), m in zip(groups, members):
