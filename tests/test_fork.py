@@ -125,7 +125,7 @@ def test_fork_decode_reads_the_shared_trace_once(engines, monkeypatch, path):
     def distinct_shared(meta):
         # the blocks the step plan's groups share (each group: its rows' common leading blocks)
         ptr, ns = meta.group_ptr_host, meta.group_num_shared_host
-        rows, tables = meta.group_rows.tolist(), meta.decode_block_tables.tolist()
+        rows, tables = meta.group_rows.tolist(), meta.block_tables().tolist()
         return {b for g in range(len(ptr) - 1) if ptr[g + 1] - ptr[g] > 1 for b in tables[rows[ptr[g]]][:ns[g]]}
 
     if path == "pytorch":

@@ -89,7 +89,6 @@ def _share_segments(meta: AttentionMetadata, block_size: int):
     """
     bs = block_size
     ctx = meta.decode_context_lens_host or meta.decode_context_lens.tolist()
-    tables = meta.block_tables()
     ptr = meta.group_ptr_host or [0, len(ctx)]
     nshared_g = meta.group_num_shared_host or [0] * (len(ptr) - 1)
     rows_by_group = meta.group_rows.tolist() if meta.group_rows is not None else list(range(len(ctx)))
@@ -109,6 +108,7 @@ def _share_segments(meta: AttentionMetadata, block_size: int):
         if meta.decode_block_tables_host:
             lists = [meta.decode_block_tables_host[rows[0]] for _, rows in groups]
         else:
+            tables = meta.block_tables()
             first = torch.tensor([rows[0] for _, rows in groups], dtype=torch.long, device=tables.device)
             lists = tables.index_select(0, first).tolist()
         segments = segment_blocks([(lst[:ns], rows) for lst, (ns, rows) in zip(lists, groups)])
