@@ -4,7 +4,9 @@
 // in order) and the decode rows that all attend to exactly those keys. The torch backend makes one
 // item per prefix-tree segment (the blocks a set of forks share, read once for all of them) and one
 // per row for its own tail. Every (item, row) yields a partial result (o, lse); a row's partials
-// are then LSE-merged in item order, so the result does not depend on the thread count or timing.
+// are then LSE-merged in a fixed order per row, so the result does not depend on the thread count
+// or timing. On the SIMD paths a row's own tail (its first item of that row alone) is computed in
+// that merge pass, straight into the row's output, instead of as a task with a partial.
 //
 // Why C++: on a CPU the work is many small attention problems (a few to a few hundred query
 // vectors against 16 to a few thousand keys). PyTorch's fused kernel pays a fixed cost per problem
