@@ -4,7 +4,8 @@ Per step:
 1. pending KV block copies (fork tails, copy-on-write) run on every layer's cache;
 2. all integer step inputs (token ids, positions, slots, block tables, context lengths, decode
    sharing groups, logits rows) go into one flat int64 list -> one tensor -> one host-to-device
-   copy, then views; every layer reuses the same AttentionMetadata;
+   copy, then views; every layer reuses the same AttentionMetadata (on a CPU the decode block
+   tables stay host lists, made a tensor only if a backend asks: `AttentionMetadata.block_tables`);
 3. forward, logits for only the rows that sample, the batched sampler, one device-to-host read.
 """
 from __future__ import annotations
