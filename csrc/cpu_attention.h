@@ -37,10 +37,10 @@ class CpuDecodeAttention {
 
   // q [num_rows, H, Dh] of `dtype` with the given row and head strides (elements; Dh contiguous),
   // both caches [num_cache_blocks, block_size, Hkv, Dh] contiguous of `dtype`; out [num_rows, H, Dh]
-  // contiguous, float32, or bfloat16 (rounded to nearest even) when `out_bf16`. Not re-entrant: one plan's partial buffers serve one run at a time (the
-  // engine runs a step's layers in turn). `simd` = false forces the scalar path; `bf16_dot` =
-  // false keeps bfloat16 caches on the float32 FMA path instead of AVX512_BF16 dot products
-  // (which round P to bf16).
+  // contiguous, float32, or bfloat16 (rounded to nearest even) when `out_bf16`. Not re-entrant:
+  // one plan's partial buffers serve one run at a time (the engine runs a step's layers in turn).
+  // `simd` = false forces the scalar path; `bf16_dot` = false keeps bfloat16 caches on the float32
+  // FMA path instead of AVX512_BF16 dot products (which round P to bf16).
   void run(const void* q, int64_t q_row_stride, int64_t q_head_stride, const void* k_cache,
            const void* v_cache, void* out, KvDtype dtype, float scale, int num_threads, bool simd,
            bool bf16_dot, bool out_bf16 = false);

@@ -112,8 +112,8 @@ MRT_OPS void rms_norm_row_f32(const float* x, const float* w, float* out, int64_
       _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(_mm512_add_ps(ss, ss2)) / static_cast<float>(h) + eps));
   for (i = 0; i < h; i += 16) {
     const __mmask16 m = tail_mask(h - i);
-    _mm512_mask_storeu_ps(out + i, m,
-                          _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vr)));
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vr);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, w + i), y));
   }
 }
 
@@ -176,7 +176,8 @@ MRT_OPS void rope_row(const void* x, const void* cos, const void* sin, void* out
 }
 
 MRT_OPS inline __m512 neg(__m512 v) {  // a sign flip: exact
-  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign));
 }
 
 // bf16 rows with half % 32 == 0: the first and second halves 32 values at a time as even/odd
