@@ -34,10 +34,7 @@ MRT_OPS inline __m256i to_bf16(__m512 x) {
 }
 
 MRT_OPS inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
-  if (m == 0xFFFF)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(x));
-  else
-    _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
+  _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
 }
 
 
@@ -62,7 +59,9 @@ MRT_OPS inline __m512i round_bf16_bits(__m512 x) {
                           _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
 }
 
-MRT_OPS inline __m512 round_bf16_fast(__m512 x) { return _mm512_castsi512_ps(round_bf16_bits(x)); }
+MRT_OPS inline __m512 round_bf16(__m512 x) {  // float32 -> bf16 -> float32, in-lane
+  return _mm512_castsi512_ps(round_bf16_bits(x));
+}
 
 // the two halves rounded to bf16 and interleaved back into 32 values
 MRT_OPS inline void store_bf16x32(uint16_t* p, __m512 even, __m512 odd) {
@@ -86,12 +85,12 @@ MRT_OPS void rms_norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, i
   // round the normalised value to bf16 first, then scale by the weight in bf16 (transformers)
   for (i = 0; i + 32 <= h; i += 32) {
     const Bf16Pair y = load_bf16x32(x + i), wv = load_bf16x32(w + i);
-    store_bf16x32(out + i, _mm512_mul_ps(wv.even, round_bf16_fast(_mm512_mul_ps(y.even, vr))),
-                  _mm512_mul_ps(wv.odd, round_bf16_fast(_mm512_mul_ps(y.odd, vr))));
+    store_bf16x32(out + i, _mm512_mul_ps(wv.even, round_bf16(_mm512_mul_ps(y.even, vr))),
+                  _mm512_mul_ps(wv.odd, round_bf16(_mm512_mul_ps(y.odd, vr))));
   }
   for (; i < h; i += 16) {
     const __mmask16 m = tail_mask(h - i);
-    const __m512 yb = round_bf16_fast(_mm512_mul_ps(load_bf16x16(x + i, m), vr));
+    const __m512 yb = round_bf16(_mm512_mul_ps(load_bf16x16(x + i, m), vr));
     store_bf16(out + i, _mm512_mul_ps(load_bf16x16(w + i, m), yb), m);
   }
 }
@@ -126,19 +125,16 @@ MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, i
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const Bf16Pair x = load_bf16x32(g + i), up = load_bf16x32(u + i);
-    store_bf16x32(out + i, _mm512_mul_ps(round_bf16_fast(silu(x.even)), up.even),
-                  _mm512_mul_ps(round_bf16_fast(silu(x.odd)), up.odd));
+    store_bf16x32(out + i, _mm512_mul_ps(round_bf16(silu(x.even)), up.even),
+                  _mm512_mul_ps(round_bf16(silu(x.odd)), up.odd));
   }
   for (; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 sb = round_bf16_fast(silu(load_bf16x16(g + i, m)));
+    const __m512 sb = round_bf16(silu(load_bf16x16(g + i, m)));
     store_bf16(out + i, _mm512_mul_ps(sb, load_bf16x16(u + i, m)), m);
   }
 }
 
-MRT_OPS inline __m512 round_bf16(__m512 x) {  // float32 -> bf16 -> float32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(x)), 16));
-}
 
 template <bool kBf16>
 MRT_OPS inline __m512 load_any(const void* base, int64_t i) {
@@ -192,15 +188,15 @@ MRT_OPS void rope_row_bf16x32(const uint16_t* x, const uint16_t* cos, const uint
       const Bf16Pair a = load_bf16x32(x + h * dh + d), b = load_bf16x32(x + h * dh + d + half);
       // first half: x[d] cos[d] + (-x[d + half]) sin[d]; second: x[d + half] cos[d + half] + x[d] sin[d + half]
       store_bf16x32(out + h * dh + d,
-                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(a.even, c1.even)),
-                                  round_bf16_fast(_mm512_mul_ps(neg(b.even), s1.even))),
-                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(a.odd, c1.odd)),
-                                  round_bf16_fast(_mm512_mul_ps(neg(b.odd), s1.odd))));
+                    _mm512_add_ps(round_bf16(_mm512_mul_ps(a.even, c1.even)),
+                                  round_bf16(_mm512_mul_ps(neg(b.even), s1.even))),
+                    _mm512_add_ps(round_bf16(_mm512_mul_ps(a.odd, c1.odd)),
+                                  round_bf16(_mm512_mul_ps(neg(b.odd), s1.odd))));
       store_bf16x32(out + h * dh + d + half,
-                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(b.even, c2.even)),
-                                  round_bf16_fast(_mm512_mul_ps(a.even, s2.even))),
-                    _mm512_add_ps(round_bf16_fast(_mm512_mul_ps(b.odd, c2.odd)),
-                                  round_bf16_fast(_mm512_mul_ps(a.odd, s2.odd))));
+                    _mm512_add_ps(round_bf16(_mm512_mul_ps(b.even, c2.even)),
+                                  round_bf16(_mm512_mul_ps(a.even, s2.even))),
+                    _mm512_add_ps(round_bf16(_mm512_mul_ps(b.odd, c2.odd)),
+                                  round_bf16(_mm512_mul_ps(a.odd, s2.odd))));
     }
   }
 }
