@@ -62,19 +62,23 @@ PATHS = [(False, False)] + ([(True, False)] if cpu_kernel.simd_available() else 
         ([(True, True)] if cpu_kernel.bf16_dot_available() else [])
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", PATHS, ids=["scalar", "avx512", "avx512bf16"][:len(PATHS)])
-def test_matches_dense_oracle(case, dtype, path):
+def over_cases_dtypes_paths(cases):
+    """Parametrize a test over shape cases, both cache dtypes and every kernel path."""
+    def deco(test):
+        test = pytest.mark.parametrize("path", PATHS, ids=["scalar", "avx512", "avx512bf16"][:len(PATHS)])(test)
+        test = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])(test)
+        return pytest.mark.parametrize("case", cases, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))(test)
+    return deco
+
+
+def path_flags(path, dtype):
     simd, bf16_dot = path
     if bf16_dot and dtype != torch.bfloat16:
         pytest.skip("the dot-product path is for bfloat16 caches")
-    q, k_cache, v_cache, items = random_case(hash(tuple(case.values())) % 1000, dtype=dtype, **case)
-    scale = case["dh"] ** -0.5
-    plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
-    out = plan.run(q, k_cache, v_cache, scale, simd=simd, bf16_dot=bf16_dot)
-    assert out.dtype == torch.float32 and out.shape == q.shape
-    ref = oracle(q, k_cache, v_cache, items, scale)
+    return simd, bf16_dot
+
+
+def assert_matches_oracle(out, ref, bf16_dot):
     if bf16_dot:
         # the probabilities are rounded to bf16 for PV (relative 2^-9), as in PyTorch's fused kernel
         torch.testing.assert_close(out.double(), ref, rtol=0, atol=4e-3)
@@ -82,6 +86,17 @@ def test_matches_dense_oracle(case, dtype, path):
     else:
         # the inputs are exactly representable, so float32 accumulation is the only error
         torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@over_cases_dtypes_paths(CASES)
+def test_matches_dense_oracle(case, dtype, path):
+    simd, bf16_dot = path_flags(path, dtype)
+    q, k_cache, v_cache, items = random_case(hash(tuple(case.values())) % 1000, dtype=dtype, **case)
+    scale = case["dh"] ** -0.5
+    plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+    out = plan.run(q, k_cache, v_cache, scale, simd=simd, bf16_dot=bf16_dot)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, scale), bf16_dot)
 
 
 @pytest.mark.parametrize("simd", SIMD)
@@ -105,13 +120,9 @@ def test_wide_items_and_strided_q(simd):
 LAYOUTS = [dict(hkv=2, grp=3, dh=64, bs=16), dict(hkv=1, grp=17, dh=32, bs=8), dict(hkv=2, grp=2, dh=48, bs=5)]
 
 
-@pytest.mark.parametrize("case", LAYOUTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", PATHS, ids=["scalar", "avx512", "avx512bf16"][:len(PATHS)])
+@over_cases_dtypes_paths(LAYOUTS)
 def test_own_tail_layouts(case, dtype, path):
-    simd, bf16_dot = path
-    if bf16_dot and dtype != torch.bfloat16:
-        pytest.skip("the dot-product path is for bfloat16 caches")
+    simd, bf16_dot = path_flags(path, dtype)
     rng = random.Random(11)
     torch.manual_seed(11)
     hkv, grp, dh, bs, rows, nb = case["hkv"], case["grp"], case["dh"], case["bs"], 6, 80
@@ -131,11 +142,7 @@ def test_own_tail_layouts(case, dtype, path):
     items += [item(bs, [5, 4]) for _ in range(18)] + [item(5, [5])]   # row 5: 20 partials
     plan = cpu_kernel.DecodePlan(items, rows, hkv * grp, k_cache)
     out = plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot)
-    ref = oracle(q, k_cache, v_cache, items, 0.2)
-    if bf16_dot:
-        torch.testing.assert_close(out.double(), ref, rtol=0, atol=4e-3)
-    else:
-        torch.testing.assert_close(out.double(), ref, rtol=2e-5, atol=2e-5)
+    assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, 0.2), bf16_dot)
     assert torch.equal(plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, num_threads=1), out)
 
 
