@@ -95,6 +95,16 @@ void parallel_ranges(int64_t n, int threads, F&& f) {
 // lanes 0 .. n-1 of a 16-lane vector
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
+// float32 rounded to the nearest bf16 (ties to even, as PyTorch converts finite values), as a
+// float32 bit pattern whose low 16 bits are zero; the scalar twin is float_to_bf16 (which also
+// keeps NaN a NaN)
+MRT_AVX512 inline __m512i round_to_bf16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                          _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+}
+
 // the masked lanes of 16 bf16 values widened to float32 (others 0)
 MRT_AVX512BW inline __m512 load_bf16x16(const uint16_t* p, __mmask16 m) {
   const __m512i w = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(m), p);

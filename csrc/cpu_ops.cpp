@@ -25,13 +25,10 @@ namespace {
 using cpu::load_bf16x16;
 using cpu::tail_mask;
 
-// float32 -> bf16 with round-to-nearest-even, as PyTorch's conversion (inputs here are finite)
-MRT_OPS inline __m256i to_bf16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
+using cpu::round_to_bf16_bits;
+
+// float32 -> 16 bf16 values, rounded to nearest even (inputs here are finite)
+MRT_OPS inline __m256i to_bf16(__m512 x) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_to_bf16_bits(x), 16)); }
 
 MRT_OPS inline void store_bf16(uint16_t* p, __m512 x, __mmask16 m) {
   _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(m), _mm512_castsi256_si512(to_bf16(x)));
@@ -51,21 +48,13 @@ MRT_OPS inline Bf16Pair load_bf16x32(const uint16_t* p) {
           _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))))};
 }
 
-// float32 rounded to the nearest bf16 (ties to even), as a float32 bit pattern with a zero low half
-MRT_OPS inline __m512i round_bf16_bits(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
-                          _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
-}
-
 MRT_OPS inline __m512 round_bf16(__m512 x) {  // float32 -> bf16 -> float32, in-lane
-  return _mm512_castsi512_ps(round_bf16_bits(x));
+  return _mm512_castsi512_ps(round_to_bf16_bits(x));
 }
 
 // the two halves rounded to bf16 and interleaved back into 32 values
 MRT_OPS inline void store_bf16x32(uint16_t* p, __m512 even, __m512 odd) {
-  _mm512_storeu_si512(p, _mm512_or_si512(round_bf16_bits(odd), _mm512_srli_epi32(round_bf16_bits(even), 16)));
+  _mm512_storeu_si512(p, _mm512_or_si512(round_to_bf16_bits(odd), _mm512_srli_epi32(round_to_bf16_bits(even), 16)));
 }
 
 MRT_OPS void rms_norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t h, float eps) {
