@@ -126,25 +126,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cpu_ops_available", &mrt::cpu_ops_available);
   m.def(
-      "rms_norm_bf16",
+      "rms_norm",
       [](uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t out, int64_t out_stride, int64_t rows, int64_t hidden,
-         float eps, int num_threads) {
+         float eps, bool bf16, int num_threads) {
         py::gil_scoped_release release;
-        mrt::rms_norm_bf16(reinterpret_cast<const uint16_t*>(x), x_stride, reinterpret_cast<const uint16_t*>(w),
-                           reinterpret_cast<uint16_t*>(out), out_stride, rows, hidden, eps, num_threads);
+        mrt::rms_norm(reinterpret_cast<const void*>(x), x_stride, reinterpret_cast<const void*>(w),
+                      reinterpret_cast<void*>(out), out_stride, rows, hidden, eps, bf16, num_threads);
       },
       py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
-      py::arg("hidden"), py::arg("eps"), py::arg("num_threads"));
-  m.def(
-      "rms_norm_f32",
-      [](uintptr_t x, int64_t x_stride, uintptr_t w, uintptr_t out, int64_t out_stride, int64_t rows, int64_t hidden,
-         float eps, int num_threads) {
-        py::gil_scoped_release release;
-        mrt::rms_norm_f32(reinterpret_cast<const float*>(x), x_stride, reinterpret_cast<const float*>(w),
-                          reinterpret_cast<float*>(out), out_stride, rows, hidden, eps, num_threads);
-      },
-      py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("out"), py::arg("out_stride"), py::arg("rows"),
-      py::arg("hidden"), py::arg("eps"), py::arg("num_threads"));
+      py::arg("hidden"), py::arg("eps"), py::arg("bf16"), py::arg("num_threads"));
   m.def(
       "silu_mul_bf16",
       [](uintptr_t g, uintptr_t u, int64_t in_stride, uintptr_t out, int64_t out_stride, int64_t rows, int64_t n,

@@ -232,26 +232,22 @@ void store_kv_rows(const void* k, int64_t k_stride, const void* v, int64_t v_str
   }
 }
 
-void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t out_stride,
-                   int64_t rows, int64_t hidden, float eps, int num_threads) {
-  if (!cpu_ops_available()) throw std::invalid_argument("rms_norm_bf16 needs AVX-512F/BW");
+void rms_norm(const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride, int64_t rows,
+              int64_t hidden, float eps, bool bf16, int num_threads) {
+  if (!cpu_ops_available()) throw std::invalid_argument("rms_norm needs AVX-512F/BW");
   if (rows < 0 || hidden <= 0 || x_stride < hidden || out_stride < hidden)
-    throw std::invalid_argument("rms_norm_bf16: need hidden > 0 and row strides >= hidden");
+    throw std::invalid_argument("rms_norm: need hidden > 0 and row strides >= hidden");
 #if MRT_HAVE_X86
-  cpu::parallel_ranges(rows, rows * hidden < (1 << 16) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * x_stride, w, out + r * out_stride, hidden, eps);
-  });
-#endif
-}
-
-void rms_norm_f32(const float* x, int64_t x_stride, const float* w, float* out, int64_t out_stride, int64_t rows,
-                  int64_t hidden, float eps, int num_threads) {
-  if (!cpu_ops_available()) throw std::invalid_argument("rms_norm_f32 needs AVX-512F/BW");
-  if (rows < 0 || hidden <= 0 || x_stride < hidden || out_stride < hidden)
-    throw std::invalid_argument("rms_norm_f32: need hidden > 0 and row strides >= hidden");
-#if MRT_HAVE_X86
-  cpu::parallel_ranges(rows, rows * hidden < (1 << 15) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) rms_norm_row_f32(x + r * x_stride, w, out + r * out_stride, hidden, eps);
+  // one thread below ~128 KB of activations: a second costs more to start than it saves
+  cpu::parallel_ranges(rows, rows * hidden < (bf16 ? 1 << 16 : 1 << 15) ? 1 : num_threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (bf16)
+        rms_norm_row(static_cast<const uint16_t*>(x) + r * x_stride, static_cast<const uint16_t*>(w),
+                     static_cast<uint16_t*>(out) + r * out_stride, hidden, eps);
+      else
+        rms_norm_row_f32(static_cast<const float*>(x) + r * x_stride, static_cast<const float*>(w),
+                         static_cast<float*>(out) + r * out_stride, hidden, eps);
+    }
   });
 #endif
 }

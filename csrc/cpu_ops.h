@@ -1,8 +1,8 @@
 // Fused elementwise ops of the bfloat16 decoder layer on the CPU, each one pass instead of 3-4
 // PyTorch ops, with the same roundings as the PyTorch/transformers sequence they replace:
-//   rms_norm_bf16: y = bf16(x * rsqrt(mean(x^2) + eps)) in float32, then bf16(w * y);
-//   rms_norm_f32: w * (x * rsqrt(mean(x^2) + eps)) in float32 (the sum of squares in another order
-//   than PyTorch's, so it matches to rounding, not bit for bit);
+//   rms_norm: bf16: y = bf16(x * rsqrt(mean(x^2) + eps)) in float32, then bf16(w * y); float32:
+//   w * (x * rsqrt(mean(x^2) + eps)) (the sum of squares in another order than PyTorch's, so it
+//   matches to rounding, not bit for bit);
 //   silu_mul_bf16: bf16(bf16(silu(g)) * u);
 //   rope: rotate-half RoPE, out = r(r(x * cos) + r(rot(x) * sin)) with r the rounding to the
 //   tensor dtype after each op (float32 or bf16), as PyTorch's elementwise ops round.
@@ -12,13 +12,9 @@
 
 namespace mrt {
 
-// x, out [rows, hidden] bf16 with row strides (elements); w [hidden] bf16.
-void rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t out_stride,
-                   int64_t rows, int64_t hidden, float eps, int num_threads);
-
-// x, out [rows, hidden] float32 with row strides (elements); w [hidden] float32.
-void rms_norm_f32(const float* x, int64_t x_stride, const float* w, float* out, int64_t out_stride, int64_t rows,
-                  int64_t hidden, float eps, int num_threads);
+// x, out [rows, hidden] with row strides (elements), w [hidden]: all bf16 (bf16 = true) or float32.
+void rms_norm(const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride, int64_t rows,
+              int64_t hidden, float eps, bool bf16, int num_threads);
 
 // g, u, out [rows, n] bf16 with row strides (elements).
 void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t in_stride, uint16_t* out, int64_t out_stride,

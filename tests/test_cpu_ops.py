@@ -1,4 +1,5 @@
-"""The fused bf16 CPU ops (RMSNorm, SiLU*up) equal the PyTorch op sequences they replace, bit for bit."""
+"""The fused CPU ops (RMSNorm, SiLU*up, RoPE) equal the PyTorch op sequences they replace: bit for bit
+in bf16 (and RoPE in float32), to rounding for the float32 RMSNorm."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ def test_rms_norm_is_transformers_arithmetic(rows, hidden):
     w = torch.randn(hidden).bfloat16()
     xf = x.float()
     ref = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
-    assert torch.equal(cpu_ops.rms_norm_bf16(x, w, 1e-6), ref)
+    assert torch.equal(cpu_ops.rms_norm(x, w, 1e-6), ref)
 
 
 @pytest.mark.parametrize("rows,n", [(256, 1024), (2, 4864), (5, 23)])
@@ -30,10 +31,12 @@ def test_silu_mul_is_the_pytorch_sequence(rows, n):
 
 def test_bad_input_is_a_clear_error():
     x = torch.randn(4, 8).bfloat16()
-    with pytest.raises(ValueError, match="rms_norm_bf16 expects"):
-        cpu_ops.rms_norm_bf16(x.float(), torch.ones(8).bfloat16(), 1e-6)
-    with pytest.raises(ValueError, match="rms_norm_bf16 expects"):
-        cpu_ops.rms_norm_bf16(x, torch.ones(7).bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="rms_norm expects"):
+        cpu_ops.rms_norm(x.float(), torch.ones(8).bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="rms_norm expects"):
+        cpu_ops.rms_norm(x, torch.ones(7).bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="rms_norm expects"):
+        cpu_ops.rms_norm(x.double(), torch.ones(8).double(), 1e-6)
     with pytest.raises(ValueError, match="silu_mul_bf16 expects"):
         cpu_ops.silu_mul_bf16(torch.randn(4, 7).bfloat16())
     with pytest.raises(ValueError, match="silu_mul_bf16 expects"):
@@ -43,11 +46,12 @@ def test_bad_input_is_a_clear_error():
 def test_which_dtypes_use_them_and_the_switch(monkeypatch):
     assert cpu_ops.usable(torch.zeros(2, 16, dtype=torch.bfloat16))
     assert not cpu_ops.usable(torch.zeros(2, 16))
-    assert cpu_ops.usable_f32(torch.zeros(2, 16)) and not cpu_ops.usable_f32(torch.zeros(2, 16, dtype=torch.bfloat16))
-    assert not cpu_ops.usable_f32(torch.zeros(16, 2).t())
+    assert cpu_ops.usable(torch.zeros(2, 16), torch.float32)
+    assert not cpu_ops.usable(torch.zeros(2, 16, dtype=torch.bfloat16), torch.float32)
+    assert not cpu_ops.usable(torch.zeros(16, 2).t(), torch.float32)
     monkeypatch.setenv(cpu_ops.ENV, "0")
     assert not cpu_ops.usable(torch.zeros(2, 16, dtype=torch.bfloat16))
-    assert not cpu_ops.usable_f32(torch.zeros(2, 16))
+    assert not cpu_ops.usable(torch.zeros(2, 16), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -81,8 +85,8 @@ def test_rms_norm_f32_is_pytorch_to_rounding(rows, hidden):
     x = (torch.randn(rows, 2 * hidden) * 3)[:, :hidden]   # strided rows
     w = torch.randn(hidden)
     ref = w * (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6))
-    out = cpu_ops.rms_norm_f32(x, w, 1e-6)
+    out = cpu_ops.rms_norm(x, w, 1e-6)
     torch.testing.assert_close(out.double(), ref, rtol=3e-7, atol=1e-7)
     torch.testing.assert_close(out, torch.nn.functional.rms_norm(x, (hidden,), w, 1e-6), rtol=3e-7, atol=1e-7)
-    with pytest.raises(ValueError, match="rms_norm_f32 expects"):
-        cpu_ops.rms_norm_f32(x, w.double(), 1e-6)
+    with pytest.raises(ValueError, match="rms_norm expects"):
+        cpu_ops.rms_norm(x, w.double(), 1e-6)

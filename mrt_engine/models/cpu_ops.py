@@ -24,35 +24,22 @@ except ImportError:  # the extension is optional
 ENV = "MRT_ENGINE_CPU_OPS"
 
 
-def usable(x: torch.Tensor) -> bool:
-    return (_ok and os.environ.get(ENV, "1") != "0" and x.device.type == "cpu" and x.dtype == torch.bfloat16
+def usable(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether x [N, M] (contiguous rows) of `dtype` on the CPU can take these ops."""
+    return (_ok and os.environ.get(ENV, "1") != "0" and x.device.type == "cpu" and x.dtype == dtype
             and x.dim() == 2 and x.stride(1) == 1)
 
 
-def usable_f32(x: torch.Tensor) -> bool:
-    return (_ok and os.environ.get(ENV, "1") != "0" and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.dim() == 2 and x.stride(1) == 1)
-
-
-def rms_norm_f32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of float32 x [N, H] with a float32 weight [H]: weight * (x * rsqrt(mean(x^2) + eps))."""
-    if not usable_f32(x) or weight.dtype != torch.float32 or weight.shape != (x.shape[1],) \
-            or not weight.is_contiguous():
-        raise ValueError("rms_norm_f32 expects float32 CPU x [N, H] with contiguous rows and a contiguous "
-                         "float32 weight [H]")
-    out = torch.empty(x.shape, dtype=torch.float32)
-    _C.rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
-                    x.shape[1], float(eps), torch.get_num_threads())
-    return out
-
-
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm on bf16 x [N, H] with a bf16 weight [H]."""
-    if not usable(x) or weight.dtype != torch.bfloat16 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
-        raise ValueError("rms_norm_bf16 expects bf16 CPU x [N, H] with contiguous rows and a contiguous bf16 weight [H]")
-    out = torch.empty(x.shape, dtype=torch.bfloat16)
-    _C.rms_norm_bf16(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
-                     x.shape[1], float(eps), torch.get_num_threads())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [N, H] by weight [H], both bf16 (transformers' LlamaRMSNorm, bit for bit) or both
+    float32 (weight * (x * rsqrt(mean(x^2) + eps)), PyTorch's to rounding)."""
+    if x.dtype not in (torch.bfloat16, torch.float32) or not usable(x, x.dtype) or weight.dtype != x.dtype \
+            or weight.shape != (x.shape[1],) or not weight.is_contiguous():
+        raise ValueError("rms_norm expects bf16 or float32 CPU x [N, H] with contiguous rows and a contiguous "
+                         "weight [H] of x's dtype")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _C.rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), out.stride(0), x.shape[0],
+                x.shape[1], float(eps), x.dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 

@@ -35,12 +35,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one pass; the arithmetic of the bf16 branch below, in fp32
-            if cpu_ops.usable_f32(x):
-                return cpu_ops.rms_norm_f32(x, self.weight, self.eps)
+        if x.dtype in (torch.bfloat16, torch.float32) and cpu_ops.usable(x, x.dtype):
+            return cpu_ops.rms_norm(x, self.weight, self.eps)   # the arithmetic below, in one pass
+        if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        if cpu_ops.usable(x):  # the same arithmetic in one pass (bf16 on a CPU)
-            return cpu_ops.rms_norm_bf16(x, self.weight, self.eps)
         # as transformers: normalise in fp32, cast back, then scale in the model dtype
         xf = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * xf.to(x.dtype)
