@@ -119,7 +119,7 @@ def _kernel_items(meta: AttentionMetadata, block_size: int) -> list:
     """Work items (block ids, keys, rows) of the C++ kernel: each row's own tail, then the segments."""
     bs = block_size
     ctx, segments, row_shared = _share_segments(meta, bs)
-    tables = meta.decode_block_tables_host or meta.decode_block_tables.tolist()
+    tables = meta.decode_block_tables_host or meta.block_tables().tolist()
     items = [(tables[r][row_shared[r]:-(-ctx[r] // bs)], ctx[r] - row_shared[r] * bs, [r]) for r in range(len(ctx))]
     items += [(blk, len(blk) * bs, rows) for blk, rows in segments]
     return items
@@ -349,10 +349,11 @@ class TorchAttentionBackend:
                 self._prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         if meta.num_decode:
             n0 = meta.num_prefill_tokens
-            o = self._decode(q[n0:], k_cache, v_cache, meta, scale, out[n0:])
-            if o.data_ptr() != out[n0:].data_ptr():   # the C++ kernel writes into out itself
+            dst = out[n0:]
+            o = self._decode(q[n0:], k_cache, v_cache, meta, scale, dst)
+            if o is not dst:   # the C++ kernel fills dst itself; the PyTorch path returns its own
                 with section("cast"):
-                    out[n0:] = o
+                    dst.copy_(o)
         return out
 
     @staticmethod
