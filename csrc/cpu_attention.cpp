@@ -200,24 +200,22 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
 // The first K/V tile of the tasks a thread is likely to take after task i (tasks go out in order
 // from one counter): most tasks are short (a row's own tail is one or two tiles), so asking for a
 // task's rows only when it starts leaves the kernel waiting on memory for most of it.
-void CpuDecodeAttention::prefetch_next_tasks(const void* ctx, const std::vector<Task>& tasks, int64_t i,
+void CpuDecodeAttention::prefetch_next_tasks(const Ctx& c, const std::vector<Task>& tasks, int64_t i,
                                              int threads) const {
 #if MRT_HAVE_X86
-  const Ctx& c = *static_cast<const Ctx*>(ctx);
   const int64_t last = std::min<int64_t>(static_cast<int64_t>(tasks.size()) - 1, i + threads);
   for (int64_t j = i + 1; j <= last; ++j) {
     const Task& t = tasks[j];
     attn::prefetch_tile(c, item_blocks_.data() + item_block_ptr_[t.item], item_len_[t.item], 0, t.head);
   }
 #else
-  (void)ctx, (void)tasks, (void)i, (void)threads;
+  (void)c, (void)tasks, (void)i, (void)threads;
 #endif
 }
 
 // The same for the own tails of the rows the merge pass hands out next.
-void CpuDecodeAttention::prefetch_next_rows(const void* ctx, int64_t r, int threads) const {
+void CpuDecodeAttention::prefetch_next_rows(const Ctx& c, int64_t r, int threads) const {
 #if MRT_HAVE_X86
-  const Ctx& c = *static_cast<const Ctx*>(ctx);
   const int64_t last = std::min<int64_t>(num_rows_ - 1, r + threads);
   for (int64_t j = r + 1; j <= last; ++j) {
     const int64_t it = own_item_[j];
@@ -226,7 +224,7 @@ void CpuDecodeAttention::prefetch_next_rows(const void* ctx, int64_t r, int thre
       attn::prefetch_tile(c, item_blocks_.data() + item_block_ptr_[it], item_len_[it], 0, h);
   }
 #else
-  (void)ctx, (void)r, (void)threads;
+  (void)c, (void)r, (void)threads;
 #endif
 }
 
@@ -248,17 +246,16 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
     const std::vector<Task>& tasks = own_kernel ? shared_tasks_ : tasks_;
     // one task: a group item's query vectors, or a single-row item that is not its row's own tail
     auto run_task = [&](int64_t i) {
-      prefetch_next_tasks(&c, tasks, i, threads);
+      prefetch_next_tasks(c, tasks, i, threads);
       const Task& t = tasks[i];
-      const bool single = own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1;
-      int64_t row, head0, part;
-      c.locate(t.item, t.head, 0, &row, &head0, &part);
-      float* po = part_o_.data() + (part * hq + head0) * dh;
-      float* pl = part_lse_.data() + part * hq + head0;
-      if (single)
-        attn::own_task(c, t.item, t.head, use_bf16, po, pl);
-      else
+      if (own_kernel && item_row_ptr_[t.item + 1] - item_row_ptr_[t.item] == 1) {
+        int64_t row, head0, part;   // the item's one partial slot, its KV head's query heads
+        c.locate(t.item, t.head, 0, &row, &head0, &part);
+        attn::own_task(c, t.item, t.head, use_bf16, part_o_.data() + (part * hq + head0) * dh,
+                       part_lse_.data() + part * hq + head0);
+      } else {
         attn::group_task(c, t.item, t.head, t.qv_begin, t.qv_end, use_bf16);
+      }
     };
     parallel_for(static_cast<int64_t>(tasks.size()), threads, run_task);
     // per row: its own tail into the output, then the LSE merge with its partials
@@ -272,7 +269,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
       float* orow = out_bf16 ? rowbuf.data() : static_cast<float*>(out_ptr) + r * hq * dh;
       const int64_t own = own_kernel ? own_item_[r] : -1;
       if (own >= 0) {
-        prefetch_next_rows(&c, r, threads);
+        prefetch_next_rows(c, r, threads);
         for (int64_t h = 0; h < hkv_; ++h)
           attn::own_task(c, own, h, use_bf16, orow + h * grp * dh, own_lse.data() + h * grp);
       }

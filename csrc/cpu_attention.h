@@ -20,6 +20,9 @@
 #include <vector>
 
 namespace mrt {
+namespace attn {
+struct Ctx;  // what a kernel task reads (cpu_attention_kernels.h)
+}  // namespace attn
 
 enum class KvDtype : int { kFloat32 = 0, kBFloat16 = 1 };
 
@@ -64,8 +67,8 @@ class CpuDecodeAttention {
   std::vector<int64_t> rest_part_ptr_, rest_parts_;  // row_parts_ without the own item's slot
   std::vector<Task> shared_tasks_;                  // tasks_ without the own items
   int64_t max_parts_ = 0;                           // most partial slots of one row
-  void prefetch_next_tasks(const void* ctx, const std::vector<Task>& tasks, int64_t i, int threads) const;
-  void prefetch_next_rows(const void* ctx, int64_t r, int threads) const;
+  void prefetch_next_tasks(const attn::Ctx& c, const std::vector<Task>& tasks, int64_t i, int threads) const;
+  void prefetch_next_rows(const attn::Ctx& c, int64_t r, int threads) const;
   std::vector<float> part_o_, part_lse_;            // [P, H, Dh], [P, H]; P = item_rows.size()
 };
 
