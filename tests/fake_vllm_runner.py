@@ -1,8 +1,9 @@
 """Stands in for `<vllm-python> vllm_fork_runner.py JOB RESULT` in tests (no vLLM on CI): speaks
-the interleave protocol of vllm_baseline.VllmSession, or runs the one-shot mode, with made-up walls. FAKE_VLLM_FAIL=rep makes it
-die at the first repetition, FAKE_VLLM_FAIL=start before READY. FAKE_VLLM_SPIN=S busy-loops S
-seconds after each answer, as vLLM polls after each batch. FAKE_VLLM_CHILD=PATH starts a child
-process (as vLLM starts its engine core) and writes its pid to PATH."""
+the interleave protocol of vllm_baseline.VllmSession, or runs the one-shot mode, with made-up
+walls. FAKE_VLLM_FAIL=rep makes it die at the first repetition, FAKE_VLLM_FAIL=start before READY.
+FAKE_VLLM_SPIN=S busy-loops S seconds after each answer, as vLLM polls after each batch.
+FAKE_VLLM_CHILD=PATH starts a child process (as vLLM starts its engine core) and writes its pid to
+PATH."""
 import json
 import os
 import sys
