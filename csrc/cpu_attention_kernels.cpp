@@ -139,6 +139,16 @@ MRT_AVX512 void float_tile_rows(const Ctx& c, const int64_t* blocks, int64_t t0,
   }
 }
 
+// The float32 kernels' step to the tile at t0: its K/V rows (see float_tile_rows) and the next
+// tile asked for ahead of its use; returns the tile's number of keys.
+MRT_AVX512 inline int float_tile(const Ctx& c, const int64_t* blocks, int64_t len, int64_t t0, int64_t h,
+                                 SimdScratch& s, const float** krow, const float** vrow) {
+  const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+  float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
+  prefetch_tile(c, blocks, len, t0 + kLanes, h);
+  return n;
+}
+
 MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
   const int64_t dh = c.dh;
   const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
@@ -174,9 +184,7 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
   const float* vrow[kLanes];
   prefetch_tile(c, blocks, len, 0, h);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
-    prefetch_tile(c, blocks, len, t0 + kLanes, h);
+    const int n = float_tile(c, blocks, len, t0, h, s, krow, vrow);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int g = 0; g < groups; ++g) {
       // the fully unrolled j loops keep the 16 score vectors in registers; keys in two halves
@@ -434,6 +442,19 @@ MRT_AVX512 inline __m512 hsum16(const __m512* a) {
                        _mm512_shuffle_f32x4(e01, e23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// The key-lanes kernels' online softmax over one tile for one query head: the scores of the valid
+// keys (the others count as -inf) update the head's running max m and sum l; returns the tile's
+// probabilities and sets *alpha, the factor for the head's accumulator.
+MRT_AVX512 inline __m512 own_softmax_step(__m512 scores, __mmask16 valid, float* m, float* l, float* alpha) {
+  const __m512 sc = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), scores);
+  const float m_new = std::max(*m, _mm512_reduce_max_ps(sc));
+  *alpha = std::exp2(*m - m_new);
+  const __m512 p = exp2_avx512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));
+  *l = *l * *alpha + _mm512_reduce_add_ps(p);
+  *m = m_new;
+  return p;
+}
+
 // A row's own tail (an item of one row): its few query heads would fill few of 16 query lanes,
 // so here the lanes are keys for the scores (16 keys per vector, dot products over d reduced by
 // hsum16) and d for the output; the V pairs are shared with the group kernel's layout.
@@ -450,7 +471,6 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
   const __m512 qscale = _mm512_set1_ps(c.qscale);
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const InterleaveIdx ix = interleave_idx();
   const uint16_t* krow[kLanes];
   const uint16_t* vrow[kLanes];
@@ -473,12 +493,8 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
         for (int j = 0; j < kLanes; ++j)
           a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_loadu_si512(krow[j] + 32 * ch));
       }
-      const __m512 sc = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(hsum16(a), qscale));
-      const float m_new = std::max(mrun[m], _mm512_reduce_max_ps(sc));
-      const float alpha = std::exp2(mrun[m] - m_new);
-      const __m512 p = exp2_avx512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));
-      lrun[m] = lrun[m] * alpha + _mm512_reduce_add_ps(p);
-      mrun[m] = m_new;
+      float alpha;
+      const __m512 p = own_softmax_step(_mm512_mul_ps(hsum16(a), qscale), valid, &mrun[m], &lrun[m], &alpha);
       alignas(32) uint32_t pp[kLanes / 2];  // (p_2i, p_2i+1) as bf16 pairs
       _mm256_store_si256(reinterpret_cast<__m256i*>(pp), (__m256i)_mm512_cvtneps_pbh(p));
       const __m512 va = _mm512_set1_ps(alpha);
@@ -511,14 +527,11 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
   }
   const int64_t len = c.item_len[item];
   const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const float* krow[kLanes];
   const float* vrow[kLanes];
   prefetch_tile(c, blocks, len, 0, h);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-    float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
-    prefetch_tile(c, blocks, len, t0 + kLanes, h);
+    const int n = float_tile(c, blocks, len, t0, h, s, krow, vrow);
     const __mmask16 valid = cpu::tail_mask(n);
     for (int64_t m = 0; m < grp; ++m) {
       const float* qm = qf + m * dh;
@@ -530,12 +543,8 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
 #pragma GCC unroll 16
         for (int j = 0; j < kLanes; ++j) a[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(krow[j] + d0), a[j]);
       }
-      const __m512 sc = _mm512_mask_blend_ps(valid, neg_inf, hsum16(a));
-      const float m_new = std::max(mrun[m], _mm512_reduce_max_ps(sc));
-      const float alpha = std::exp2(mrun[m] - m_new);
-      const __m512 p = exp2_avx512(_mm512_sub_ps(sc, _mm512_set1_ps(m_new)));
-      lrun[m] = lrun[m] * alpha + _mm512_reduce_add_ps(p);
-      mrun[m] = m_new;
+      float alpha;
+      const __m512 p = own_softmax_step(hsum16(a), valid, &mrun[m], &lrun[m], &alpha);
       alignas(64) float pj[kLanes];
       _mm512_store_ps(pj, p);
       const __m512 va = _mm512_set1_ps(alpha);
