@@ -53,32 +53,27 @@ void task_scalar(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1
   }
 }
 
-
-std::mutex& buffer_pool_mutex() {
-  static std::mutex m;
-  return m;
-}
-
-std::vector<std::vector<float>>& buffer_pool() {
-  static std::vector<std::vector<float>> pool;
-  return pool;
-}
-
-}  // namespace
-
 // Partial buffers outlive their plan in a small pool: the engine builds a plan per step, and a
 // fresh buffer of a few MB pays a page fault per 4 KB (the OS zeroes each page) in the step's first
 // layer. Contents are never read before a run writes them, so a reused buffer needs no clearing.
-namespace {
+struct BufferPool {
+  std::mutex mutex;
+  std::vector<std::vector<float>> buffers;  // at most 8
+};
+
+BufferPool& buffer_pool() {
+  static BufferPool pool;
+  return pool;
+}
+
 std::vector<float> take_buffer(size_t n) {
-  static_assert(sizeof(float) == 4, "");
   std::vector<float> v;
   {
-    std::lock_guard<std::mutex> lock(buffer_pool_mutex());
-    auto& pool = buffer_pool();
-    if (!pool.empty()) {
-      v = std::move(pool.back());
-      pool.pop_back();
+    BufferPool& pool = buffer_pool();
+    std::lock_guard<std::mutex> lock(pool.mutex);
+    if (!pool.buffers.empty()) {
+      v = std::move(pool.buffers.back());
+      pool.buffers.pop_back();
     }
   }
   if (v.size() < n) v.resize(n);
@@ -87,10 +82,11 @@ std::vector<float> take_buffer(size_t n) {
 
 void give_buffer(std::vector<float>&& v) {
   if (v.empty()) return;
-  std::lock_guard<std::mutex> lock(buffer_pool_mutex());
-  auto& pool = buffer_pool();
-  if (pool.size() < 8) pool.push_back(std::move(v));
+  BufferPool& pool = buffer_pool();
+  std::lock_guard<std::mutex> lock(pool.mutex);
+  if (pool.buffers.size() < 8) pool.buffers.push_back(std::move(v));
 }
+
 }  // namespace
 
 CpuDecodeAttention::~CpuDecodeAttention() {
