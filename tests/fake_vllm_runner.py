@@ -35,11 +35,14 @@ def main() -> int:
         with open(child_file, "w") as f:
             f.write(str(child.pid))
     n = len(job["traces"]) * len(job["positions"]) * job["branches"]
-    if not job.get("interleave"):   # one-shot: every repetition now, walls 0.25, 0.5, ...
-        walls = [0.25 * (i + 1) for i in range(len(job["suffixes"]))]
+
+    def write_result(walls):
         with open(res_path, "w") as f:
             json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,
                        "vllm": "fake"}, f)
+
+    if not job.get("interleave"):   # one-shot: every repetition now, walls 0.25, 0.5, ...
+        write_result([0.25 * (i + 1) for i in range(len(job["suffixes"]))])
         return 0
     print(MARK + "READY", flush=True)
     spin()
@@ -55,9 +58,7 @@ def main() -> int:
         walls.append(0.25 * (len(walls) + 1))
         print(MARK + f"WALL {walls[-1]!r}", flush=True)
         spin()
-    with open(res_path, "w") as f:
-        json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,
-                   "vllm": "fake"}, f)
+    write_result(walls)
     return 0
 
 
