@@ -139,15 +139,28 @@ MRT_AVX512 void float_tile_rows(const Ctx& c, const int64_t* blocks, int64_t t0,
   }
 }
 
-// The float32 kernels' step to the tile at t0: its K/V rows (see float_tile_rows) and the next
-// tile asked for ahead of its use; returns the tile's number of keys.
-MRT_AVX512 inline int float_tile(const Ctx& c, const int64_t* blocks, int64_t len, int64_t t0, int64_t h,
-                                 SimdScratch& s, const float** krow, const float** vrow) {
-  const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
-  float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
-  prefetch_tile(c, blocks, len, t0 + kLanes, h);
-  return n;
-}
+// An item's keys in tiles of 16 for the float32 kernels: `load(t0)` points krow/vrow at the tile's
+// K/V rows (see float_tile_rows), asks for the next tile ahead of its use, and returns its number
+// of keys; the first tile is asked for on construction.
+struct FloatTiles {
+  const Ctx& c;
+  const int64_t* blocks;
+  int64_t len, h;
+  SimdScratch& s;
+  const float* krow[kLanes];
+  const float* vrow[kLanes];
+
+  MRT_AVX512 FloatTiles(const Ctx& ctx, int64_t item, int64_t head, SimdScratch& scratch)
+      : c(ctx), blocks(ctx.item_blocks + ctx.item_block_ptr[item]), len(ctx.item_len[item]), h(head), s(scratch) {
+    prefetch_tile(c, blocks, len, 0, h);
+  }
+  MRT_AVX512 int load(int64_t t0) {
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, len - t0));
+    float_tile_rows(c, blocks, t0, n, h, s, krow, vrow);
+    prefetch_tile(c, blocks, len, t0 + kLanes, h);
+    return n;
+  }
+};
 
 MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
   const int64_t dh = c.dh;
@@ -178,13 +191,11 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
     }
   }
   init_lane_groups(s, groups, dh);
-  const int64_t len = c.item_len[item];
-  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const float* krow[kLanes];
-  const float* vrow[kLanes];
-  prefetch_tile(c, blocks, len, 0, h);
-  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int n = float_tile(c, blocks, len, t0, h, s, krow, vrow);
+  FloatTiles tiles(c, item, h, s);
+  const float* const* krow = tiles.krow;
+  const float* const* vrow = tiles.vrow;
+  for (int64_t t0 = 0; t0 < tiles.len; t0 += kLanes) {
+    const int n = tiles.load(t0);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int g = 0; g < groups; ++g) {
       // the fully unrolled j loops keep the 16 score vectors in registers; keys in two halves
@@ -525,13 +536,11 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
     const int64_t qbase = row * c.q_row_stride + (head0 + m) * c.q_head_stride;
     for (int64_t d = 0; d < dh; ++d) qf[m * dh + d] = c.load(c.q, qbase + d) * c.qscale;
   }
-  const int64_t len = c.item_len[item];
-  const int64_t* blocks = c.item_blocks + c.item_block_ptr[item];
-  const float* krow[kLanes];
-  const float* vrow[kLanes];
-  prefetch_tile(c, blocks, len, 0, h);
-  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int n = float_tile(c, blocks, len, t0, h, s, krow, vrow);
+  FloatTiles tiles(c, item, h, s);
+  const float* const* krow = tiles.krow;
+  const float* const* vrow = tiles.vrow;
+  for (int64_t t0 = 0; t0 < tiles.len; t0 += kLanes) {
+    const int n = tiles.load(t0);
     const __mmask16 valid = cpu::tail_mask(n);
     for (int64_t m = 0; m < grp; ++m) {
       const float* qm = qf + m * dh;
