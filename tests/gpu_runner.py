@@ -3,8 +3,8 @@
 A test file imports `pytest` from here (None when it is missing), marks itself with `gpu_marks()`,
 calls `skip(reason)` for a test that cannot run, and ends with
     if __name__ == "__main__": sys.exit(run_tests(globals()))
-which calls every `test_*` function that takes no arguments, prints PASSED / SKIPPED / FAILED
-per test (failures with their traceback) and a count line, and returns 1 if any failed; with
+which calls every `test_*` function that takes no arguments, prints PASSED / SKIPPED / XFAILED /
+FAILED per test (failures with their traceback) and a count line, and returns 1 if any failed; with
 MRT_TEST_REPORT set it also appends one JSON line per test to that file as the test ends.
 """
 from __future__ import annotations
@@ -62,6 +62,18 @@ def missing_modules(*names: str) -> list[str]:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
+# pytest's outcome exceptions derive from BaseException, not Exception: pytest.skip / pytest.xfail /
+# pytest.fail called by a test must be caught by name here, or one of them ends the whole run
+_OUTCOMES = {"Skipped": "skipped", "XFailed": "xfailed", "Failed": "failed"}
+
+
+def _outcome(exc: BaseException) -> str | None:
+    """The status a test's exception means, or None for one that is no test outcome (re-raised)."""
+    if isinstance(exc, Exception) and type(exc).__name__ not in _OUTCOMES:
+        return "failed"
+    return _OUTCOMES.get(type(exc).__name__)
+
+
 def run_tests(namespace: dict, only_if=None) -> int:
     """Call the namespace's argument-free test_* functions in order; 0 if none failed.
 
@@ -80,13 +92,15 @@ def run_tests(namespace: dict, only_if=None) -> int:
                 raise Skipped(why)
             fn()
             status, detail = "passed", ""
-        except Exception as exc:   # report every test, fail at the end
-            # Skipped here, or pytest's own skip exception (same class name) when pytest is present
-            if type(exc).__name__ == "Skipped":
-                status, detail = "skipped", str(exc)
-            else:
-                status, detail = "failed", f"{type(exc).__name__}: {exc}"
+        except BaseException as exc:   # report every test, fail at the end
+            status = _outcome(exc)
+            if status is None:         # KeyboardInterrupt, SystemExit: not a test's result
+                raise
+            if status == "failed":
+                detail = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
+            else:
+                detail = str(exc)
         secs = round(time.time() - t0, 1)
         record = {"file": os.path.basename(namespace.get("__file__", "?")), "test": name, "status": status,
                   "seconds": secs, "detail": detail[:500]}
@@ -96,6 +110,6 @@ def run_tests(namespace: dict, only_if=None) -> int:
         if report:   # one line per test as it ends, so a run cut off by a timeout keeps what it did
             with open(report, "a") as f:
                 f.write(json.dumps(record) + "\n")
-    counts = {s: sum(r["status"] == s for r in records) for s in ("passed", "skipped", "failed")}
+    counts = {s: sum(r["status"] == s for r in records) for s in ("passed", "skipped", "xfailed", "failed")}
     print(", ".join(f"{n} {s}" for s, n in counts.items()), flush=True)
     return 1 if counts["failed"] else 0
