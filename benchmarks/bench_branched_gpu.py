@@ -15,6 +15,7 @@ Prints `fork-phase speedup vs transformers (cuda): <X>x` and writes bench_branch
 
     python benchmarks/bench_branched_gpu.py                    # on a CUDA machine
     python benchmarks/bench_branched_gpu.py --budget-s 120     # pick a shape that fits 120 s
+    python benchmarks/bench_branched_gpu.py --profile          # + device vs host time, top ops
     python benchmarks/bench_branched_gpu.py --device cpu --shape tiny --quick   # CPU smoke run
 Without CUDA (and without --device cpu) it prints a message and exits 0.
 """
@@ -77,6 +78,35 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel")   # runtime/driver launch APIs
+
+
+def profile_table(prof, wall_s: float, steps: int, top: int = 20) -> dict:
+    """torch.profiler's averages of one profiled fork phase: where the device and the host spend it.
+
+    Device time counts kernel events only (an op's own "self device time" is the same kernels
+    again); `device_busy_fraction` far below 1 means the GPU waits on the host (launches, Python).
+    """
+    from torch.autograd import DeviceType
+
+    avgs = prof.key_averages()
+
+    def dev(e):   # torch renamed cuda -> device; accept both
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+    kernels = [e for e in avgs if e.device_type == DeviceType.CUDA]
+    ops = [e for e in avgs if e.device_type != DeviceType.CUDA]
+    busy_s = sum(dev(e) for e in kernels) / 1e6
+    launches = sum(e.count for e in ops if e.key in LAUNCH_CALLS)
+    rows = lambda evs, key: [{"name": e.key[:90], "calls": e.count, "self_ms": round(key(e) / 1e3, 3)}
+                             for e in sorted(evs, key=key, reverse=True)[:top] if key(e) > 0]
+    return {"wall_s": round(wall_s, 4), "steps": steps, "device_busy_s": round(busy_s, 4),
+            "device_busy_fraction": round(busy_s / wall_s, 3) if wall_s and kernels else None,
+            "kernel_launches": launches, "launches_per_step": round(launches / steps, 1) if steps else None,
+            "host_ops_s": round(sum(e.self_cpu_time_total for e in ops) / 1e6, 4),
+            "top_kernels": rows(kernels, dev), "top_host_ops": rows(ops, lambda e: e.self_cpu_time_total)}
+
+
 def run_engine(path, args, traces, positions, suffix, dtype_name):
     from mrt_engine import LLM, Fork, SamplingParams
 
@@ -104,6 +134,30 @@ def run_engine(path, args, traces, positions, suffix, dtype_name):
     wall = time.perf_counter() - t0
     gen = sum(len(c.token_ids) for o in outs for c in o.outputs)
     stats = llm.kv_stats()
+    profile = None
+    if args.profile:   # the same fork phase again (new seed) under torch.profiler
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        from mrt_engine import profiling
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        steps0 = llm.kv_stats()["num_steps"]
+        with torch_profile(activities=acts) as prof:
+            t1 = time.perf_counter()
+            forks(2)
+            _sync(args.device)
+            profiled_wall = time.perf_counter() - t1
+        profile = profile_table(prof, profiled_wall, llm.kv_stats()["num_steps"] - steps0)
+        # and once more with the engine's own sections: HOST seconds per category (CUDA ops are
+        # asynchronous, so a section holds its launches; the sampler's holds the wait for the GPU)
+        profiling.enable(llm.model)
+        try:
+            t1 = time.perf_counter()
+            forks(3)
+            _sync(args.device)
+            profile["host_sections"] = {"wall_s": round(time.perf_counter() - t1, 4), **profiling.report()}
+        finally:
+            profiling.disable()
     greedy = llm.generate([Fork(handles[0], at=positions[0], suffix=suffix)],
                           SamplingParams(temperature=0, max_tokens=min(16, args.answer_len), ignore_eos=True))
     for h in handles:
@@ -111,6 +165,8 @@ def run_engine(path, args, traces, positions, suffix, dtype_name):
     result = {"wall_s": round(wall, 4), "gen_tokens": gen, "gen_tok_s": round(gen / wall, 1),
               "prefill_tokens": stats.get("prefill_tokens"), "steps": stats.get("num_steps"),
               "preemptions": stats.get("num_preemptions")}
+    if profile:
+        result["profile"] = profile
     return result, greedy[0].outputs[0].token_ids, llm
 
 
@@ -149,6 +205,20 @@ def run_transformers(model, args, traces, positions, suffix):
             "generate_calls": len(batches), "max_rows": rows_per_call * args.branches}, greedy
 
 
+def _print_profile(p: dict) -> None:
+    busy = f"{p['device_busy_s']:.3f} s ({100 * p['device_busy_fraction']:.0f}% of wall)" \
+        if p["device_busy_fraction"] is not None else "n/a"
+    print(f"  profiled fork phase: wall {p['wall_s']:.3f} s over {p['steps']} steps, kernels {busy}, "
+          f"{p['launches_per_step']} launches per step, host time inside torch ops {p['host_ops_s']:.3f} s")
+    for title, rows in (("kernels", p["top_kernels"]), ("host ops", p["top_host_ops"])):
+        print(f"    top {title} (self ms, calls):")
+        for r in rows[:12]:
+            print(f"      {r['self_ms']:>10.2f} {r['calls']:>7}  {r['name']}")
+    hs = p.get("host_sections") or {}
+    print(f"    engine sections (host s; wall {hs.get('wall_s')}): " + ", ".join(
+        f"{k} {v['s']:.3f}" for k, v in hs.items() if k != "wall_s"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -162,6 +232,10 @@ def main(argv=None) -> int:
     ap.add_argument("--answer-len", "-A", type=int, default=64)
     ap.add_argument("--hf-max-rows", type=int, default=64, help="rows (forks x K) per transformers generate call")
     ap.add_argument("--quick", action="store_true", help="a tiny workload (smoke run)")
+    ap.add_argument("--skip-transformers", action="store_true",
+                    help="time the engine only (no baseline, no speedup, no greedy spot check)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the engine's fork phase once more under torch.profiler: device vs host time, top ops")
     ap.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -183,12 +257,16 @@ def main(argv=None) -> int:
         engine, engine_greedy, llm = run_engine(path, args, traces, positions, suffix, dtype_name)
         del llm
         print(f"  mrt_engine:   fork phase {engine['wall_s']:.3f} s ({engine['gen_tok_s']:.0f} tok/s)", flush=True)
-        hf, hf_greedy = run_transformers(model, args, traces, positions, suffix)
-        print(f"  transformers: fork phase {hf['wall_s']:.3f} s ({hf['gen_tok_s']:.0f} tok/s)", flush=True)
+        if "profile" in engine:
+            _print_profile(engine["profile"])
+        hf = hf_greedy = None
+        if not args.skip_transformers:
+            hf, hf_greedy = run_transformers(model, args, traces, positions, suffix)
+            print(f"  transformers: fork phase {hf['wall_s']:.3f} s ({hf['gen_tok_s']:.0f} tok/s)", flush=True)
     finally:
         shutil.rmtree(path, ignore_errors=True)
-    agree = sum(a == b for a, b in zip(engine_greedy, hf_greedy))
-    speedup = round(hf["wall_s"] / engine["wall_s"], 2)
+    agree = None if hf is None else sum(a == b for a, b in zip(engine_greedy, hf_greedy))
+    speedup = None if hf is None else round(hf["wall_s"] / engine["wall_s"], 2)
     report = {
         "benchmark": "bench_branched_gpu",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -200,7 +278,7 @@ def main(argv=None) -> int:
         "mrt_engine": engine, "transformers": hf, "model_setup_s": setup_s,
         "greedy_spot_check": {"tokens": len(engine_greedy), "agree_with_transformers": agree},
         "headline": {"speedup_vs_transformers": speedup, "shape": shape, "engine_s": engine["wall_s"],
-                     "transformers_s": hf["wall_s"]},
+                     "transformers_s": None if hf is None else hf["wall_s"]},
         "seconds": round(time.time() - t_start, 1),
     }
     os.makedirs(args.results_dir, exist_ok=True)
@@ -210,6 +288,9 @@ def main(argv=None) -> int:
     for p in dict.fromkeys(paths):
         with open(p, "w") as f:
             json.dump(report, f, indent=1)
+    if hf is None:
+        print("transformers skipped (--skip-transformers): no speedup, no spot check")
+        return 0
     print(f"greedy spot check: {agree}/{len(engine_greedy)} tokens equal to transformers' argmax")
     print(f"fork-phase speedup vs transformers ({args.device}): {speedup}x")
     return 0

@@ -11,7 +11,8 @@
 #      backend, deterministic mode bitwise on hardware;
 #   5. benchmarks/bench_kernels.py with the num_stages x programs-per-SM sweep (CUDA-graph times,
 #      L2 flushed, plus eager times);
-#   6. benchmarks/bench_branched_gpu.py (engine vs transformers on the GPU) if time remains.
+#   6. benchmarks/bench_branched_gpu.py --profile (engine vs transformers on the GPU, then the
+#      engine once more under torch.profiler: kernel vs wall time, launches per step) if time remains.
 # Tests run through their own runner (tests/gpu_runner.py), so pytest is not needed. Every step has
 # a timeout cut to what is left of a 420 s budget (GPU_CHECK_BUDGET_S), so the whole run stays
 # well under 8 minutes even on a cold Triton cache. Prints a one-screen summary and writes
@@ -121,7 +122,7 @@ if [ "$HAS_CUDA" = 1 ]; then
     --sweep --sweep-stages 2 3 4 --sweep-programs 1 2 4
   if has transformers && has safetensors && has numpy; then
     BB_CAP=$(cap 200)
-    run_step bench_branched_gpu 200 $PY benchmarks/bench_branched_gpu.py --results-dir "$DEST" --budget-s $(( BB_CAP - 10 ))
+    run_step bench_branched_gpu 200 $PY benchmarks/bench_branched_gpu.py --results-dir "$DEST" --budget-s $(( BB_CAP - 10 )) --profile
   else
     say "bench_branched_gpu: skipped (needs transformers, safetensors and numpy)"
     step bench_branched_gpu skipped - 0 "needs transformers, safetensors, numpy"
