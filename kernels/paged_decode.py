@@ -18,7 +18,7 @@ from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_lau
 from mrt_engine.kernels.tuning import num_stages, target_programs
 
 LOG2E = 1.4426950408889634
-# Splits aim at tuning.target_programs() programs (2 per SM by default) and never go below MIN_SPLIT tokens.
+# Splits aim at tuning.target_programs() programs (4 per SM by default) and never go below MIN_SPLIT tokens.
 MIN_SPLIT = 256
 
 

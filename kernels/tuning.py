@@ -3,9 +3,13 @@
 - MRT_KERNEL_NUM_STAGES (default 2): software-pipelining depth of the K/V loop (`num_stages` of
   the paged_decode, cascade_decode and extend launches). Deeper keeps more K/V tiles in flight
   (shared memory permitting: 2 x BLOCK_N x Dh x 2 bytes per stage for bf16).
-- MRT_KERNEL_PROGRAMS_PER_SM (default 2): split-K / chunk sizing aims at this many programs per SM
+- MRT_KERNEL_PROGRAMS_PER_SM (default 4): split-K / chunk sizing aims at this many programs per SM
   of the current device (132 SMs assumed without CUDA, i.e. the H100/H200 count), so long ranges
-  spread over the whole GPU without cutting them finer than the kernels' minimum split.
+  spread over the whole GPU without cutting them finer than the kernels' minimum split. 4, not 2:
+  on the first lent H200 (benchmarks/results/gpu_h200/bench_kernels.json, Llama-8B attention,
+  P=8K, B=16, CUDA-graph replays) the sweep gave cascade 0.184 ms at 4 vs 0.221 ms at 2 (0.192 at 1)
+  and the tree cascade 0.141 vs 0.151 ms, with 2 the slowest at both pipelining depths tried;
+  per-sequence paged decode did not move. One shape, one run each: re-check with each GPU run.
 
 Read per launch (an environment lookup costs ~1 us) so benchmarks/gpu_check.sh can sweep both in
 one process; Triton caches one compiled kernel per num_stages value. Deterministic mode does not
@@ -19,7 +23,7 @@ import os
 NUM_STAGES_ENV = "MRT_KERNEL_NUM_STAGES"
 PROGRAMS_PER_SM_ENV = "MRT_KERNEL_PROGRAMS_PER_SM"
 DEFAULT_NUM_STAGES = 2
-DEFAULT_PROGRAMS_PER_SM = 2
+DEFAULT_PROGRAMS_PER_SM = 4
 DEFAULT_SMS = 132
 
 

@@ -14,7 +14,7 @@ def test_defaults(monkeypatch):
     monkeypatch.delenv(tuning.NUM_STAGES_ENV, raising=False)
     monkeypatch.delenv(tuning.PROGRAMS_PER_SM_ENV, raising=False)
     assert tuning.num_stages() == 2
-    assert tuning.target_programs() == 2 * tuning.DEFAULT_SMS
+    assert tuning.target_programs() == 4 * tuning.DEFAULT_SMS
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "two"])
