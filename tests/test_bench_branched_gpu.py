@@ -1,7 +1,7 @@
 """benchmarks/bench_branched_gpu.py on the CPU (tiny shape): the JSON a lent GPU run writes.
 
 The GPU run itself is in benchmarks/gpu_check.sh; this keeps its code paths (the transformers
-baseline, the greedy spot check, --profile and --skip-transformers) working between GPU sessions.
+baseline, the teacher-forced greedy check, --profile and --skip-transformers) working between GPU sessions.
 """
 import json
 import os
@@ -27,9 +27,11 @@ def test_profiled_run_against_transformers(tmp_path, monkeypatch):
     w = r["workload"]
     assert eng["gen_tokens"] == w["traces"] * w["positions"] * w["branches"] * w["answer_len"]
     assert r["transformers"]["gen_tokens"] == eng["gen_tokens"]
-    # float32 on the CPU: the engine's greedy tokens are transformers' argmax, all of them
-    spot = r["greedy_spot_check"]
-    assert spot["tokens"] > 0 and spot["agree_with_transformers"] == spot["tokens"]
+    # float32 on the CPU: the engine's greedy tokens are transformers' argmax, all of them, and
+    # its logprobs are transformers' to float32 rounding
+    check = r["greedy_check"]
+    assert check["tokens"] > 0 and check["argmax_equal"] == check["tokens"]
+    assert check["max_gap_to_argmax"] == 0.0 and check["max_abs_logprob_diff"] < 1e-4
     assert r["headline"]["speedup_vs_transformers"] > 0
     p = eng["profile"]
     assert p["steps"] >= w["answer_len"] and p["wall_s"] > 0
@@ -43,6 +45,6 @@ def test_profiled_run_against_transformers(tmp_path, monkeypatch):
 def test_engine_only_run(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     r = _run(tmp_path, "--skip-transformers")
-    assert r["transformers"] is None and r["greedy_spot_check"]["agree_with_transformers"] is None
+    assert r["transformers"] is None and r["greedy_check"] is None
     assert r["headline"]["speedup_vs_transformers"] is None and r["headline"]["engine_s"] > 0
     assert "profile" not in r["mrt_engine"]
