@@ -1,7 +1,8 @@
 """Triton kernels for paged, prefix-shared attention (installed as `mrt_engine.kernels`).
 
 One op per file, each with a torch twin of the same signature in `reference.py`:
-`kv_store`, `paged_decode`, `cascade_decode`, `extend`, `merge`.
+`kv_store`, `paged_decode`, `cascade_decode`, `extend`, `merge`, and the decoder layer's fused
+elementwise ops for CUDA, `rms_norm`, `rope_`, `silu_mul` (bf16 rounding in `rounding.py`).
 
 Triton only compiles for GPUs; on a machine without CUDA the kernels can run on CPU tensors under
 the Triton interpreter, which must be switched on before `triton` is first imported. Importing this

@@ -159,3 +159,28 @@ def merge(o_parts, lse_parts, *, out_dtype=torch.float32, out=None):
         out.copy_(o)
         return out, lse
     return o.to(out_dtype), lse
+
+
+# --- the decoder layer's elementwise ops (the engine's torch path, which they replace on CUDA) ---
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, H] -> RMSNorm; 16-bit: normalised in fp32, cast, then times the weight in x's dtype."""
+    if x.dtype == torch.float32:
+        y = torch.nn.functional.rms_norm(x, weight.shape, weight, eps)
+    else:
+        y = weight * torch.nn.functional.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+    return y if out is None else out.copy_(y)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up [N, 2I] -> silu(gate) * up [N, I], each op rounded to the dtype."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = torch.nn.functional.silu(gate) * up
+    return y if out is None else out.copy_(y)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, H, Dh] <- x * cos + rotate_half(x) * sin (cos, sin [N, 1, Dh]); in place, returns x."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x.copy_(x * cos + rotated * sin)
