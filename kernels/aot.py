@@ -91,6 +91,21 @@ def configurations():
         if "merge" in names:
             out[f"merge-{tag}"] = (merge_kernel, _signature(merge_kernel, dict(
                 o_parts_ptr=f32, lse_parts_ptr=f32, out_ptr=t, out_lse_ptr=f32)), merge_config(dh))
+    # the decoder layer's fused elementwise ops (CUDA path of mrt_engine/models/llama.py)
+    from mrt_engine.kernels.rms_norm import rms_norm_config, rms_norm_kernel
+    from mrt_engine.kernels.rope import rope_config, rope_kernel
+    from mrt_engine.kernels.silu_mul import silu_mul_config, silu_mul_kernel
+
+    for dtype, hidden, heads, dh in ((torch.bfloat16, 4096, 40, 128), (torch.float16, 896, 16, 64),
+                                     (torch.float32, 896, 16, 64)):
+        t = "*" + TL_TYPE[dtype]
+        tag = f"{TL_TYPE[dtype]}-h{hidden}"
+        out[f"rms_norm-{tag}"] = (rms_norm_kernel, _signature(rms_norm_kernel, dict(x_ptr=t, w_ptr=t, out_ptr=t),
+                                                              floats=("eps",)), rms_norm_config(dtype, hidden))
+        out[f"silu_mul-{tag}"] = (silu_mul_kernel, _signature(silu_mul_kernel, dict(x_ptr=t, out_ptr=t)),
+                                  silu_mul_config())
+        out[f"rope-{TL_TYPE[dtype]}-d{dh}-h{heads}"] = (
+            rope_kernel, _signature(rope_kernel, dict(x_ptr=t, cos_ptr=t, sin_ptr=t)), rope_config(heads, dh))
     # (label, kernel, signature, constexprs, num_stages): the engine's default depth unless given
     return [(label, *rest) if len(rest) == 4 else (label, *rest, 2) for label, rest in out.items()]
 
@@ -125,8 +140,8 @@ def compile_one(kernel, signature: dict, constexprs: dict, cap: int, num_stages:
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                     attrs=divisibility_attrs(kernel, signature))
     return triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                          options=dict(num_warps=4 if "decode" in kernel.__name__ or "extend" in kernel.__name__
-                                       else 1, num_stages=num_stages))
+                          options=dict(num_warps=1 if kernel.__name__ in ("kv_store_kernel", "merge_kernel") else 4,
+                                       num_stages=num_stages))
 
 
 def main(argv) -> int:

@@ -35,7 +35,7 @@ def test_every_kernel_compiles_for_ampere_and_hopper(compiled):
     failures = [r for r in compiled if not r.get("ok")]
     assert not failures, "\n".join(f"{r.get('kernel')} sm_{r.get('cap')}: {r.get('error')}" for r in failures)
     kernels = {r["kernel"].split("-")[0] for r in compiled}
-    assert kernels == {"kv_store", "paged_decode", "cascade_decode", "extend", "merge"}
+    assert kernels == {"kv_store", "paged_decode", "cascade_decode", "extend", "merge", "rms_norm", "silu_mul", "rope"}
     assert {r["cap"] for r in compiled} == set(CAPS)
 
 
