@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrt_engine.models import cpu_ops, packed_linear
+from mrt_engine.models import cpu_ops, packed_linear, triton_ops
 from mrt_engine.models.packed_linear import PackedLinear
 from mrt_engine.models.rope import Rope, apply_rope
 from mrt_engine.profiling import section
@@ -35,6 +35,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and triton_ops.usable(x):
+            return triton_ops.rms_norm(x, self.weight, self.eps)      # CUDA: one launch, same roundings
         if x.dtype in (torch.bfloat16, torch.float32) and cpu_ops.usable(x, x.dtype):
             return cpu_ops.rms_norm(x, self.weight, self.eps)   # the arithmetic below, in one pass
         if x.dtype == torch.float32:
@@ -64,7 +66,10 @@ class DecoderLayer(nn.Module):
         qkv = self.qkv_proj(self.input_layernorm(h))
         # q and k heads rotate together: one RoPE pass over [N, Hq + Hkv, Dh]
         qk = qkv[:, :self.q_size + self.kv_size].view(n, s.num_heads + s.num_kv_heads, s.head_dim)
-        qk = cpu_ops.rope(qk, cos, sin) if cpu_ops.rope_usable(qk, cos) else apply_rope(qk, cos, sin)
+        if triton_ops.usable(qk):
+            qk = triton_ops.rope_(qk, cos, sin)     # in place on the fresh qkv output
+        else:
+            qk = cpu_ops.rope(qk, cos, sin) if cpu_ops.rope_usable(qk, cos) else apply_rope(qk, cos, sin)
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, s.num_kv_heads, s.head_dim)
         o = backend.forward(q, k, v, k_cache, v_cache, meta, s.scale)
@@ -72,6 +77,8 @@ class DecoderLayer(nn.Module):
         # fewer [N, H] / [N, I] temporaries per layer
         h = self.o_proj(o.reshape(n, self.q_size)).add_(h)
         gate_up = self.gate_up_proj(self.post_attention_layernorm(h))
+        if triton_ops.usable(gate_up):
+            return self.down_proj(triton_ops.silu_mul(gate_up)).add_(h)
         if cpu_ops.usable(gate_up):  # bf16 on a CPU: silu(gate) * up in one pass, same roundings
             return self.down_proj(cpu_ops.silu_mul_bf16(gate_up)).add_(h)
         gate, up = gate_up.chunk(2, dim=-1)
