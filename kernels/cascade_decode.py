@@ -20,7 +20,7 @@ import triton.language as tl
 
 from mrt_engine.kernels.paged_range import attend_paged_range, finish_partial
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_partials,
-                                       check_query, dot_rows, is_interpreted)
+                                       check_query, dot_rows, is_interpreted, next_pow2)
 from mrt_engine.kernels.tuning import num_stages, target_programs
 
 LOG2E = 1.4426950408889634
@@ -104,7 +104,7 @@ def cascade_decode_config(dtype: torch.dtype, head_dim: int, group: int, max_gro
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
     block_m = min(dot_rows(max_group_rows * group), max(MAX_TILE_ROWS, dot_rows(group)))
     block_n = 32 if dtype == torch.float32 else 64
-    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=max(16, next_pow2(head_dim)),
                 BLOCK_N=block_n, ABSOLUTE=absolute, DOT_FP32=interpreted)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,9 +95,16 @@ def check_partials(out, rows: int, heads: int, slots: int, head_dim: int, device
     check_inner_contiguous("out[0] (o_partial)", o)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1). Plain Python on purpose: since Triton 3.5
+    `triton.next_power_of_2` / `triton.cdiv` are constexpr-function objects costing several us per
+    call, and the launchers run on every layer of every step (the GPU waits on this host)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def dot_rows(n: int) -> int:
     """Rows of a tl.dot tile: a power of two and at least 16 (the MMA minimum)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_pow2(n))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mrt_engine.kernels.paged_range import attend_paged_range
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_query,
-                                       check_tensor, dot_rows, is_interpreted)
+                                       check_tensor, dot_rows, is_interpreted, next_pow2)
 from mrt_engine.kernels.tuning import num_stages
 
 LOG2E = 1.4426950408889634
@@ -74,7 +74,7 @@ def extend_kernel(
 
 def extend_config(dtype: torch.dtype, head_dim: int, group: int, *, interpreted: bool = False) -> dict:
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     block = 32 if (dtype == torch.float32 or block_d > 128) else 64
     # BLOCK_M rows hold BLOCK_M / GROUP new tokens x GROUP heads (a power of two >= the group's rows)
     return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(block, dot_rows(group)), BLOCK_D=block_d, BLOCK_N=block,

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from mrt_engine.kernels.checks import (FLOAT_DTYPES, check_cache, check_index, check_inner_contiguous,
-                                       check_launchable, check_tensor)
+                                       check_launchable, check_tensor, next_pow2)
 
 
 @triton.jit
@@ -45,8 +45,8 @@ def kv_store_kernel(
 
 def kv_store_config(num_kv_heads: int, head_dim: int) -> dict:
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
-    return dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-                BLOCK_D=triton.next_power_of_2(head_dim))
+    return dict(NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_H=next_pow2(num_kv_heads),
+                BLOCK_D=next_pow2(head_dim))
 
 
 def _launch(k, v, k_cache, v_cache, slot_mapping):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor
+from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor, next_pow2
 
 
 @triton.jit
@@ -56,7 +56,7 @@ def merge_kernel(
 
 def merge_config(head_dim: int) -> dict:
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)))
 
 
 def _launch(o_parts, lse_parts, out_dtype, out):

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from mrt_engine.kernels.paged_range import attend_paged_range, finish_partial
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_partials,
-                                       check_query, dot_rows, is_interpreted)
+                                       check_query, dot_rows, is_interpreted, next_pow2)
 from mrt_engine.kernels.tuning import num_stages, target_programs
 
 LOG2E = 1.4426950408889634
@@ -78,7 +78,7 @@ def paged_decode_config(dtype: torch.dtype, head_dim: int, group: int, *, interp
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
     block_n = 32 if dtype == torch.float32 else 64
     return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_H=dot_rows(group),
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, DOT_FP32=interpreted)
+                BLOCK_D=max(16, next_pow2(head_dim)), BLOCK_N=block_n, DOT_FP32=interpreted)
 
 
 def choose_split_size(max_span: int, parallel: int, block_n: int, programs: int | None = None) -> int:

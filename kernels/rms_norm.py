@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor
+from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor, next_pow2
 from mrt_engine.kernels.rounding import round_to
 
 MAX_COLS = 65536          # one row per program, held in registers
@@ -38,7 +38,7 @@ def rms_norm_kernel(
 
 def rms_norm_config(dtype: torch.dtype, hidden: int) -> dict:
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
-    return dict(BLOCK=triton.next_power_of_2(hidden), CAST_BEFORE_WEIGHT=dtype != torch.float32)
+    return dict(BLOCK=next_pow2(hidden), CAST_BEFORE_WEIGHT=dtype != torch.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor
+from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor, next_pow2
 from mrt_engine.kernels.rounding import round_to
 
 
@@ -44,8 +44,8 @@ def rope_kernel(
 
 def rope_config(num_heads: int, head_dim: int) -> dict:
     """Compile-time constants of a launch (shared with the ahead-of-time compile test)."""
-    return dict(HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(num_heads),
-                BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
+    return dict(HALF=head_dim // 2, BLOCK_H=next_pow2(num_heads),
+                BLOCK_HALF=next_pow2(head_dim // 2))
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

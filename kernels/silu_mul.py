@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor
+from mrt_engine.kernels.checks import (FLOAT_DTYPES, cdiv, check_inner_contiguous, check_launchable,
+                                       check_tensor)
 from mrt_engine.kernels.rounding import round_to
 
 BLOCK = 1024              # columns per program
@@ -54,6 +55,6 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if n == 0 or i == 0:
         return out
     check_launchable(silu_mul_kernel, gate_up, out)
-    silu_mul_kernel[(n, triton.cdiv(i, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), i,
+    silu_mul_kernel[(n, cdiv(i, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), i,
                                                 **silu_mul_config(), num_warps=4)
     return out
