@@ -108,6 +108,28 @@ def profile_table(prof, wall_s: float, steps: int, top: int = 20) -> dict:
             "top_kernels": rows(kernels, dev), "top_host_ops": rows(ops, lambda e: e.self_cpu_time_total)}
 
 
+def layer_ops_ab(forks, device: str, pairs: int = 3) -> dict:
+    """The fork phase with the fused RMSNorm / RoPE / SiLU kernels on and off (the torch path),
+    alternated in this process, order flipped every pair. On a CPU both run the CPU path."""
+    from mrt_engine.models import triton_ops
+
+    times = {True: [], False: []}
+    saved = triton_ops.ENABLED
+    try:
+        for i in range(pairs):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                triton_ops.ENABLED = on
+                t0 = time.perf_counter()
+                forks(100 + 2 * i + on)
+                _sync(device)
+                times[on].append(time.perf_counter() - t0)
+    finally:
+        triton_ops.ENABLED = saved
+    on, off = sorted(times[True])[pairs // 2], sorted(times[False])[pairs // 2]
+    return {"fused_s": round(on, 4), "torch_path_s": round(off, 4), "speedup": round(off / on, 3), "pairs": pairs,
+            "fused_all_s": [round(t, 4) for t in times[True]], "torch_path_all_s": [round(t, 4) for t in times[False]]}
+
+
 def run_engine(path, args, traces, positions, suffix, dtype_name):
     from mrt_engine import LLM, Fork, SamplingParams
 
@@ -149,6 +171,7 @@ def run_engine(path, args, traces, positions, suffix, dtype_name):
             _sync(args.device)
             profiled_wall = time.perf_counter() - t1
         profile = profile_table(prof, profiled_wall, llm.kv_stats()["num_steps"] - steps0)
+        profile["layer_ops_ab"] = layer_ops_ab(forks, args.device)
         # and once more with the engine's own sections: HOST seconds per category (CUDA ops are
         # asynchronous, so a section holds its launches; the sampler's holds the wait for the GPU)
         profiling.enable(llm.model)
@@ -235,6 +258,10 @@ def _print_profile(p: dict) -> None:
         print(f"    top {title} (self ms, calls):")
         for r in rows[:12]:
             print(f"      {r['self_ms']:>10.2f} {r['calls']:>7}  {r['name']}")
+    ab = p.get("layer_ops_ab")
+    if ab:
+        print(f"    fused layer ops vs the torch path (median of {ab['pairs']} alternated pairs): {ab['fused_s']:.3f} s vs "
+              f"{ab['torch_path_s']:.3f} s, {ab['speedup']}x")
     hs = p.get("host_sections") or {}
     print(f"    engine sections (host s; wall {hs.get('wall_s')}): " + ", ".join(
         f"{k} {v['s']:.3f}" for k, v in hs.items() if k != "wall_s"))

@@ -7,12 +7,18 @@ SiLU * up from 2 to 1. They round where the torch path rounds, so results equal 
 (the kernel tests demand it for RoPE and nearly all elements of the others; a last-bit
 difference in an fp32 rsqrt or exp can rarely round a 16-bit result the other way).
 
-`FORCE = True` (tests) runs them on CPU tensors too, under the Triton interpreter.
+`FORCE = True` (tests) runs them on CPU tensors too, under the Triton interpreter;
+`ENABLED = False` (or MRT_TRITON_LAYER_OPS=0 at import) keeps CUDA on the torch path, which
+`bench_branched_gpu.py --profile` uses to time both in one process.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+ENV = "MRT_TRITON_LAYER_OPS"
+ENABLED = os.environ.get(ENV, "1") != "0"
 FORCE = False
 _kernels = None
 
@@ -30,7 +36,7 @@ def _k():
 
 def usable(x: torch.Tensor) -> bool:
     """A [N, C] or [N, H, Dh] tensor these kernels take: on CUDA (or FORCE), rows contiguous in C."""
-    return (x.is_cuda or FORCE) and x.dim() in (2, 3) and x.stride(-1) == 1
+    return ((x.is_cuda and ENABLED) or FORCE) and x.dim() in (2, 3) and x.stride(-1) == 1
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
