@@ -106,13 +106,23 @@ def configurations():
                                   silu_mul_config())
         out[f"rope-{TL_TYPE[dtype]}-d{dh}-h{heads}"] = (
             rope_kernel, _signature(rope_kernel, dict(x_ptr=t, cos_ptr=t, sin_ptr=t)), rope_config(heads, dh))
+    # deterministic mode's fixed-tile GEMM (every layer linear and the LM head), with and without bias
+    from mrt_engine.kernels.matmul import matmul_config, matmul_kernel
+
+    for dtype, bias in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False), (torch.float32, True)):
+        t = "*" + TL_TYPE[dtype]
+        out[f"matmul-{TL_TYPE[dtype]}{'-bias' if bias else ''}"] = (
+            matmul_kernel, _signature(matmul_kernel, dict(x_ptr=t, w_ptr=t, b_ptr=t, out_ptr=t)),
+            matmul_config(dtype, has_bias=bias))
     # (label, kernel, signature, constexprs, num_stages): the engine's default depth unless given
     return [(label, *rest) if len(rest) == 4 else (label, *rest, 2) for label, rest in out.items()]
 
 
 # integer arguments the engine's launches pass as multiples of 16 (strides of tensors whose inner
-# dim is head_dim, the block size, split/chunk sizes); lse strides and block-table rows need not be
-_NOT_DIVISIBLE = ("stride_lr", "stride_lh", "stride_ls", "stride_olr", "stride_olh", "stride_btr", "stride_btp")
+# dim is head_dim, the block size, split/chunk sizes); lse strides and block-table rows need not be,
+# nor a GEMM's row strides (K and N are any size)
+_NOT_DIVISIBLE = ("stride_lr", "stride_lh", "stride_ls", "stride_olr", "stride_olh", "stride_btr", "stride_btp",
+                  "stride_xm", "stride_wn", "stride_om")
 
 
 def divisibility_attrs(kernel, signature: dict) -> dict:

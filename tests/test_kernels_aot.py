@@ -35,7 +35,8 @@ def test_every_kernel_compiles_for_ampere_and_hopper(compiled):
     failures = [r for r in compiled if not r.get("ok")]
     assert not failures, "\n".join(f"{r.get('kernel')} sm_{r.get('cap')}: {r.get('error')}" for r in failures)
     kernels = {r["kernel"].split("-")[0] for r in compiled}
-    assert kernels == {"kv_store", "paged_decode", "cascade_decode", "extend", "merge", "rms_norm", "silu_mul", "rope"}
+    assert kernels == {"kv_store", "paged_decode", "cascade_decode", "extend", "merge", "rms_norm", "silu_mul", "rope",
+                       "matmul"}
     assert {r["cap"] for r in compiled} == set(CAPS)
 
 
@@ -52,6 +53,9 @@ def test_16bit_attention_kernels_use_tensor_cores(compiled):
         name = r["kernel"]
         if name.split("-")[0] in ("paged_decode", "cascade_decode", "extend") and "fp32" not in name:
             assert r["mma"] != "none", f"{name} sm_{r['cap']} compiled without MMA instructions"
+    for r in compiled:   # deterministic mode's GEMM: tensor cores for 16-bit weights
+        if r["kernel"].startswith("matmul-") and "fp32" not in r["kernel"]:
+            assert r["mma"] != "none", f"{r['kernel']} sm_{r['cap']} compiled without MMA instructions"
     # a 64-row query tile on Hopper takes the warpgroup MMA path
     assert any(r["cap"] == 90 and r["mma"] == "wgmma" for r in compiled if "cascade_decode" in r["kernel"])
 
