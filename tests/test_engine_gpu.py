@@ -226,17 +226,11 @@ def test_deterministic_mode_logprobs_bitwise_alone_vs_batch():
     alone = llm.generate([target], _greedy())[0].outputs[0]
     batched = llm.generate(others[:1] + [target] + others[1:], _greedy())[1].outputs[0]
     assert alone.token_ids == batched.token_ids
-    torch.testing.assert_close(torch.tensor(alone.logprobs), torch.tensor(batched.logprobs), rtol=0, atol=1e-5)
-    if alone.logprobs != batched.logprobs:
-        # Known gap (measured on CPU): the attention is batch-invariant in this mode (bitwise:
-        # tests/test_kernels_determinism.py), the linear layers are not: a 1-row matmul (gemv) and
-        # the same row inside a larger one round differently. Reported, not hidden.
-        worst = max(abs(a - b) for a, b in zip(alone.logprobs, batched.logprobs))
-        reason = (f"KNOWN GAP: logprobs not bitwise equal alone vs batched (max diff {worst:.2e}); the model's "
-                  "matmuls are not batch-invariant, only its attention is")
-        if pytest is not None:
-            pytest.xfail(reason)
-        skip(reason)
+    # bitwise: the attention is batch-invariant in this mode (tests/test_kernels_determinism.py) and
+    # so are the GEMMs (kernels/matmul.py: fixed tiles); a library GEMM rounds a row differently
+    # alone (gemv) and in a batch (2.9e-6 on the first lent H200, before the fixed-tile GEMMs)
+    worst = max(abs(a - b) for a, b in zip(alone.logprobs, batched.logprobs))
+    assert alone.logprobs == batched.logprobs, f"logprobs alone vs batched differ by up to {worst:.2e}"
 
 
 def _runnable_reason():

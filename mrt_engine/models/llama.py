@@ -134,6 +134,7 @@ class LlamaModel(nn.Module):
             self.lm_head = _param(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.requires_grad_(False)
         self._lm_head_packed = packed_linear.LazyPacked()   # used in float32 on a CPU
+        self.batch_invariant = False
         self.attn_backend = attention_backend
         self.num_layers = spec.num_layers
         self.num_heads = spec.num_heads
@@ -146,6 +147,19 @@ class LlamaModel(nn.Module):
         limits = [x for x in (rope.max_exact_positions, spec.max_exact_positions) if x]
         self.max_exact_positions = min(limits) if limits else None
         self._hf_map = self._build_hf_name_map()
+
+    @property
+    def attn_backend(self):
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, backend) -> None:
+        # a deterministic backend (batch-invariant attention) takes batch-invariant GEMMs with it
+        self._attn_backend = backend
+        self.batch_invariant = bool(getattr(backend, "deterministic", False))
+        for mod in self.modules():
+            if isinstance(mod, PackedLinear):
+                mod.batch_invariant = self.batch_invariant
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -171,6 +185,10 @@ class LlamaModel(nn.Module):
         vocab-sized cast). `out`: an [M, V] tensor of the model dtype to write into (the runner
         reuses one across steps; a fresh vocab-sized tensor page-faults on every step)."""
         h = self.norm(hidden)
+        if self.batch_invariant:
+            with section("gemm_lm_head"):
+                logits = triton_ops.batch_invariant_linear(h, self.lm_head_weight, None, out=out)
+            return logits.float() if float32 and logits.dtype != torch.float32 else logits
         with section("gemm_lm_head"):
             # prepacked in float32 only: the GEMM gain there (~1.5x at decode sizes) outweighs
             # the copy into `out`; in bf16 the gain (~5%) is less than that copy costs

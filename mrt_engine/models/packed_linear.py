@@ -71,14 +71,22 @@ class LazyPacked:
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear whose forward uses a prepacked copy of its weight (made lazily, dropped by `unpack`)."""
+    """nn.Linear whose forward uses a prepacked copy of its weight (made lazily, dropped by `unpack`).
+
+    `batch_invariant` (set by the model in deterministic mode) routes it through the fixed-tile
+    Triton GEMM instead, whose rows do not depend on the batch."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.packed_weight = LazyPacked()
+        self.batch_invariant = False
 
     def unpack(self) -> None:
         self.packed_weight.drop()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant and x.dim() == 2:
+            from mrt_engine.models import triton_ops
+
+            return triton_ops.batch_invariant_linear(x, self.weight, self.bias)
         return linear(x, self.packed_weight.get(self.weight), self.weight, self.bias)
