@@ -25,8 +25,12 @@ from mrt_engine.kernels import reference as ref  # noqa: E402
 from mrt_engine.kernels.cascade_decode import cascade_decode  # noqa: E402
 from mrt_engine.kernels.extend import extend  # noqa: E402
 from mrt_engine.kernels.kv_store import kv_store  # noqa: E402
+from mrt_engine.kernels.matmul import matmul  # noqa: E402
 from mrt_engine.kernels.merge import merge  # noqa: E402
 from mrt_engine.kernels.paged_decode import paged_decode  # noqa: E402
+from mrt_engine.kernels.rms_norm import rms_norm  # noqa: E402
+from mrt_engine.kernels.rope import rope_  # noqa: E402
+from mrt_engine.kernels.silu_mul import silu_mul  # noqa: E402
 
 CUDA = "cuda"
 SHAPES = [(16, 128, 4, 8, torch.bfloat16), (32, 64, 8, 2, torch.float16), (16, 64, 1, 2, torch.float32)]
@@ -134,6 +138,44 @@ def test_deterministic_mode_bitwise_on_gpu():
     kv = {r: (torch.randn(DET_HKV, DET_DH, generator=g), torch.randn(DET_HKV, DET_DH, generator=g)) for r in DET_ROWS}
     for dtype in (torch.bfloat16, torch.float32):
         check_bitwise_independence(q, kv, device=CUDA, dtype=dtype)
+
+
+def test_layer_ops_cuda():
+    # compiled on the GPU, the fused layer kernels round where torch's CUDA ops round: RoPE bit for
+    # bit, RMSNorm and SiLU*up to one unit in the last place on a rare element (rsqrt / exp bits)
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x = (torch.randn(37, 4096, generator=g) * 3).to(dtype).to(CUDA)
+        w = torch.randn(4096, generator=g).to(dtype).to(CUDA)
+        gate_up = (torch.randn(37, 2 * 1000, generator=g) * 4).to(dtype).to(CUDA)
+        qk = (torch.randn(37, 40, 128, generator=g) * 2).to(dtype).to(CUDA)
+        ang = torch.arange(37.0)[:, None] * torch.arange(1, 65.0)[None, :] * 0.1
+        emb = torch.cat((ang, ang), dim=-1)
+        cos, sin = emb.cos().to(dtype)[:, None].to(CUDA), emb.sin().to(dtype)[:, None].to(CUDA)
+        for got, want in ((rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5)), (silu_mul(gate_up), ref.silu_mul(gate_up)),
+                          (rope_(qk.clone(), cos, sin), ref.rope_(qk.clone(), cos, sin))):
+            assert not torch.isnan(got).any()
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+            else:
+                torch.testing.assert_close(got.float(), want.float(), rtol=torch.finfo(dtype).eps, atol=1e-6)
+                assert (got == want).float().mean().item() >= 0.999
+
+
+def test_matmul_batch_invariant_cuda():
+    # real MMA tiles (wgmma on Hopper) and the compiled M-unspecialised kernel: a row's bits do not
+    # depend on the batch; and the result is the product to 16-bit rounding
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(300, 4096, generator=g).to(dtype).to(CUDA)
+        w = (torch.randn(1000, 4096, generator=g) * 0.02).to(dtype).to(CUDA)
+        b = torch.randn(1000, generator=g).to(dtype).to(CUDA)
+        full = matmul(x, w, b)
+        want = ref.matmul(x.cpu(), w.cpu(), b.cpu())
+        tol = 2 * torch.finfo(dtype).eps if dtype != torch.float32 else 1e-5
+        torch.testing.assert_close(full.float().cpu(), want.float(), rtol=tol, atol=1e-3)
+        for lo, hi in ((0, 1), (7, 8), (60, 70), (255, 257), (299, 300), (3, 290)):
+            assert torch.equal(matmul(x[lo:hi].contiguous(), w, b), full[lo:hi]), (dtype, lo, hi)
 
 
 def _to_cuda(meta):
