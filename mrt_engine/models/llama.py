@@ -61,6 +61,13 @@ class DecoderLayer(nn.Module):
         self.spec = spec
 
     def forward(self, h, cos, sin, k_cache, v_cache, meta, backend):
+        q, k, v = self.pre_attention(h, cos, sin)
+        o = backend.forward(q, k, v, k_cache, v_cache, meta, self.spec.scale)
+        return self.post_attention(o, h)
+
+    # the two halves around attention (cuda_graphs.py captures them; attention stays eager)
+    def pre_attention(self, h, cos, sin):
+        """h [N, H] -> q [N, Hq, Dh], k, v [N, Hkv, Dh] (views of one qkv tensor), RoPE applied."""
         n = h.shape[0]
         s = self.spec
         qkv = self.qkv_proj(self.input_layernorm(h))
@@ -72,7 +79,11 @@ class DecoderLayer(nn.Module):
             qk = cpu_ops.rope(qk, cos, sin) if cpu_ops.rope_usable(qk, cos) else apply_rope(qk, cos, sin)
         q, k = qk[:, :s.num_heads], qk[:, s.num_heads:]
         v = qkv[:, self.q_size + self.kv_size:].view(n, s.num_kv_heads, s.head_dim)
-        o = backend.forward(q, k, v, k_cache, v_cache, meta, s.scale)
+        return q, k, v
+
+    def post_attention(self, o, h):
+        """Attention output o [N, Hq, Dh] and the layer's input h [N, H] -> the layer's output [N, H]."""
+        n = o.shape[0]
         # residual adds and SiLU * up in place on fresh GEMM outputs (y + h == h + y bit for bit):
         # fewer [N, H] / [N, I] temporaries per layer
         h = self.o_proj(o.reshape(n, self.q_size)).add_(h)
