@@ -27,6 +27,22 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = Sampler()
         self._logits_buf: torch.Tensor | None = None
+        self.graphs = self._decode_graphs(model)
+
+    def _decode_graphs(self, model):
+        """Piecewise CUDA graphs for decode steps when MRT_CUDA_GRAPHS asks (models/cuda_graphs.py)."""
+        from mrt_engine.models import cuda_graphs
+
+        mode = cuda_graphs.mode_from_env()
+        if mode is None or not hasattr(model, "layers"):
+            return None
+        if mode == "capture" and self.device.type != "cuda":
+            import warnings
+
+            warnings.warn(f"{cuda_graphs.ENV}=1 needs a CUDA device (this engine runs on {self.device}): "
+                          "decode steps run eagerly", stacklevel=3)
+            return None
+        return cuda_graphs.PiecewiseDecode(model, mode)
 
     def _logits_buffer(self, rows: int, dtype: torch.dtype) -> torch.Tensor | None:
         """[rows, V] view of a flat logits buffer kept across steps (grown when needed)."""
@@ -150,7 +166,10 @@ class ModelRunner:
             self.copy_blocks(batch.copies)
         with section("step_build"):
             input_ids, meta, logits_idx = self.build(batch)
-        hidden = self.model.forward(input_ids, meta, self.kv_caches)
+        if self.graphs is not None and self.graphs.eligible(input_ids, meta):
+            hidden = self.graphs.forward(input_ids, meta, self.kv_caches)
+        else:
+            hidden = self.model.forward(input_ids, meta, self.kv_caches)
         if not sample_rows:
             return [], []
         # logits in the model dtype, into a buffer reused across steps; the sampler casts once

@@ -78,6 +78,7 @@ class TritonAttentionBackend:
     """Paged attention with the Triton kernels of mrt_engine.kernels (GPU default)."""
 
     name = "triton"
+    accepts_out = True   # forward(..., out=): writes the attention output into the caller's tensor
 
     def __init__(self, deterministic: bool | None = None, det_chunk: int = 256):
         if deterministic is None:
@@ -93,14 +94,21 @@ class TritonAttentionBackend:
                 "transformers)")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` [N, Hq, Dh] of q's dtype (optional): written instead of a fresh tensor (the CUDA
+        graph runner's static buffer)."""
         kv_store(k, v, k_cache, v_cache, meta.slot_mapping)
         key = "triton_plan_det" if self.deterministic else "triton_plan"
         plan = meta.backend_cache.get(key)
         if plan is None:
             plan = self._build_plan(meta, k_cache, q.shape[1] // k_cache.shape[2])
             meta.backend_cache[key] = plan
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
         n0 = meta.num_prefill_tokens
         if n0:
             extend(q, k_cache, v_cache, plan.p_tables, plan.p_qstart, plan.p_num_new, plan.p_ctx, scale,
