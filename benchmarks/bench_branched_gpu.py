@@ -108,26 +108,51 @@ def profile_table(prof, wall_s: float, steps: int, top: int = 20) -> dict:
             "top_kernels": rows(kernels, dev), "top_host_ops": rows(ops, lambda e: e.self_cpu_time_total)}
 
 
-def layer_ops_ab(forks, device: str, pairs: int = 3) -> dict:
-    """The fork phase with the fused RMSNorm / RoPE / SiLU kernels on and off (the torch path),
-    alternated in this process, order flipped every pair. On a CPU both run the CPU path."""
+def _alternate(forks, device: str, switch, pairs: int = 3, seed: int = 100) -> dict:
+    """Median fork-phase time with `switch(True)` vs `switch(False)`, alternated in this process,
+    the order flipped every pair (the machine's drift hits both alike)."""
+    times = {True: [], False: []}
+    for i in range(pairs):
+        for on in ((True, False) if i % 2 == 0 else (False, True)):
+            switch(on)
+            t0 = time.perf_counter()
+            forks(seed + 2 * i + on)
+            _sync(device)
+            times[on].append(time.perf_counter() - t0)
+    on, off = sorted(times[True])[pairs // 2], sorted(times[False])[pairs // 2]
+    return {"on_s": round(on, 4), "off_s": round(off, 4), "speedup": round(off / on, 3), "pairs": pairs,
+            "on_all_s": [round(t, 4) for t in times[True]], "off_all_s": [round(t, 4) for t in times[False]]}
+
+
+def layer_ops_ab(forks, device: str) -> dict:
+    """The fused RMSNorm / RoPE / SiLU kernels (on) vs the torch path (off). On a CPU both run the
+    CPU path."""
     from mrt_engine.models import triton_ops
 
-    times = {True: [], False: []}
     saved = triton_ops.ENABLED
     try:
-        for i in range(pairs):
-            for on in ((True, False) if i % 2 == 0 else (False, True)):
-                triton_ops.ENABLED = on
-                t0 = time.perf_counter()
-                forks(100 + 2 * i + on)
-                _sync(device)
-                times[on].append(time.perf_counter() - t0)
+        return _alternate(forks, device, lambda on: setattr(triton_ops, "ENABLED", on))
     finally:
         triton_ops.ENABLED = saved
-    on, off = sorted(times[True])[pairs // 2], sorted(times[False])[pairs // 2]
-    return {"fused_s": round(on, 4), "torch_path_s": round(off, 4), "speedup": round(off / on, 3), "pairs": pairs,
-            "fused_all_s": [round(t, 4) for t in times[True]], "torch_path_all_s": [round(t, 4) for t in times[False]]}
+
+
+def graphs_ab(llm, forks, device: str) -> dict:
+    """Piecewise CUDA graphs for decode steps (on) vs eager (off); the first call with graphs,
+    which captures them, is timed apart. On a CPU the pieces run eagerly (exercises the code only)."""
+    from mrt_engine.models.cuda_graphs import PiecewiseDecode
+
+    saved = llm.runner.graphs
+    pieces = PiecewiseDecode(llm.model, "capture" if device == "cuda" else "eager")
+    try:
+        llm.runner.graphs = pieces
+        t0 = time.perf_counter()
+        forks(90)
+        _sync(device)
+        first = time.perf_counter() - t0
+        result = _alternate(forks, device, lambda on: setattr(llm.runner, "graphs", pieces if on else None), seed=300)
+    finally:
+        llm.runner.graphs = saved
+    return dict(result, first_call_with_capture_s=round(first, 4), buckets=sorted(pieces.buckets), mode=pieces.mode)
 
 
 def run_engine(path, args, traces, positions, suffix, dtype_name):
@@ -172,6 +197,7 @@ def run_engine(path, args, traces, positions, suffix, dtype_name):
             profiled_wall = time.perf_counter() - t1
         profile = profile_table(prof, profiled_wall, llm.kv_stats()["num_steps"] - steps0)
         profile["layer_ops_ab"] = layer_ops_ab(forks, args.device)
+        profile["graphs_ab"] = graphs_ab(llm, forks, args.device)
         # and once more with the engine's own sections: HOST seconds per category (CUDA ops are
         # asynchronous, so a section holds its launches; the sampler's holds the wait for the GPU)
         profiling.enable(llm.model)
@@ -260,8 +286,13 @@ def _print_profile(p: dict) -> None:
             print(f"      {r['self_ms']:>10.2f} {r['calls']:>7}  {r['name']}")
     ab = p.get("layer_ops_ab")
     if ab:
-        print(f"    fused layer ops vs the torch path (median of {ab['pairs']} alternated pairs): {ab['fused_s']:.3f} s vs "
-              f"{ab['torch_path_s']:.3f} s, {ab['speedup']}x")
+        print(f"    fused layer ops vs the torch path (median of {ab['pairs']} alternated pairs): {ab['on_s']:.3f} s vs "
+              f"{ab['off_s']:.3f} s, {ab['speedup']}x")
+    g = p.get("graphs_ab")
+    if g:
+        print(f"    decode graphs ({g['mode']}) vs eager (median of {g['pairs']} alternated pairs): {g['on_s']:.3f} s vs "
+              f"{g['off_s']:.3f} s, {g['speedup']}x; first call with capture {g['first_call_with_capture_s']:.3f} s, "
+              f"buckets {g['buckets']}")
     hs = p.get("host_sections") or {}
     print(f"    engine sections (host s; wall {hs.get('wall_s')}): " + ", ".join(
         f"{k} {v['s']:.3f}" for k, v in hs.items() if k != "wall_s"))

@@ -12,10 +12,12 @@
 #   5. benchmarks/bench_kernels.py with the num_stages x programs-per-SM sweep (CUDA-graph times,
 #      L2 flushed, plus eager times);
 #   6. benchmarks/bench_branched_gpu.py --profile (engine vs transformers on the GPU, then the
-#      engine once more under torch.profiler: kernel vs wall time, launches per step) if time remains.
+#      engine under torch.profiler: kernel vs wall time, launches per step; and alternated A/B runs
+#      of the fused layer kernels and of the decode CUDA graphs) if time remains.
 # Tests run through their own runner (tests/gpu_runner.py), so pytest is not needed. Every step has
-# a timeout cut to what is left of a 420 s budget (GPU_CHECK_BUDGET_S), so the whole run stays
-# well under 8 minutes even on a cold Triton cache. Prints a one-screen summary and writes
+# a timeout cut to what is left of a 470 s budget (GPU_CHECK_BUDGET_S), so the whole run stays
+# under 8 minutes even on a cold Triton cache (313 s on the first lent H200, before the A/B runs
+# were added: plan ~380 s). Prints a one-screen summary and writes
 # gpu_check.json (+ bench_kernels.json, bench_branched_gpu.json, gpu_tests.jsonl, gpu_check.log)
 # to $OUT when set, else benchmarks/results/.
 #
@@ -30,7 +32,7 @@ LOG=$DEST/gpu_check.log
 TESTS_JSONL=$DEST/gpu_tests.jsonl
 STEPS=$DEST/gpu_check_steps.tsv
 : > "$LOG"; : > "$TESTS_JSONL"; : > "$STEPS"
-BUDGET=${GPU_CHECK_BUDGET_S:-420}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 say() { echo "[gpu_check $(elapsed)s] $*" | tee -a "$LOG"; }
@@ -121,8 +123,8 @@ if [ "$HAS_CUDA" = 1 ]; then
   run_step bench_kernels 150 $PY benchmarks/bench_kernels.py --results-dir "$DEST" --iters 10 \
     --sweep --sweep-stages 2 3 4 --sweep-programs 1 2 4
   if has transformers && has safetensors && has numpy; then
-    BB_CAP=$(cap 200)
-    run_step bench_branched_gpu 200 $PY benchmarks/bench_branched_gpu.py --results-dir "$DEST" --budget-s $(( BB_CAP - 10 )) --profile
+    BB_CAP=$(cap 270)
+    run_step bench_branched_gpu 270 $PY benchmarks/bench_branched_gpu.py --results-dir "$DEST" --budget-s $(( BB_CAP - 10 )) --profile
   else
     say "bench_branched_gpu: skipped (needs transformers, safetensors and numpy)"
     step bench_branched_gpu skipped - 0 "needs transformers, safetensors, numpy"

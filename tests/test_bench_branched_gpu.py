@@ -37,8 +37,9 @@ def test_profiled_run_against_transformers(tmp_path, monkeypatch):
     assert p["steps"] >= w["answer_len"] and p["wall_s"] > 0
     assert p["device_busy_fraction"] is None and p["kernel_launches"] == 0   # no CUDA kernels on a CPU
     assert p["top_kernels"] == [] and p["top_host_ops"] and p["host_ops_s"] > 0
-    ab = p["layer_ops_ab"]
-    assert ab["pairs"] == 3 and len(ab["fused_all_s"]) == len(ab["torch_path_all_s"]) == 3 and ab["speedup"] > 0
+    for ab in (p["layer_ops_ab"], p["graphs_ab"]):
+        assert ab["pairs"] == 3 and len(ab["on_all_s"]) == len(ab["off_all_s"]) == 3 and ab["speedup"] > 0
+    assert p["graphs_ab"]["mode"] == "eager" and p["graphs_ab"]["buckets"]   # the pieces served decode steps
     sections = p["host_sections"]
     assert {"gemm", "sampler", "step_build"} <= set(sections)
     assert sum(v["s"] for k, v in sections.items() if k != "wall_s") <= sections["wall_s"] * 1.01
