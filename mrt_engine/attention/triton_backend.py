@@ -72,6 +72,7 @@ class _Plan:
     num_splits: int = 0
     shared_slots: int = 0                 # fast mode: slots [0, shared_slots) hold tree-segment partials
     num_slots: int = 0
+    partials: tuple | None = None         # (o [D, Hq, S, Dh], lse [D, Hq, S]) fp32, shared by the step's layers
 
 
 class TritonAttentionBackend:
@@ -119,12 +120,17 @@ class TritonAttentionBackend:
 
     # --- decode -------------------------------------------------------------------------------
     def _decode(self, q, k_cache, v_cache, meta, plan: _Plan, scale, out):
-        d, hq, dh = q.shape
-        o_parts = torch.empty(d, hq, plan.num_slots, dh, dtype=torch.float32, device=q.device)
-        lse_parts = torch.empty(d, hq, plan.num_slots, dtype=torch.float32, device=q.device)
-        # cascade launches write only the slots their chunks cover; the rest must read as empty
-        fill = plan.num_slots if self.deterministic else plan.shared_slots
-        lse_parts[:, :, :fill].fill_(float("-inf"))
+        if plan.partials is None:
+            # one partial buffer per step, not per layer: every layer runs the same launches, so the
+            # slots no chunk covers (filled empty here, once) stay empty, and the covered ones are
+            # rewritten by each layer before its merge reads them
+            d, hq, dh = q.shape
+            o_parts = torch.empty(d, hq, plan.num_slots, dh, dtype=torch.float32, device=q.device)
+            lse_parts = torch.empty(d, hq, plan.num_slots, dtype=torch.float32, device=q.device)
+            fill = plan.num_slots if self.deterministic else plan.shared_slots
+            lse_parts[:, :, :fill].fill_(float("-inf"))
+            plan.partials = (o_parts, lse_parts)
+        o_parts, lse_parts = plan.partials
         tables = meta.block_tables()
         for launch in (plan.shared, plan.private):
             if launch is not None:
