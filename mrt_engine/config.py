@@ -34,6 +34,8 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0          # CPU: KV budget when num_blocks is None
     gpu_memory_utilization: float = 0.85     # CUDA: fraction of free memory (after weights) for KV
     enable_prefix_caching: bool = True       # reuse full blocks of earlier prompts (keyed by weight version)
+    deterministic: bool | None = None        # batch-invariant tokens and logprobs (triton backend);
+                                             # None: MRT_ENGINE_DETERMINISTIC decides
 
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
@@ -58,3 +60,5 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise TypeError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if self.deterministic is not None and not isinstance(self.deterministic, bool):
+            raise TypeError(f"deterministic must be a bool or None, got {self.deterministic!r}")

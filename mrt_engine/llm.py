@@ -34,13 +34,14 @@ class LLM:
                  num_blocks: int | None = None, max_model_len: int | None = None, seed: int = 0,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 4096,
                  max_num_seqs: int = 256, kv_cache_memory_gb: float = 2.0,
-                 gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True):
+                 gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
+                 deterministic: bool | None = None):
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
         from mrt_engine.models import resolve_dtype
 
         cfg = EngineConfig(model_dir, dtype, device, block_size, num_blocks, max_model_len, seed,
                            attention_backend, max_num_batched_tokens, max_num_seqs, kv_cache_memory_gb,
-                           gpu_memory_utilization, enable_prefix_caching)
+                           gpu_memory_utilization, enable_prefix_caching, deterministic)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
         # 1. model (config and weights are checked by the loader: FileNotFoundError / ValueError)
@@ -48,7 +49,8 @@ class LLM:
         torch_dtype = resolve_dtype(cfg.dtype, hf_config)
         if cfg.dtype == "auto" and cfg.device == "cpu" and torch_dtype == torch.float16:
             torch_dtype = torch.float32   # fp16 matmuls are slow or missing on CPU
-        self.model, self.hf_config = load_model(cfg.model, torch_dtype, cfg.device, cfg.attention_backend)
+        self.model, self.hf_config = load_model(cfg.model, torch_dtype, cfg.device, cfg.attention_backend,
+                                                deterministic=cfg.deterministic)
         self.dtype = torch_dtype
         self.vocab_size = self.model.vocab_size
 

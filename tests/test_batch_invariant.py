@@ -130,3 +130,24 @@ def test_default_mode_keeps_the_library_gemms(tiny_llama_dir, monkeypatch):
     assert not llm.model.batch_invariant
     llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     assert calls == []
+
+
+def test_deterministic_argument(tiny_llama_dir, monkeypatch):
+    # LLM(deterministic=True) without the environment variable; the torch backend refuses it with
+    # what to do instead; a non-bool is a clear error; False overrides the environment
+    from mrt_engine import LLM, SamplingParams
+    from mrt_engine.attention.triton_backend import DETERMINISTIC_ENV
+
+    monkeypatch.delenv(DETERMINISTIC_ENV, raising=False)
+    calls = _spy(monkeypatch)
+    llm = LLM(tiny_llama_dir, dtype="float32", attention_backend="triton", num_blocks=64, deterministic=True)
+    assert llm.model.attn_backend.deterministic and llm.model.batch_invariant
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert calls
+    with pytest.raises(ValueError, match="deterministic=True needs the Triton attention backend"):
+        LLM(tiny_llama_dir, dtype="float32", attention_backend="torch", deterministic=True)
+    with pytest.raises(TypeError, match="deterministic must be a bool or None"):
+        LLM(tiny_llama_dir, dtype="float32", deterministic="yes")
+    monkeypatch.setenv(DETERMINISTIC_ENV, "1")
+    assert not LLM(tiny_llama_dir, dtype="float32", attention_backend="triton", num_blocks=64,
+                   deterministic=False).model.batch_invariant

@@ -32,10 +32,12 @@ def __getattr__(name):
     raise AttributeError(f"module 'mrt_engine.attention' has no attribute {name!r}")
 
 
-def get_attention_backend(name: str = "auto", device="cpu"):
+def get_attention_backend(name: str = "auto", device="cpu", *, deterministic: bool | None = None):
     """The attention backend for `device`: "auto" is Triton on CUDA and torch elsewhere.
 
     The environment variable MRT_ENGINE_ATTENTION_BACKEND overrides `name` (tests use it).
+    `deterministic=True` (batch-invariant results) needs the Triton backend; None leaves it to
+    MRT_ENGINE_DETERMINISTIC.
     """
     name = os.environ.get(BACKEND_ENV) or name
     if name not in BACKENDS:
@@ -44,6 +46,10 @@ def get_attention_backend(name: str = "auto", device="cpu"):
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
+        if deterministic:
+            raise ValueError("deterministic=True needs the Triton attention backend (attention_backend='triton'; "
+                             "on a CPU it runs under the Triton interpreter, slowly): the torch backend's "
+                             "results depend on the batch")
         from mrt_engine.attention.torch_backend import TorchAttentionBackend
 
         return TorchAttentionBackend()
@@ -51,4 +57,4 @@ def get_attention_backend(name: str = "auto", device="cpu"):
         from mrt_engine.attention.triton_backend import TritonAttentionBackend
     except ImportError as exc:
         raise ValueError(f"attention backend 'triton' is not available ({exc}); use 'torch'") from exc
-    return TritonAttentionBackend()
+    return TritonAttentionBackend(deterministic=deterministic)

@@ -81,10 +81,12 @@ def weight_files(model_dir) -> list[str]:
     return files
 
 
-def load_model(model_dir, dtype=torch.float32, device="cpu", attention_backend="auto"):
+def load_model(model_dir, dtype=torch.float32, device="cpu", attention_backend="auto", *,
+               deterministic: bool | None = None):
     """Load a Llama/Qwen2/Mistral folder into our module; returns (model, hf_config).
 
-    `attention_backend` is a name for `get_attention_backend` or a backend object.
+    `attention_backend` is a name for `get_attention_backend` or a backend object; `deterministic`
+    goes to `get_attention_backend` with a name (a backend object carries its own).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -95,8 +97,8 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", attention_backend="
     dtype = resolve_dtype(dtype, cfg)
     device = torch.device(device)
     spec = ModelSpec(cfg)
-    backend = get_attention_backend(attention_backend, device) if isinstance(attention_backend, str) \
-        else attention_backend
+    backend = get_attention_backend(attention_backend, device, deterministic=deterministic) \
+        if isinstance(attention_backend, str) else attention_backend
     model = LlamaModel(spec, rope_from_config(cfg, spec.head_dim), dtype, device, backend)
 
     loaded: set[str] = set()
