@@ -118,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time vLLM's repetition i right after ours (its runner started before our timed "
                    "repetitions and kept waiting), so machine-speed drift hits both alike; --reps then "
                    "sets both engines' repetitions (default on)")
+    p.add_argument("--vllm-logprobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="ask vLLM for each sampled token's logprob (logprobs=0), as TRL and veRL do and as "
+                   "mrt_engine always returns (default on; --no-vllm-logprobs: rounds 1-8's baseline)")
     p.add_argument("--vllm-peak-pass", action=argparse.BooleanOptionalAction, default=True,
                    help="an extra untimed vLLM fork call that polls its KV usage for peak KV (default on)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results/ for --shape small, "
@@ -381,7 +384,10 @@ def main(argv=None) -> int:
                          model=f"{config.get('model_type')} layers={config['num_hidden_layers']} "
                                f"hidden={config['hidden_size']} heads={config['num_attention_heads']}/"
                                f"{config.get('num_key_value_heads')} vocab={vocab}",
-                         kv_bytes_per_token=kv_token)
+                         kv_bytes_per_token=kv_token,
+                         logprobs="ours and vLLM (logprobs=0) return each sampled token's logprob, "
+                         "transformers' generate does not" if args.vllm_logprobs
+                         else "ours returns each sampled token's logprob; vLLM not asked (--no-vllm-logprobs)")
     print("workload:", json.dumps(workload_info))
     print("machine: ", json.dumps(machine), flush=True)
 

@@ -29,7 +29,8 @@ def vllm_job(model_dir: str, w: Workload, traces, vocab: int, args, reps: int, i
             "positions": w.fork_positions(), "branches": w.branches, "answer_len": w.answer_len,
             "suffixes": [suffix_ids(w, vocab, rep) for rep in range(reps)],
             "warmup_suffix": suffix_ids(w, vocab, -1), "seed": w.seed, "peak_pass": args.vllm_peak_pass,
-            "warmup_traces": 1 if args.light_warmup else len(traces), "interleave": interleave}
+            "warmup_traces": 1 if args.light_warmup else len(traces), "interleave": interleave,
+            "logprobs": getattr(args, "vllm_logprobs", True)}
 
 
 def vllm_env(args) -> dict:

@@ -11,7 +11,8 @@ Only the standard library and vllm are imported: this runs in a venv without mrt
 
 What runs: prefill the traces once (untimed, max_tokens=1) so their blocks are cached; then, per
 repetition, time one generate() with every fork prompt (trace[:t] + suffix) and
-SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0). Prefix caching is vLLM's
+SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0, logprobs=0 when the job asks:
+the sampled tokens' logprobs, which RL needs and mrt_engine always returns). Prefix caching is vLLM's
 way to share a prefix: each of the K children finds the prompt's full blocks in the cache. Every
 repetition has its own fresh suffix, so nothing a previous repetition computed past the traces
 can be reused (the cache is not reset between repetitions: re-prefilling long traces after a
@@ -76,8 +77,11 @@ def main() -> int:
         llm.generate([TokensPrompt(prompt_token_ids=tr) for tr in traces],
                      SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False), use_tqdm=False)
 
+    # logprobs=0: each sampled token's logprob, as TRL and veRL ask vLLM for (and as mrt_engine always
+    # returns); off only to compare with rounds measured before the job carried this field
+    want_logprobs = bool(job.get("logprobs", False))
     fork_params = SamplingParams(n=K, max_tokens=A, ignore_eos=True, temperature=1.0, top_p=1.0,
-                                 top_k=-1, detokenize=False)
+                                 top_k=-1, detokenize=False, logprobs=0 if want_logprobs else None)
 
     # warm-up: same shapes of work (the forks of `warmup_traces` traces), a different suffix
     reset_each_rep = bool(job.get("reset_each_rep", False))
@@ -99,6 +103,8 @@ def main() -> int:
         if len(lens) != n_branches or set(lens) != {A}:
             raise RuntimeError(f"vLLM returned {len(lens)} branches of lengths {sorted(set(lens))}, "
                                f"expected {n_branches} of {A}")
+        if want_logprobs and any(c.logprobs is None or len(c.logprobs) != A for o in outs for c in o.outputs):
+            raise RuntimeError("vLLM was asked for logprobs=0 but did not return one per generated token")
         return sum(lens)
 
     if job.get("interleave"):
@@ -154,7 +160,7 @@ def main() -> int:
         "peak_kv_bytes": peak_blocks * block_bytes if peak_blocks else None,
         "peak_kv_blocks": peak_blocks, "block_size": block_size, "num_blocks": num_blocks,
         "vllm": vllm.__version__, "torch": torch.__version__,
-        "engine_startup_s": round(startup, 2), "reset_each_rep": reset_each_rep,
+        "engine_startup_s": round(startup, 2), "reset_each_rep": reset_each_rep, "logprobs": want_logprobs,
         "max_num_batched_tokens": getattr(llm.llm_engine.vllm_config.scheduler_config, "max_num_batched_tokens", None),
         "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU") or k in ("VLLM_TARGET_DEVICE", "OMP_NUM_THREADS")},
     }

@@ -39,7 +39,7 @@ def main() -> int:
     def write_result(walls):
         with open(res_path, "w") as f:
             json.dump({"walls_s": walls, "gen_tokens": n * job["answer_len"], "prefill_tokens": None,
-                       "vllm": "fake"}, f)
+                       "vllm": "fake", "logprobs": bool(job.get("logprobs", False))}, f)
 
     if not job.get("interleave"):   # one-shot: every repetition now, walls 0.25, 0.5, ...
         write_result([0.25 * (i + 1) for i in range(len(job["suffixes"]))])

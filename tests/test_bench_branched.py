@@ -270,6 +270,7 @@ def test_interleaved_vllm_pairs_each_repetition_with_ours(tmp_path):
     proc, report = _run_with_fake_vllm(tmp_path, spin=1.0)
     a, v = report["results"]["mrt_engine"], report["results"]["vllm"]
     assert v["interleaved"] is True and v["vllm"] == "fake"
+    assert v["logprobs"] is True     # vLLM is asked for the sampled tokens' logprobs, as ours returns them
     assert v["all_walls_s"] == [0.25 * (i + 1) for i in range(len(a["all_walls_s"]))]
     paired = report["speedup_vs_vllm_paired"]
     assert paired["per_rep"] == [round(y / x, 2) for x, y in zip(a["all_walls_s"], v["all_walls_s"])]
@@ -328,3 +329,9 @@ def test_one_shot_vllm_runs_after_ours(tmp_path):
     assert "speedup_vs_vllm_paired" not in report
     assert report["speedup_vs_vllm"] == round(v["wall_s"] / report["results"]["mrt_engine"]["wall_s"], 2)
     assert "interleaved with vLLM" not in proc.stdout
+
+
+def test_vllm_logprobs_can_be_left_out(tmp_path):
+    """--no-vllm-logprobs: the baseline of rounds 1-8 (vLLM not asked for logprobs)."""
+    _, report = _run_with_fake_vllm(tmp_path, extra=("--no-vllm-logprobs", "--no-interleave"))
+    assert report["results"]["vllm"]["logprobs"] is False
