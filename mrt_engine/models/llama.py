@@ -145,8 +145,7 @@ class LlamaModel(nn.Module):
             self.lm_head = _param(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.requires_grad_(False)
         self._lm_head_packed = packed_linear.LazyPacked()   # used in float32 on a CPU
-        self.batch_invariant = False
-        self.attn_backend = attention_backend
+        self.attn_backend = attention_backend     # (sets batch_invariant from the backend)
         self.num_layers = spec.num_layers
         self.num_heads = spec.num_heads
         self.num_kv_heads = spec.num_kv_heads
@@ -196,21 +195,20 @@ class LlamaModel(nn.Module):
         vocab-sized cast). `out`: an [M, V] tensor of the model dtype to write into (the runner
         reuses one across steps; a fresh vocab-sized tensor page-faults on every step)."""
         h = self.norm(hidden)
-        if self.batch_invariant:
-            with section("gemm_lm_head"):
-                logits = triton_ops.batch_invariant_linear(h, self.lm_head_weight, None, out=out)
-            return logits.float() if float32 and logits.dtype != torch.float32 else logits
+        w = self.lm_head_weight
         with section("gemm_lm_head"):
             # prepacked in float32 only: the GEMM gain there (~1.5x at decode sizes) outweighs
             # the copy into `out`; in bf16 the gain (~5%) is less than that copy costs
-            packed = self._lm_head_packed.get(self.lm_head_weight) if self.dtype == torch.float32 else None
-            if packed is not None:
-                logits = packed_linear.linear(h, packed, self.lm_head_weight, None)
-                return logits if out is None else out.copy_(logits)
-            if out is None:
-                logits = F.linear(h, self.lm_head_weight)
+            packed = self._lm_head_packed.get(w) if self.dtype == torch.float32 and not self.batch_invariant else None
+            if self.batch_invariant:    # deterministic mode: a row's logits whatever the batch
+                logits = triton_ops.batch_invariant_linear(h, w, None, out=out)
+            elif packed is not None:
+                logits = packed_linear.linear(h, packed, w, None)
+                logits = logits if out is None else out.copy_(logits)
+            elif out is None:
+                logits = F.linear(h, w)
             else:
-                logits = torch.mm(h, self.lm_head_weight.t(), out=out)
+                logits = torch.mm(h, w.t(), out=out)
         if not float32 or logits.dtype == torch.float32:
             return logits
         with section("cast"):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mrt_engine.models import triton_ops
+
 ENV = "MRT_ENGINE_PACKED_LINEAR"
 _ROWS_HINT = 256   # the batch size oneDNN tunes the layout for; any row count works
 
@@ -86,7 +88,5 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant and x.dim() == 2:
-            from mrt_engine.models import triton_ops
-
             return triton_ops.batch_invariant_linear(x, self.weight, self.bias)
         return linear(x, self.packed_weight.get(self.weight), self.weight, self.bias)
