@@ -54,6 +54,18 @@ def check_inner_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
 
 
+def output(out, shape: tuple, dtype, device, name: str = "out") -> torch.Tensor:
+    """A launch's output: the caller's `out`, checked to be a `shape` tensor of `dtype` on `device`
+    contiguous in its last dim, or a fresh one when `out` is None."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_tensor(name, out, len(shape), (dtype,), device)
+    check_inner_contiguous(name, out)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must be [{', '.join(map(str, shape))}], got {tuple(out.shape)}")
+    return out
+
+
 def check_cache(k_cache, v_cache):
     """Validate a paged KV cache pair [num_blocks, bs, Hkv, Dh]; returns (bs, Hkv, Dh)."""
     check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES)

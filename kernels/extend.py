@@ -15,7 +15,7 @@ import triton.language as tl
 
 from mrt_engine.kernels.paged_range import attend_paged_range
 from mrt_engine.kernels.checks import (cdiv, check_cache, check_index, check_launchable, check_query,
-                                       check_tensor, dot_rows, is_interpreted, next_pow2)
+                                       dot_rows, is_interpreted, next_pow2, output)
 from mrt_engine.kernels.tuning import num_stages
 
 LOG2E = 1.4426950408889634
@@ -84,7 +84,6 @@ def extend_config(dtype: torch.dtype, head_dim: int, group: int, *, interpreted:
 def _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, scale, max_num_new, out):
     bs, hkv, dh = check_cache(k_cache, v_cache)
     group = check_query(q, k_cache)
-    hq = q.shape[1]
     dev = k_cache.device
     check_index("block_tables", block_tables, 2, dev)
     p = block_tables.shape[0]
@@ -94,11 +93,7 @@ def _launch(q, k_cache, v_cache, block_tables, q_start, num_new, context_lens, s
             raise ValueError(f"{name} must have P={p} entries (one per block table row), got {t.shape[0]}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along its last dim")
-    if out is None:
-        out = torch.empty_like(q)
-    check_tensor("out", out, 3, (q.dtype,), dev)
-    if out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(q.shape)} and contiguous in Dh, got {tuple(out.shape)}")
+    out = output(out, tuple(q.shape), q.dtype, dev)
     if max_num_new is None:
         max_num_new = int(num_new.max()) if p else 0   # one host sync; the engine passes it
     if p == 0 or max_num_new == 0:

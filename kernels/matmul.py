@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from mrt_engine.kernels.checks import (FLOAT_DTYPES, cdiv, check_inner_contiguous, check_launchable, check_tensor,
-                                       is_interpreted)
+                                       is_interpreted, output)
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
 
@@ -70,12 +70,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         check_tensor("bias", bias, 1, (x.dtype,), x.device)
         if bias.shape[0] != n or bias.stride(0) != 1:
             raise ValueError(f"bias must be a contiguous [{n}], got {tuple(bias.shape)}")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    check_tensor("out", out, 2, (x.dtype,), x.device)
-    check_inner_contiguous("out", out)
-    if tuple(out.shape) != (m, n):
-        raise ValueError(f"out must be [{m}, {n}], got {tuple(out.shape)}")
+    out = output(out, (m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return out
     if k == 0:

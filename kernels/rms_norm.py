@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mrt_engine.kernels.checks import FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor, next_pow2
+from mrt_engine.kernels.checks import (FLOAT_DTYPES, check_inner_contiguous, check_launchable, check_tensor,
+                                       next_pow2, output)
 from mrt_engine.kernels.rounding import round_to
 
 MAX_COLS = 65536          # one row per program, held in registers
@@ -51,12 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
         raise ValueError(f"weight must be a contiguous [{h}] to match x [N, {h}], got {tuple(weight.shape)}")
     if h > MAX_COLS:
         raise ValueError(f"rms_norm holds a row in registers: at most {MAX_COLS} columns, got {h}")
-    if out is None:
-        out = torch.empty_like(x)
-    check_tensor("out", out, 2, (x.dtype,), x.device)
-    check_inner_contiguous("out", out)
-    if tuple(out.shape) != (n, h):
-        raise ValueError(f"out must be [{n}, {h}], got {tuple(out.shape)}")
+    out = output(out, (n, h), x.dtype, x.device)
     if n == 0:
         return out
     check_launchable(rms_norm_kernel, x, weight, out)

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from mrt_engine.kernels.checks import (FLOAT_DTYPES, cdiv, check_inner_contiguous, check_launchable,
-                                       check_tensor)
+                                       check_tensor, output)
 from mrt_engine.kernels.rounding import round_to
 
 BLOCK = 1024              # columns per program
@@ -46,12 +46,7 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     if two_i % 2:
         raise ValueError(f"gate_up must be [N, 2I] (gate | up), got an odd width {two_i}")
     i = two_i // 2
-    if out is None:
-        out = torch.empty(n, i, dtype=gate_up.dtype, device=gate_up.device)
-    check_tensor("out", out, 2, (gate_up.dtype,), gate_up.device)
-    check_inner_contiguous("out", out)
-    if tuple(out.shape) != (n, i):
-        raise ValueError(f"out must be [{n}, {i}], got {tuple(out.shape)}")
+    out = output(out, (n, i), gate_up.dtype, gate_up.device)
     if n == 0 or i == 0:
         return out
     check_launchable(silu_mul_kernel, gate_up, out)
