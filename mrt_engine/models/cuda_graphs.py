@@ -132,15 +132,18 @@ class PiecewiseDecode:
         bk.positions[:n].copy_(meta.positions)
         backend, scale = self.model.attn_backend, self.model.spec.scale
         takes_out = getattr(backend, "accepts_out", False)   # else one copy into the static buffer
-        if self.mode == "eager":
+        # eager: the piece functions run afresh; capture: their graphs replay (no per-step closures)
+        pieces = self._pieces(bk) if self.mode == "eager" else None
+        if pieces:
             bk.outputs.clear()
-        pieces = self._pieces(bk)
-        for i, (fn, inputs) in enumerate(pieces):
-            if self.mode == "capture":
-                bk.graphs[i].replay()
-            else:
+        last = len(self.model.layers)
+        for i in range(last + 1):
+            if pieces:
+                fn, inputs = pieces[i]
                 bk.outputs.append(fn(*inputs()))
-            if i == len(pieces) - 1:
+            else:
+                bk.graphs[i].replay()
+            if i == last:
                 break
             q, k, v = bk.outputs[i][-3:]
             k_cache, v_cache = kv_caches[i]
