@@ -9,7 +9,7 @@ way: at most one unit in the last place, and rarely. A kernel with the wrong rou
 """
 from __future__ import annotations
 
-import kernels_helpers  # noqa: F401  (interpreter switch, before triton is imported)
+from kernels_helpers import assert_rounds_like_torch as _same  # (interpreter switch first)
 import pytest
 import torch
 
@@ -21,18 +21,6 @@ from mrt_engine.kernels.silu_mul import silu_mul
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [F32, BF16, F16]
 IDS = ["fp32", "bf16", "fp16"]
-
-
-def _same(got: torch.Tensor, want: torch.Tensor, dtype, min_equal: float = 0.999):
-    assert got.dtype == want.dtype == dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "NaN left: an element was not written"
-    if dtype == F32:
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
-        return
-    eps = torch.finfo(dtype).eps   # one unit in the last place, relative
-    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-6)
-    equal = (got == want).float().mean().item()
-    assert equal >= min_equal, f"only {equal:.1%} of elements bit-equal to torch's"
 
 
 def _randn(*shape, dtype, seed, scale=1.0):
