@@ -188,7 +188,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias) in fp32 (float64 products summed exactly enough), in x's dtype."""
+    """x [M, K] @ weight [N, K].T (+ bias) computed in float64, rounded once to x's dtype."""
     y = x.double() @ weight.double().t()
     if bias is not None:
         y = y + bias.double()
