@@ -15,7 +15,10 @@ leader sequence, and when the prompt is done its n samples are drawn from the le
 samples 1..n-1 become sequences forked from the leader (full blocks shared, the partial tail block
 copied). Their tail copies are reserved when the completing chunk is scheduled: `schedule` keeps
 one block budget for the whole step (the pool's count does not know the reservations, so it is
-read once and then only decreased), so forking in `update` never runs out of blocks.
+read once and then only decreased), so forking in `update` never runs out of blocks. A leader
+whose n samples cannot run together (more tail copies than an idle engine has blocks, or n above
+max_num_seqs) has its samples queued as sequences of their own instead (`_split`), as vLLM runs
+an n > 1 request as n child requests: OutOfBlocks then means a single sequence cannot fit.
 """
 from __future__ import annotations
 
@@ -75,6 +78,11 @@ class Scheduler:
             if self.running:
                 self._preempt(self.running[-1])
                 continue
+            if self.waiting and self.waiting[0].spawn > 1:
+                # the head's n samples' tail copies do not fit at once even in an idle engine:
+                # let its samples in one by one instead of failing
+                self._split(self.waiting[0])
+                continue
             raise OutOfBlocks(
                 f"cannot admit a sequence: {self.kv.num_available_blocks()} of {self.kv.num_blocks} KV "
                 f"blocks are free or evictable, the rest are pinned by kept sequences (handles of earlier "
@@ -131,6 +139,8 @@ class Scheduler:
         # step that had to preempt (the victim would come straight back and be preempted again)
         while self.waiting and budget > 0 and not (preempted and self.running):
             s = self.waiting[0]
+            if s.spawn > self.max_num_seqs:
+                self._split(s)     # its n samples could never run together
             if self.running and len(self.running) + s.spawn > self.max_num_seqs:
                 break
             before = kv.num_available_blocks()
@@ -200,6 +210,21 @@ class Scheduler:
         start = s.num_computed
         slots = self.kv.append_tokens(s.seq_id, s.token_ids[start:start + n])
         batch.prefills.append((s, start, n, slots, self.kv.block_table(s.seq_id)))
+
+    def _split(self, leader: Sequence) -> None:
+        """Turn a waiting leader's samples 1..n-1 into sequences of their own, queued right after
+        it: each shares the prompt through the prefix cache (or its fork source) and is admitted
+        when its own blocks fit, as vLLM runs an n > 1 request as n child requests. Sample j's
+        first token is drawn with the same seed stream as a spawned sample j's, from its own
+        logits of the same prompt, so the outputs match the leader path's."""
+        req = leader.request
+        children = [Sequence(self.new_seq_id(), req, j, leader.token_ids) for j in range(1, leader.spawn)]
+        for child in children:
+            req.seqs[child.sample_index] = child
+        leader.spawn = 1
+        at = self.waiting.index(leader) + 1
+        for child in reversed(children):
+            self.waiting.insert(at, child)
 
     def _preempt(self, s: Sequence) -> None:
         self.kv.free_sequence(s.seq_id)

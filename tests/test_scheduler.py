@@ -344,3 +344,36 @@ def test_random_workloads_equal_the_oracle_and_free_everything(seed):
     for s in kept:
         h.kv.free_sequence(s.seq_id)
     h.assert_all_free()
+
+
+def test_n_larger_than_the_pool_runs_its_samples_in_turn():
+    """n samples whose tail copies cannot all be had at once, even in an idle engine (here 10 of
+    a prompt in 6 blocks): the engine lets them in one by one instead of raising OutOfBlocks, and
+    every sample still equals the oracle (sample j drawn with its own seed stream) with nothing left
+    behind. Holds with the prefix cache off (every sample recomputes the prompt) and for a fork."""
+    for caching in (True, False):
+        h = Harness(num_blocks=6, bs=4, budget=64, max_seqs=16, prefix_caching=caching)
+        reqs = h.submit([list(range(1, 11))], n=10, max_tokens=5)   # 3 blocks, 2 full + a tail
+        h.run()
+        h.expect(reqs)
+        h.assert_all_free()
+    h = Harness(num_blocks=8, bs=4, budget=64, max_seqs=16)
+    base = h.submit([list(range(1, 8))], max_tokens=3, keep=True)
+    h.run()
+    forks = h.submit([[20, 21]], n=12, max_tokens=4, fork=[(base[0].seqs[0], 9)])
+    h.run()
+    h.expect(forks)
+    h.release(base)
+    h.assert_all_free()
+
+
+def test_n_larger_than_max_num_seqs_never_exceeds_it():
+    """A request with n > max_num_seqs could never run its samples together: they run in turn and
+    the running set stays within max_num_seqs."""
+    h = Harness(num_blocks=64, bs=4, max_seqs=3)
+    reqs = h.submit([list(range(1, 7)), list(range(30, 35))], n=5, max_tokens=6)
+    seen = []
+    h.run(lambda b: seen.append(len(h.sched.running)))
+    assert max(seen) <= 3
+    h.expect(reqs)
+    h.assert_all_free()

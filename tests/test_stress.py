@@ -1,6 +1,7 @@
 """Randomized stress of the whole engine under KV pressure: a tight engine (a few blocks, small
 token budget, few sequence slots) and a roomy one run the same seeded sequence of calls — random
-prompts with shared prefixes, n, temperatures, top-k/top-p, stop strings and stop ids, forks of
+prompts with shared prefixes, n (up to more samples than the tight engine has sequence slots),
+temperatures, top-k/top-p, stop strings and stop ids, forks of
 kept handles with suffixes, keep and release, generations that reach max_model_len — and every
 output (token ids, logprobs, finish and stop reasons, text) must be the same.
 
@@ -32,7 +33,7 @@ def _prompt(rng, bases):
 def _params(rng, top_k, top_p):
     greedy = rng.random() < 0.25
     return SamplingParams(
-        n=rng.choice([1, 1, 2, 3]), temperature=0.0 if greedy else rng.choice([0.7, 1.0, 1.3]),
+        n=rng.choice([1, 1, 2, 3, 8]), temperature=0.0 if greedy else rng.choice([0.7, 1.0, 1.3]),
         top_k=top_k, top_p=top_p,
         max_tokens=rng.randint(1, 28), seed=rng.randrange(2**31), ignore_eos=rng.random() < 0.7,
         stop=rng.choice([None, None, ["e"], ["x", "!"]]), stop_token_ids=rng.choice([None, [rng.randrange(256)]]))
@@ -65,7 +66,8 @@ class _FailureProbe:
             L, req = len(head.token_ids), head.request
             # what admitting the head alone would take: share what it can (its fork source, or
             # the prefix cache, whose evictable blocks it takes out of the free count), then
-            # blocks for the rest of its tokens and its samples' tail copies
+            # blocks for the rest of its tokens (a head with n > 1 whose samples' tail copies do
+            # not fit has its samples let in one by one instead: only a single sample can fail)
             probe_id = 10**9
             avail = kv.num_available_blocks()
             if req.fork_source is not None and kv.has_sequence(req.fork_source) and req.fork_at % BS and not avail:
@@ -77,11 +79,10 @@ class _FailureProbe:
                 else:
                     kv.add_sequence(probe_id, head.token_ids, sched.version)
                 need = kv.blocks_needed(probe_id, L - kv.num_tokens(probe_id))
-                need += head.spawn - 1 if head.spawn > 1 and L % BS else 0
                 avail = kv.num_available_blocks()
                 kv.free_sequence(probe_id)
             self.state = dict(running=len(sched.running), holders=set(kv.sequence_ids()),
-                              need=need, avail=avail)
+                              need=need, avail=avail, spawn=head.spawn)
             raise
 
 
@@ -126,7 +127,7 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
             kept_ids = {h.seq_id for h, _ in kept}
             # nothing but kept sequences (earlier handles, or this call's keep=True outputs, which
             # the failed call has since freed) held blocks, and the head could not fit
-            assert st["running"] == 0
+            assert st["running"] == 0 and st["spawn"] == 1
             assert st["holders"] - kept_ids == set() or keep
             assert st["need"] > st["avail"]
             # the call freed everything it held: only the kept handles pin blocks now
@@ -191,3 +192,21 @@ def test_out_of_blocks_only_when_kept_handles_pin_everything(tiny_llama_dir):
         llm.reset_prefix_cache()
         st = llm.kv_stats()
         assert st["free_blocks"] == st["total_blocks"]
+
+
+def test_more_samples_than_blocks_completes_and_equals_roomy_engine(tiny_llama_dir):
+    """n = 24 samples of a prompt with a partial last block in a 12-block pool: the samples' tail
+    copies cannot all exist at once, so they run in turn (no OutOfBlocks, nothing is pinned); the
+    outputs equal a roomy engine's, where the 24 are drawn from one prompt pass."""
+    tight = LLM(tiny_llama_dir, dtype="float32", block_size=BS, num_blocks=12, max_model_len=MAX_LEN)
+    roomy = LLM(tiny_llama_dir, dtype="float32", block_size=BS, num_blocks=512, max_model_len=MAX_LEN)
+    prompt = list(range(40, 61))                          # 21 tokens: 2 full blocks and a tail
+    sp = SamplingParams(n=24, temperature=1.0, max_tokens=10, seed=5, ignore_eos=True)
+    a = tight.generate([prompt], sp)[0]
+    b = roomy.generate([prompt], sp)[0]
+    _same_output(a, b)
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+    assert roomy.kv_stats()["num_preemptions"] == 0
+    tight.reset_prefix_cache()
+    st = tight.kv_stats()
+    assert st["free_blocks"] == st["total_blocks"]
