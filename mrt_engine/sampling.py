@@ -32,7 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
-    logprobs: bool = True
+    logprobs: bool | int | None = True   # each sampled token's logprob; vLLM's None / count also work
 
     def __post_init__(self):
         def num(name, v):
@@ -77,12 +77,16 @@ class SamplingParams:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             integer("seed", self.seed)
-        if isinstance(self.logprobs, bool):
-            pass
-        elif isinstance(self.logprobs, int) and self.logprobs >= 0:
-            self.logprobs = bool(self.logprobs)   # vLLM passes a count; only the sampled token's is returned
-        else:
-            raise TypeError(f"logprobs must be a bool, got {self.logprobs!r}")
+        if self.logprobs is None:
+            self.logprobs = False                 # vLLM's default: none
+        elif isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):
+            # vLLM's count of top alternatives: logprobs=0 (what TRL and veRL pass) means the
+            # sampled token's logprob only, which is all this engine returns for any count
+            if self.logprobs < 0:
+                raise ValueError(f"logprobs must be True/False, None or a count >= 0, got {self.logprobs}")
+            self.logprobs = True
+        elif not isinstance(self.logprobs, bool):
+            raise TypeError(f"logprobs must be True/False, None or a count >= 0 (vLLM), got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -41,6 +41,15 @@ def test_text_prompts_outputs_and_order(llm):
     # one token-id prompt, a single string, and logprobs off
     one = llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=False, **GREEDY))
     assert len(one) == 1 and one[0].outputs[0].logprobs is None
+    # vLLM's spellings: None is off, a count (0: what TRL and veRL pass) gives the sampled tokens'
+    assert llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=None, **GREEDY))[0].outputs[0].logprobs is None
+    full = llm.generate(_prompt(1), SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0].logprobs
+    for count in (0, 1):
+        assert llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=count, **GREEDY))[0].outputs[0].logprobs == full
+    with pytest.raises(ValueError, match="count >= 0"):
+        SamplingParams(logprobs=-1)
+    with pytest.raises(TypeError, match="logprobs must be"):
+        SamplingParams(logprobs="yes")
     assert len(llm.generate("hi", SamplingParams(max_tokens=2))) == 1
     assert llm.generate([], SamplingParams()) == []
     assert len(llm.generate(["ab", "cd"], SamplingParams(max_tokens=2), use_tqdm=True)) == 2
