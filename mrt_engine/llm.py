@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import numbers
 import os
 import random
 import warnings
@@ -244,14 +245,15 @@ class LLM:
 
     # ---- input checking ------------------------------------------------------------------------
     def _normalize_prompts(self, prompts) -> list:
-        if isinstance(prompts, (str, Fork)):
+        if isinstance(prompts, (str, Fork, dict)):
             return [prompts]
         if isinstance(prompts, tuple):
             prompts = list(prompts)
         if not isinstance(prompts, list):
-            raise TypeError("prompts must be a str, a list of str, a list of token-id lists, or Fork items; "
-                            f"got {type(prompts).__name__}")
-        if prompts and all(isinstance(x, int) and not isinstance(x, bool) for x in prompts):
+            raise TypeError("prompts must be a str, a list of str, a list of token-id lists, vLLM-style dicts "
+                            f"({{'prompt_token_ids': [...]}} or {{'prompt': str}}) or Fork items; got "
+                            f"{type(prompts).__name__}")
+        if prompts and all(_is_int(x) for x in prompts):
             return [prompts]   # one token-id prompt
         return prompts
 
@@ -260,8 +262,9 @@ class LLM:
             raise TypeError(f"{what} must be a str or a list of token ids, got {type(ids).__name__}")
         out = []
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int):
+            if not _is_int(t):
                 raise TypeError(f"{what} must hold ints, got {t!r}")
+            t = int(t)
             if not 0 <= t < self.vocab_size:
                 raise ValueError(f"token id {t} in {what} is outside the vocabulary [0, {self.vocab_size})")
             out.append(t)
@@ -302,6 +305,21 @@ class LLM:
             if item.at >= 2:
                 # the first at-1 tokens have KV; token at-1 is re-fed so its logits exist
                 fork_source, fork_at = h.seq_id, item.at - 1
+        elif isinstance(item, dict):
+            # vLLM's TokensPrompt / TextPrompt: token ids win when both are given, as in vLLM
+            other = set(item) - {"prompt", "prompt_token_ids"}
+            if other or not item:
+                raise ValueError(f"prompt {index}: a dict prompt takes 'prompt_token_ids' and/or 'prompt' only "
+                                 f"(multi-modal inputs are not supported), got keys {sorted(item)}")
+            if "prompt" in item and not isinstance(item["prompt"], str):
+                raise TypeError(f"prompt {index}: 'prompt' must be a str, got {type(item['prompt']).__name__}")
+            prompt = item.get("prompt")
+            if "prompt_token_ids" in item:
+                ids = self._check_tokens(item["prompt_token_ids"], f"prompt {index}")
+            elif not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            else:
+                ids = self._encode(prompt, f"prompt {index}", special=True)
         elif isinstance(item, str):
             if not item:
                 raise ValueError(f"prompt {index} is empty")
@@ -378,3 +396,8 @@ class LLM:
         return RequestOutput(request_id=request_id, prompt=r.prompt,
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
                              num_cached_tokens=r.num_cached_tokens)
+
+
+def _is_int(x) -> bool:
+    """A token id: any integer (Python or NumPy) but a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -55,6 +55,28 @@ def test_text_prompts_outputs_and_order(llm):
     assert len(llm.generate(["ab", "cd"], SamplingParams(max_tokens=2), use_tqdm=True)) == 2
 
 
+def test_vllm_prompt_forms(llm):
+    """vLLM's prompt dicts ({'prompt_token_ids': ...}, {'prompt': ...}, both: the ids win) and NumPy
+    token ids give the same outputs as plain prompts; anything else in a dict is refused."""
+    import numpy as np
+
+    sp = SamplingParams(max_tokens=5, **GREEDY)
+    ids = _prompt(7)
+    text = "the quick brown fox"
+    want_ids = llm.generate([ids], sp)[0].outputs[0].token_ids
+    want_text = llm.generate([text], sp)[0].outputs[0].token_ids
+    outs = llm.generate(prompts=[{"prompt_token_ids": ids}, {"prompt": text}, {"prompt_token_ids": ids, "prompt": "x"},
+                                 list(np.array(ids))], sampling_params=sp)
+    assert [o.outputs[0].token_ids for o in outs] == [want_ids, want_text, want_ids, want_ids]
+    assert [o.prompt for o in outs] == [None, text, "x", None]
+    assert outs[0].prompt_token_ids == ids and outs[3].prompt_token_ids == ids
+    assert llm.generate({"prompt_token_ids": ids}, sp)[0].outputs[0].token_ids == want_ids
+    for bad, err in (({"prompt_token_ids": ids, "multi_modal_data": {}}, ValueError), ({}, ValueError),
+                     ({"prompt": 3}, TypeError), ({"prompt": ""}, ValueError), ({"prompt_token_ids": [1.5]}, TypeError)):
+        with pytest.raises(err, match="prompt 0"):
+            llm.generate([bad], sp)
+
+
 def test_stop_token_ids_and_eos(llm):
     prompt = _prompt(2)
     base = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0].outputs[0].token_ids
