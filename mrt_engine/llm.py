@@ -1,6 +1,6 @@
 """LLM: the public, vLLM-shaped facade of the engine.
 
-    llm = LLM(model_dir)
+    llm = LLM(model)                       # a Hugging Face folder (vLLM's argument name)
     outs = llm.generate(prompts, SamplingParams(...), keep=True)
     branches = llm.fork(outs[0].outputs[0].handle, at=[100, 200], suffix=" Answer:", n=8)
     llm.release(handle); llm.update_weights(state_dict); llm.kv_stats()
@@ -31,16 +31,23 @@ from mrt_engine.sequence import Fork, Request, Sequence, SequenceHandle, StopChe
 
 
 class LLM:
-    def __init__(self, model_dir, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+    def __init__(self, model=None, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                  num_blocks: int | None = None, max_model_len: int | None = None, seed: int = 0,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 4096,
                  max_num_seqs: int = 256, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
-                 deterministic: bool | None = None):
+                 deterministic: bool | None = None, *, model_dir=None):
+        """`model`: a Hugging Face model folder (vLLM's argument name; `model_dir=` also works)."""
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
         from mrt_engine.models import resolve_dtype
 
-        cfg = EngineConfig(model_dir, dtype, device, block_size, num_blocks, max_model_len, seed,
+        if model_dir is not None:
+            if model is not None:
+                raise ValueError("pass the model folder once: model= (vLLM's name) or model_dir=")
+            model = model_dir
+        if model is None:
+            raise TypeError("LLM needs a model folder: LLM('path/to/hf-folder') or LLM(model=...)")
+        cfg = EngineConfig(model, dtype, device, block_size, num_blocks, max_model_len, seed,
                            attention_backend, max_num_batched_tokens, max_num_seqs, kv_cache_memory_gb,
                            gpu_memory_utilization, enable_prefix_caching, deterministic)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -333,7 +340,7 @@ class LLM:
         if len(ids) >= max_len:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; max_model_len is {max_len}, which "
                              "leaves no room to generate")
-        total = min(len(ids) + params.max_tokens, max_len)
+        total = max_len if params.max_tokens is None else min(len(ids) + params.max_tokens, max_len)
         need = -(-total // self.config.block_size)
         if need > self.kv.num_blocks:
             raise ValueError(f"prompt {index} needs up to {need} KV blocks ({total} tokens) but the cache has "

@@ -27,7 +27,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    max_tokens: int = 16
+    max_tokens: int | None = 16          # None: until max_model_len (vLLM)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -58,7 +58,7 @@ class SamplingParams:
         self.min_p = num("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if integer("max_tokens", self.max_tokens) < 1:
+        if self.max_tokens is not None and integer("max_tokens", self.max_tokens) < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.stop is None:
             self.stop = []

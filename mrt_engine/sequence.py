@@ -164,7 +164,7 @@ class StopChecker:
                     if s in window:
                         seq.finish_reason, seq.stop_reason = "stop", s
                         return True
-        if seq.num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if (p.max_tokens is not None and seq.num_output >= p.max_tokens) or len(seq.token_ids) >= self.max_model_len:
             seq.finish_reason = "length"
             return True
         return False

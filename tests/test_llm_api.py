@@ -77,6 +77,21 @@ def test_vllm_prompt_forms(llm):
             llm.generate([bad], sp)
 
 
+def test_vllm_argument_names(tiny_qwen2_dir):
+    """LLM(model=...) as in vLLM (model_dir= and the positional folder still work; both at once or
+    neither is refused), and max_tokens=None generates up to max_model_len."""
+    a = LLM(model=tiny_qwen2_dir, num_blocks=64, max_model_len=40)
+    b = LLM(model_dir=tiny_qwen2_dir, num_blocks=64, max_model_len=40)
+    with pytest.raises(ValueError, match="once"):
+        LLM(tiny_qwen2_dir, model_dir=tiny_qwen2_dir)
+    with pytest.raises(TypeError, match="model folder"):
+        LLM()
+    sp = SamplingParams(max_tokens=None, **GREEDY)
+    outs = [llm.generate([_prompt(3, n=25)], sp)[0].outputs[0] for llm in (a, b)]
+    assert outs[0].token_ids == outs[1].token_ids and len(outs[0].token_ids) == 40 - 25
+    assert outs[0].finish_reason == "length"
+
+
 def test_stop_token_ids_and_eos(llm):
     prompt = _prompt(2)
     base = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY))[0].outputs[0].token_ids

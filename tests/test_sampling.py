@@ -35,7 +35,7 @@ def test_invalid_values_raise_value_error(kwargs):
         SamplingParams(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(n=1.5), dict(temperature="0"), dict(top_k=2.0), dict(max_tokens=None),
+@pytest.mark.parametrize("kwargs", [dict(n=1.5), dict(temperature="0"), dict(top_k=2.0), dict(max_tokens=2.0),
                                     dict(ignore_eos=1), dict(seed=1.0), dict(logprobs="yes")])
 def test_wrong_types_raise_type_error(kwargs):
     with pytest.raises(TypeError):
