@@ -33,6 +33,11 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: bool | int | None = True   # each sampled token's logprob; vLLM's None / count also work
+    # vLLM's penalties, accepted at their neutral values (what TRL passes by default) so that its
+    # calls port unchanged; the sampler does not implement them
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         def num(name, v):
@@ -77,6 +82,10 @@ class SamplingParams:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             integer("seed", self.seed)
+        for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
+            if num(name, getattr(self, name)) != neutral:
+                raise ValueError(f"{name}={getattr(self, name)} is not supported (this engine's sampler has no "
+                                 f"penalties); leave it at {neutral}")
         if self.logprobs is None:
             self.logprobs = False                 # vLLM's default: none
         elif isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):

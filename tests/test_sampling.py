@@ -28,7 +28,8 @@ def _st(params, seeds=None, idx=None, steps=None, rows=None):
 @pytest.mark.parametrize("kwargs", [
     dict(n=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=-2),
     dict(min_p=-0.1), dict(min_p=1.1), dict(max_tokens=0), dict(stop=[""]), dict(stop_token_ids=[-1]),
-    dict(temperature=float("nan")),
+    dict(temperature=float("nan")), dict(repetition_penalty=1.1), dict(presence_penalty=0.5),
+    dict(frequency_penalty=-0.2),
 ])
 def test_invalid_values_raise_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -40,6 +41,13 @@ def test_invalid_values_raise_value_error(kwargs):
 def test_wrong_types_raise_type_error(kwargs):
     with pytest.raises(TypeError):
         SamplingParams(**kwargs)
+
+
+def test_vllm_neutral_penalties_accepted():
+    # TRL passes repetition_penalty=1.0 (and vLLM users the other two at 0) by default
+    SamplingParams(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+    with pytest.raises(ValueError, match="not supported"):
+        SamplingParams(repetition_penalty=1.05)
 
 
 def test_stop_normalised_to_list():
