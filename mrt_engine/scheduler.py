@@ -215,8 +215,9 @@ class Scheduler:
         """Turn a waiting leader's samples 1..n-1 into sequences of their own, queued right after
         it: each shares the prompt through the prefix cache (or its fork source) and is admitted
         when its own blocks fit, as vLLM runs an n > 1 request as n child requests. Sample j's
-        first token is drawn with the same seed stream as a spawned sample j's, from its own
-        logits of the same prompt, so the outputs match the leader path's."""
+        first token is drawn with the same seed stream as a spawned sample j's, from its own pass
+        over the same prompt: the outputs match the leader path's (logprobs to the rounding of
+        another batch, as after a preemption)."""
         req = leader.request
         children = [Sequence(self.new_seq_id(), req, j, leader.token_ids) for j in range(1, leader.spawn)]
         for child in children:
