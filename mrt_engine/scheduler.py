@@ -141,7 +141,8 @@ class Scheduler:
             s = self.waiting[0]
             if s.spawn > self.max_num_seqs:
                 self._split(s)     # its n samples could never run together
-            if self.running and len(self.running) + s.spawn > self.max_num_seqs:
+            # a running leader becomes its n samples when its prompt completes: count them all
+            if sum(r.spawn for r in self.running) + s.spawn > self.max_num_seqs:
                 break
             before = kv.num_available_blocks()
             cached = self._admit(s)
