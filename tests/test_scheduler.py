@@ -307,11 +307,17 @@ def test_fork_admission_respects_reserved_tail_copies():
 
 @pytest.mark.parametrize("seed", range(64))
 def test_random_workloads_equal_the_oracle_and_free_everything(seed):
-    """Random prompts, n, stop tokens, forks of kept sequences, keep/release and tiny pools."""
+    """Random prompts, n (up to more samples than sequence slots or blocks), stop tokens, forks of
+    kept sequences, keep/release and tiny pools; the running set never exceeds max_num_seqs."""
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
+    max_seqs = rng.choice([4, 16, 64])
     h = Harness(num_blocks=rng.randint(24, 64), bs=bs, budget=rng.choice([8, 16, 64, 512]),
-                max_seqs=rng.choice([4, 16, 64]), prefix_caching=rng.random() < 0.8)
+                max_seqs=max_seqs, prefix_caching=rng.random() < 0.8)
+
+    def within_cap(batch):
+        assert len(h.sched.running) <= max_seqs
+
     kept = []
     for call in range(6):
         k = rng.randint(1, 5)
@@ -326,12 +332,13 @@ def test_random_workloads_equal_the_oracle_and_free_everything(seed):
             prompts = [base[:rng.randint(1, len(base))] + [rng.randrange(VOCAB) for _ in range(rng.randint(0, 9))]
                        for _ in range(k)]
         keep = rng.random() < 0.4
-        reqs = h.submit(prompts, n=rng.randint(1, 4), max_tokens=rng.randint(1, 12), keep=keep,
+        reqs = h.submit(prompts, n=rng.choice([1, 2, 3, 4, 12, 40]), max_tokens=rng.randint(1, 12), keep=keep,
                         seed=rng.randrange(10**6), stop_token=rng.choice([None, 3, 17]), fork=fork)
         try:
-            h.run()
+            h.run(within_cap)
         except OutOfBlocks as exc:
             assert "pinned" in str(exc)
+            assert h.sched.waiting[0].spawn == 1    # only a single sample can fail to fit
             h.sched.abort([s for r in reqs for s in r.seqs])
             assert not h.sched.has_unfinished()
         else:
