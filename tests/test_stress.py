@@ -1,9 +1,9 @@
 """Randomized stress of the whole engine under KV pressure: a tight engine (a few blocks, small
 token budget, few sequence slots) and a roomy one run the same seeded sequence of calls — random
 prompts with shared prefixes, n (up to more samples than the tight engine has sequence slots),
-temperatures, top-k/top-p, stop strings and stop ids, forks of
-kept handles with suffixes, keep and release, generations that reach max_model_len — and every
-output (token ids, logprobs, finish and stop reasons, text) must be the same.
+temperatures, top-k/top-p, stop strings and stop ids, forks of kept handles with suffixes, keep
+and release, generations that reach max_model_len — and every output (token ids, logprobs, finish
+and stop reasons, text) must be the same.
 
 The only error the tight engine may raise is OutOfBlocks with its "pinned" message, and only when
 kept sequences really pin the blocks: at the failure no sequence of the call holds a block and the
