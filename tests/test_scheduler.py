@@ -376,20 +376,14 @@ def test_n_larger_than_the_pool_runs_its_samples_in_turn():
 
 def test_n_larger_than_max_num_seqs_never_exceeds_it():
     """A request with n > max_num_seqs could never run its samples together: they run in turn and
-    the running set stays within max_num_seqs."""
-    h = Harness(num_blocks=64, bs=4, max_seqs=3)
-    reqs = h.submit([list(range(1, 7)), list(range(30, 35))], n=5, max_tokens=6)
-    seen = []
-    h.run(lambda b: seen.append(len(h.sched.running)))
-    assert max(seen) <= 3
-    h.expect(reqs)
-    h.assert_all_free()
-    # leaders admitted in one step count as their n samples: two n=3 requests under a cap of 4
-    # must not both start (each becomes 3 running sequences when its prompt completes)
-    h = Harness(num_blocks=64, bs=4, max_seqs=4)
-    reqs = h.submit([list(range(1, 7)), list(range(30, 35))], n=3, max_tokens=6)
-    seen = []
-    h.run(lambda b: seen.append(len(h.sched.running)))
-    assert max(seen) <= 4
-    h.expect(reqs)
-    h.assert_all_free()
+    the running set stays within max_num_seqs. Leaders admitted in one step count as their n
+    samples: two n=3 requests under a cap of 4 must not both start (each becomes 3 running
+    sequences when its prompt completes)."""
+    for cap, n in ((3, 5), (4, 3)):
+        h = Harness(num_blocks=64, bs=4, max_seqs=cap)
+        reqs = h.submit([list(range(1, 7)), list(range(30, 35))], n=n, max_tokens=6)
+        seen = []
+        h.run(lambda b: seen.append(len(h.sched.running)))
+        assert max(seen) <= cap, (cap, n)
+        h.expect(reqs)
+        h.assert_all_free()
