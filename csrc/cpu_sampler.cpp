@@ -24,7 +24,10 @@ struct Logits {
   }
 };
 
-// Per logits row: max, first argmax, and the block sums of exp(x * inv_t - max).
+// Per logits row: max, first argmax, and the block sums of exp((x - max) * inv_t). The max is
+// subtracted before the scaling: at a small temperature x * inv_t is large (1e7 at T = 1e-6, where
+// a float32 ulp is 1), and max * inv_t - x * inv_t would carry rounding errors of that size into
+// the weights and the logprob (which then came out positive).
 struct RowStats {
   float max = 0.f, total = 0.f;
   int64_t argmax = 0;
@@ -38,11 +41,11 @@ void row_stats_scalar(const Logits& x, int64_t row, float it, int64_t block, flo
     if (v > mx) mx = v, arg = i;
   }
   st->argmax = arg;
-  st->max = mx * it;
+  st->max = mx;
   float total = 0.f;
   for (int64_t b0 = 0, b = 0; b0 < x.vocab; b0 += block, ++b) {
     float s = 0.f;
-    for (int64_t i = b0; i < std::min(x.vocab, b0 + block); ++i) s += std::exp(x.at(row, i) * it - st->max);
+    for (int64_t i = b0; i < std::min(x.vocab, b0 + block); ++i) s += std::exp((x.at(row, i) - mx) * it);
     bsum[b] = s;
     total += s;
   }
@@ -57,13 +60,17 @@ MRT_AVX512BW inline __m512 load16(const Logits& x, int64_t row, int64_t i, __mma
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x.base) + row * x.stride + i);
 }
 
-// exp(x * it - max) for ids [b0, end) into w (the same arithmetic as the block sums)
+// exp((x - max) * it) for ids [b0, end) into w (the same arithmetic as the block sums)
+MRT_AVX512BW inline __m512 weight16(const Logits& x, int64_t row, int64_t i, __mmask16 m, __m512 vmx, __m512 a) {
+  return cpu::exp2_avx512(_mm512_mul_ps(_mm512_sub_ps(load16(x, row, i, m), vmx), a));
+}
+
 MRT_AVX512BW void block_weights_avx512(const Logits& x, int64_t row, int64_t b0, int64_t end, float it, float mx,
                                        float* w) {
-  const __m512 a = _mm512_set1_ps(it * kLog2e), c = _mm512_set1_ps(mx * kLog2e);
+  const __m512 a = _mm512_set1_ps(it * kLog2e), vmx = _mm512_set1_ps(mx);
   for (int64_t i = b0; i < end; i += 16) {
     const __mmask16 m = tail_mask(end - i);
-    _mm512_mask_storeu_ps(w + (i - b0), m, cpu::exp2_avx512(_mm512_fmsub_ps(load16(x, row, i, m), a, c)));
+    _mm512_mask_storeu_ps(w + (i - b0), m, weight16(x, row, i, m, vmx, a));
   }
 }
 
@@ -86,16 +93,16 @@ MRT_AVX512BW void row_stats_avx512(const Logits& x, int64_t row, float it, int64
     }
   }
   st->argmax = arg;
-  st->max = mx * it;
-  // exp(x * it - max) = 2^(x * (it * log2e) - max * log2e)
-  const __m512 a = _mm512_set1_ps(it * kLog2e), c = _mm512_set1_ps(st->max * kLog2e);
+  st->max = mx;
+  // exp((x - max) * it) = 2^((x - max) * (it * log2e))
+  const __m512 a = _mm512_set1_ps(it * kLog2e), vmax = _mm512_set1_ps(mx);
   float total = 0.f;
   for (int64_t b0 = 0, b = 0; b0 < V; b0 += block, ++b) {
     const int64_t end = std::min(V, b0 + block);
     __m512 s = _mm512_setzero_ps();
     for (int64_t i = b0; i < end; i += 16) {
       const __mmask16 m = tail_mask(end - i);
-      const __m512 w = cpu::exp2_avx512(_mm512_fmsub_ps(load16(x, row, i, m), a, c));
+      const __m512 w = weight16(x, row, i, m, vmax, a);
       s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, w));
     }
     bsum[b] = _mm512_reduce_add_ps(s);
@@ -110,7 +117,7 @@ void block_weights(const Logits& x, int64_t row, int64_t b0, int64_t end, float 
   if (simd) return block_weights_avx512(x, row, b0, end, it, mx, w);
 #endif
   (void)simd;
-  for (int64_t i = b0; i < end; ++i) w[i - b0] = std::exp(x.at(row, i) * it - mx);
+  for (int64_t i = b0; i < end; ++i) w[i - b0] = std::exp((x.at(row, i) - mx) * it);
 }
 
 }  // namespace
@@ -189,7 +196,7 @@ void sample_full_softmax(const void* logits, bool bf16, int64_t num_logit_rows, 
       if (tok < 0) tok = last;
     }
     tokens[r] = tok;
-    logprobs[r] = x.at(m, tok) * it - st.max - std::log(st.total);
+    logprobs[r] = (x.at(m, tok) - st.max) * it - std::log(st.total);
   });
 }
 

@@ -248,7 +248,9 @@ class Sampler:
             probs = torch.softmax(x, dim=-1)                           # [R, V]
         else:
             inv_t = torch.where(greedy, torch.ones_like(st.temperature), 1.0 / st.temperature.clamp(min=1e-30))
-            probs = torch.softmax(x * inv_t[:, None], dim=-1)          # [R, V]
+            # the max subtracted before scaling, as in _sample_full (accurate at a small T)
+            x = x - x.amax(dim=-1, keepdim=True)
+            probs = torch.softmax(x.mul_(inv_t[:, None]), dim=-1)      # [R, V]
         pmax, argmax = probs.max(dim=-1) if (st.any_greedy or st.any_min_p) else (None, None)
         tokens = self._sample(probs, pmax, st)
         if st.any_greedy:
@@ -270,10 +272,13 @@ class Sampler:
                                             st.uniform, st.temperature == 0)
         w = self._workspace((m_rows, V), logits.device)
         w.copy_(logits)                                        # the one cast / copy of the logits
+        mx = w.amax(dim=-1)                                    # [M] exact: a max has no rounding
+        # the max is subtracted before scaling by 1/T: at a small T, x / T is huge (1e7 at T = 1e-6,
+        # a float32 ulp of 1) and x / T - max(x / T) would carry errors of that size
+        w.sub_(mx[:, None])
         if not st.all_unit_temperature:
             w.mul_(inv_t[:, None])
-        mx = w.amax(dim=-1)                                    # [M] exact: a max has no rounding
-        w.sub_(mx[:, None]).exp_()                             # weights in (0, 1], max 1
+        w.exp_()                                               # weights in (0, 1], max 1
         C = math.isqrt(V - 1) + 1 if V > 1 else 1              # block size ~ sqrt(V)
         full = V // C
         bsum = w.as_strided((m_rows, full, C), (V, C, 1)).sum(dim=-1)      # [M, full]
@@ -308,11 +313,11 @@ class Sampler:
                 best = logits.argmax(dim=-1)
                 tokens = torch.where(st.temperature == 0, best if rows is None else best.index_select(0, rows), tokens)
         src = ar if rows is None else rows
-        x_tok = logits[src, tokens].float()
+        x_tok = logits[src, tokens].float() - mx_r
         scale = inv_t if rows is None else inv_t.index_select(0, rows)
         if not st.all_unit_temperature:
             x_tok = x_tok * scale
-        logprobs = x_tok - mx_r - total.log()
+        logprobs = x_tok - total.log()
         return tokens, logprobs
 
     @staticmethod

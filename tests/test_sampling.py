@@ -77,6 +77,25 @@ def test_logprob_is_scaled_and_before_truncation():
     assert tok[3] == logits[3].argmax()
 
 
+@pytest.mark.parametrize("top_k", [-1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprob_accurate_at_a_tiny_temperature(top_k, dtype):
+    """At T = 1e-6 the scaled logits are ~1e7, where a float32 ulp is 1: scaling before subtracting
+    the max gave logprobs off by O(1), even positive. The max is subtracted first, so the logprob
+    is log_softmax(x / T) in float64 to ~1e-6 (0 for the argmax, which is what is sampled when
+    the top two logits are apart), on both sampler paths, full and truncated."""
+    torch.manual_seed(3)
+    logits = (torch.randn(8, 300) * 4 + 10).to(dtype)
+    params = [SamplingParams(temperature=t, top_k=top_k) for t in (1e-6, 1e-5, 1e-4, 0.01, 1e-6, 1e-3, 1e-6, 0.05)]
+    tok, lp = Sampler()(logits, _st(params, seeds=list(range(8))))
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    x = logits.double()
+    ref = torch.log_softmax((x - x.amax(-1, keepdim=True)) / temps[:, None], -1).gather(1, tok[:, None])[:, 0]
+    assert (lp <= 0).all(), lp
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tok[[0, 4, 6]], logits.float().argmax(-1)[[0, 4, 6]])
+
+
 def _empirical(logits_row, params, n=20000):
     logits = logits_row[None].expand(n, -1).contiguous()
     tok, _ = Sampler()(logits, _st([params] * n, seeds=[11] * n, idx=list(range(n))))
