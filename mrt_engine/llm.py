@@ -176,7 +176,7 @@ class LLM:
              use_tqdm: bool = False) -> list[RequestOutput]:
         """n branches from each position of `at` (an int or a list): one RequestOutput per position.
         n defaults to params.n; when both are given, n wins."""
-        positions = [at] if isinstance(at, int) and not isinstance(at, bool) else at
+        positions = [at] if _is_int(at) else at
         if not isinstance(positions, (list, tuple)):
             raise TypeError(f"at must be an int or a list of ints, got {type(at).__name__}")
         params = SamplingParams() if params is None else params
@@ -299,19 +299,20 @@ class LLM:
             if h.version != self.scheduler.version:
                 raise ValueError(f"handle of sequence {h.seq_id} holds KV of weight version {h.version}, "
                                  f"the model is now at {self.scheduler.version}; fork before update_weights")
-            if isinstance(item.at, bool) or not isinstance(item.at, int) or not 1 <= item.at <= len(h):
+            if not _is_int(item.at) or not 1 <= item.at <= len(h):
                 raise ValueError(f"fork position must be an int in [1, {len(h)}] (the kept sequence's "
                                  f"length), got {item.at!r}")
+            at = int(item.at)     # NumPy positions (boundaries computed with NumPy) as well
             if item.suffix is None:
                 suffix = []
             elif isinstance(item.suffix, str):
                 suffix = self._encode(item.suffix, "fork suffix", special=False) if item.suffix else []
             else:
                 suffix = self._check_tokens(item.suffix, "fork suffix")
-            ids = list(h.token_ids[:item.at]) + suffix
-            if item.at >= 2:
+            ids = list(h.token_ids[:at]) + suffix
+            if at >= 2:
                 # the first at-1 tokens have KV; token at-1 is re-fed so its logits exist
-                fork_source, fork_at = h.seq_id, item.at - 1
+                fork_source, fork_at = h.seq_id, at - 1
         elif isinstance(item, dict):
             # vLLM's TokensPrompt / TextPrompt: token ids win when both are given, as in vLLM
             other = set(item) - {"prompt", "prompt_token_ids"}
@@ -406,5 +407,5 @@ class LLM:
 
 
 def _is_int(x) -> bool:
-    """A token id: any integer (Python or NumPy) but a bool."""
+    """A token id or a position: any integer (Python or NumPy) but a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -54,6 +54,26 @@ def test_forks_at_many_positions_equal_scratch(engines):
     llm.release(h)
 
 
+def test_numpy_fork_positions(engines):
+    """Positions computed with NumPy (episode boundaries often are) work as ints, in llm.fork and in
+    Fork items, and give the same branches; a NumPy bool or float is still refused."""
+    import numpy as np
+
+    llm, _ = engines
+    h, full = _trace(llm, 3, gen=20)
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    want = [o.outputs[0].token_ids for o in llm.fork(h, at=[9, 30], suffix=[7], params=sp)]
+    got = [o.outputs[0].token_ids for o in llm.fork(h, at=list(np.array([9, 30])), suffix=[7], params=sp)]
+    one = llm.fork(h, at=np.int64(30), suffix=[7], params=sp)[0].outputs[0].token_ids
+    item = llm.generate([Fork(h, at=np.int32(9), suffix=[7])], sp)[0]
+    assert got == want and one == want[1] and item.outputs[0].token_ids == want[0]
+    assert item.prompt_token_ids == full[:9] + [7]
+    for bad in (np.bool_(True), np.float64(9.0)):
+        with pytest.raises((TypeError, ValueError)):
+            llm.fork(h, at=[bad], params=sp)
+    llm.release(h)
+
+
 def test_fork_at_end_continues_the_trace(engines):
     llm, _ = engines
     rng = random.Random(5)
