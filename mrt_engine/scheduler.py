@@ -137,12 +137,13 @@ class Scheduler:
 
         # 3. admit waiting sequences (FIFO) while tokens, blocks and sequence slots last; not in a
         # step that had to preempt (the victim would come straight back and be preempted again)
+        # a running leader becomes its n samples when its prompt completes: slots count them all
+        slots = sum(r.spawn for r in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not (preempted and self.running):
             s = self.waiting[0]
             if s.spawn > self.max_num_seqs:
                 self._split(s)     # its n samples could never run together
-            # a running leader becomes its n samples when its prompt completes: count them all
-            if sum(r.spawn for r in self.running) + s.spawn > self.max_num_seqs:
+            if slots + s.spawn > self.max_num_seqs:
                 break
             before = kv.num_available_blocks()
             cached = self._admit(s)
@@ -165,6 +166,7 @@ class Scheduler:
                 s.request.num_cached_tokens = cached
             s.status = Status.RUNNING
             self.running.append(s)
+            slots += s.spawn
             self._schedule_prefill(batch, s, n)
             budget -= n
             avail -= need
