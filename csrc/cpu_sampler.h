@@ -12,7 +12,8 @@ namespace mrt {
 // logits [num_logit_rows, vocab] (float32 if !bf16 else bfloat16) with row stride `row_stride`
 // (elements); inv_t [num_logit_rows] (1/T, > 0). Sample row r draws from logits row rows[r] with
 // the uniform u[r] in [0, 1), or takes its first argmax if greedy[r] != 0. Writes tokens[r] and
-// logprobs[r] = (x[tok] - max) * inv_t - log(total) (max: the row's largest logit). Throws std::invalid_argument on bad sizes/rows.
+// logprobs[r] = (x[tok] - max) * inv_t - log(total), max being the row's largest logit. Throws
+// std::invalid_argument on bad sizes/rows.
 void sample_full_softmax(const void* logits, bool bf16, int64_t num_logit_rows, int64_t vocab,
                          int64_t row_stride, const float* inv_t, int64_t num_rows, const int64_t* rows,
                          const float* u, const uint8_t* greedy, int64_t* tokens, float* logprobs,
