@@ -293,6 +293,21 @@ class LLM:
 
     def _make_request(self, index, item, params, keep) -> Request:
         fork_source, fork_at, prompt = None, 0, None
+        if isinstance(item, dict):
+            # vLLM's TokensPrompt / TextPrompt: its text or ids take the paths below (the ids win
+            # when both are given, as in vLLM; the text is then only what the output shows)
+            other = set(item) - {"prompt", "prompt_token_ids"}
+            if other or not item:
+                raise ValueError(f"prompt {index}: a dict prompt takes 'prompt_token_ids' and/or 'prompt' only "
+                                 f"(multi-modal inputs are not supported), got keys {sorted(item)}")
+            if "prompt" in item and not isinstance(item["prompt"], str):
+                raise TypeError(f"prompt {index}: 'prompt' must be a str, got {type(item['prompt']).__name__}")
+            ids = item.get("prompt_token_ids")
+            if ids is not None and not isinstance(ids, (list, tuple)):
+                raise TypeError(f"prompt {index}: 'prompt_token_ids' must be a list of token ids, got "
+                                f"{type(ids).__name__}")
+            prompt = item.get("prompt")
+            item = prompt if ids is None else ids
         if isinstance(item, Fork):
             self._check_handle(item.handle)
             h = item.handle
@@ -313,21 +328,6 @@ class LLM:
             if at >= 2:
                 # the first at-1 tokens have KV; token at-1 is re-fed so its logits exist
                 fork_source, fork_at = h.seq_id, at - 1
-        elif isinstance(item, dict):
-            # vLLM's TokensPrompt / TextPrompt: token ids win when both are given, as in vLLM
-            other = set(item) - {"prompt", "prompt_token_ids"}
-            if other or not item:
-                raise ValueError(f"prompt {index}: a dict prompt takes 'prompt_token_ids' and/or 'prompt' only "
-                                 f"(multi-modal inputs are not supported), got keys {sorted(item)}")
-            if "prompt" in item and not isinstance(item["prompt"], str):
-                raise TypeError(f"prompt {index}: 'prompt' must be a str, got {type(item['prompt']).__name__}")
-            prompt = item.get("prompt")
-            if "prompt_token_ids" in item:
-                ids = self._check_tokens(item["prompt_token_ids"], f"prompt {index}")
-            elif not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            else:
-                ids = self._encode(prompt, f"prompt {index}", special=True)
         elif isinstance(item, str):
             if not item:
                 raise ValueError(f"prompt {index} is empty")

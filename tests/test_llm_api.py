@@ -72,7 +72,8 @@ def test_vllm_prompt_forms(llm):
     assert outs[0].prompt_token_ids == ids and outs[3].prompt_token_ids == ids
     assert llm.generate({"prompt_token_ids": ids}, sp)[0].outputs[0].token_ids == want_ids
     for bad, err in (({"prompt_token_ids": ids, "multi_modal_data": {}}, ValueError), ({}, ValueError),
-                     ({"prompt": 3}, TypeError), ({"prompt": ""}, ValueError), ({"prompt_token_ids": [1.5]}, TypeError)):
+                     ({"prompt": 3}, TypeError), ({"prompt": ""}, ValueError), ({"prompt_token_ids": [1.5]}, TypeError),
+                     ({"prompt_token_ids": "text"}, TypeError)):
         with pytest.raises(err, match="prompt 0"):
             llm.generate([bad], sp)
 
