@@ -255,6 +255,14 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
 
 #define MRT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
+// acc + a . (the 32-bit word at p, broadcast): the word is a broadcast memory operand of the dot
+// product itself ({1to16}), not a separate broadcast instruction (GCC does not fold one into
+// vdpbf16ps as it does into FMAs)
+MRT_AVX512_BF16 inline __m512 dp_bcast(__m512 acc, __m512bh a, const void* p) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(a), "m"(*static_cast<const uint32_t*>(p)));
+  return acc;
+}
+
 // Keys per softmax chunk of the bf16 kernel: a group's scores of a whole chunk are computed, then
 // exponentiated against one running max, then multiplied into O^T; the O^T accumulators are read,
 // rescaled and written back once per chunk instead of once per 16 keys.
@@ -387,11 +395,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
           for (int64_t d2 = 0; d2 < dh2; ++d2) {
             const __m512bh qd = (__m512bh)_mm512_load_si512(s.qt[g][d2]);
 #pragma GCC unroll 8
-            for (int j = 0; j < kLanes / 2; ++j) {
-              uint32_t kp;
-              std::memcpy(&kp, kr[j] + 2 * d2, sizeof kp);
-              a[j] = _mm512_dpbf16_ps(a[j], qd, (__m512bh)_mm512_set1_epi32(static_cast<int>(kp)));
-            }
+            for (int j = 0; j < kLanes / 2; ++j) a[j] = dp_bcast(a[j], qd, kr[j] + 2 * d2);
           }
 #pragma GCC unroll 8
           for (int j = 0; j < kLanes / 2; ++j) sc[j0 + j] = a[j];
@@ -426,7 +430,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
           const uint32_t* vp = &s.vpair[i][d0];
 #pragma GCC unroll 16
           for (int dd = 0; dd < 16; ++dd)
-            acc[dd] = _mm512_dpbf16_ps(acc[dd], p, (__m512bh)_mm512_set1_epi32(static_cast<int>(vp[dd])));
+            acc[dd] = dp_bcast(acc[dd], p, vp + dd);
         }
 #pragma GCC unroll 16
         for (int dd = 0; dd < 16; ++dd) _mm512_store_ps(s.ot[g][d0 + dd], acc[dd]);
@@ -512,8 +516,7 @@ MRT_AVX512_BF16 void own_task_avx512_bf16(const Ctx& c, int64_t item, int64_t h,
       for (int64_t d0 = 0; d0 < dh; d0 += 16) {
         __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + m * dh + d0), va);
         for (int i = 0; i < pairs; ++i)
-          o = _mm512_dpbf16_ps(o, (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[i])),
-                               (__m512bh)_mm512_loadu_si512(&s.vpair[i][d0]));
+          o = dp_bcast(o, (__m512bh)_mm512_loadu_si512(&s.vpair[i][d0]), pp + i);  // products commute: exact
         _mm512_storeu_ps(acc + m * dh + d0, o);
       }
     }
