@@ -263,6 +263,21 @@ MRT_AVX512_BF16 inline __m512 dp_bcast(__m512 acc, __m512bh a, const void* p) {
   return acc;
 }
 
+// 2^x for x <= 0 (or -inf) to ~3e-6 relative: the bf16 kernel's probabilities, which PV rounds to
+// bf16 (2^-9) anyway; a degree-4 fit and no upper clamp (x <= 0: every score minus the running
+// max) save 3 of exp2_avx512's 11 instructions per 16 scores
+MRT_AVX512 inline __m512 exp2_probs(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const __m512 fi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, fi);
+  __m512 p = _mm512_set1_ps(0.013520603197216251f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05203742877441495f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24142749325120402f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930066206638731f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025181301366f));
+  return _mm512_scalef_ps(p, fi);
+}
+
 // Keys per softmax chunk of the bf16 kernel: a group's scores of a whole chunk are computed, then
 // exponentiated against one running max, then multiplied into O^T; the O^T accumulators are read,
 // rescaled and written back once per chunk instead of once per 16 keys.
@@ -413,8 +428,8 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
       __m512 sum = _mm512_setzero_ps();
       for (int i = 0; i < pairs; ++i) {
         // a score past nk (an odd chunk's last pair) is -inf: its p is 0
-        const __m512 p0 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(s.sc[2 * i]), m_new));
-        const __m512 p1 = exp2_avx512(_mm512_sub_ps(_mm512_load_ps(s.sc[2 * i + 1]), m_new));
+        const __m512 p0 = exp2_probs(_mm512_sub_ps(_mm512_load_ps(s.sc[2 * i]), m_new));
+        const __m512 p1 = exp2_probs(_mm512_sub_ps(_mm512_load_ps(s.sc[2 * i + 1]), m_new));
         sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
         const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: p0, 16-31: p1
         _mm512_store_si512(s.ppair[i], _mm512_permutexvar_epi16(ipair, both));
