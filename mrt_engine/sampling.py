@@ -10,6 +10,7 @@ greedy) before any truncation: what a GRPO trainer recomputes.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,15 +41,17 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self):
+        # NumPy scalars count (sweeps and configs often produce them), stored as Python numbers
         def num(name, v):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {v!r}")
             return float(v)
 
         def integer(name, v):
-            if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {v!r}")
-            return v
+            setattr(self, name, int(v))
+            return int(v)
 
         if integer("n", self.n) < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
@@ -76,10 +79,12 @@ class SamplingParams:
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
         for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool):
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        self.ignore_eos = bool(self.ignore_eos)
         if self.seed is not None:
             integer("seed", self.seed)
         for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
@@ -88,12 +93,14 @@ class SamplingParams:
                                  f"penalties); leave it at {neutral}")
         if self.logprobs is None:
             self.logprobs = False                 # vLLM's default: none
-        elif isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool):
+        elif isinstance(self.logprobs, numbers.Integral) and not isinstance(self.logprobs, (bool, np.bool_)):
             # vLLM's count of top alternatives: logprobs=0 (what TRL and veRL pass) means the
             # sampled token's logprob only, which is all this engine returns for any count
             if self.logprobs < 0:
                 raise ValueError(f"logprobs must be True/False, None or a count >= 0, got {self.logprobs}")
             self.logprobs = True
+        elif isinstance(self.logprobs, np.bool_):
+            self.logprobs = bool(self.logprobs)
         elif not isinstance(self.logprobs, bool):
             raise TypeError(f"logprobs must be True/False, None or a count >= 0 (vLLM), got {self.logprobs!r}")
 

@@ -5,6 +5,7 @@ PyTorch path only; the two must also agree with each other.
 """
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def _st(params, seeds=None, idx=None, steps=None, rows=None):
     dict(n=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=-2),
     dict(min_p=-0.1), dict(min_p=1.1), dict(max_tokens=0), dict(stop=[""]), dict(stop_token_ids=[-1]),
     dict(temperature=float("nan")), dict(repetition_penalty=1.1), dict(presence_penalty=0.5),
-    dict(frequency_penalty=-0.2),
+    dict(frequency_penalty=-0.2), dict(stop_token_ids=[np.float32(3)]),
 ])
 def test_invalid_values_raise_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -37,10 +38,23 @@ def test_invalid_values_raise_value_error(kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [dict(n=1.5), dict(temperature="0"), dict(top_k=2.0), dict(max_tokens=2.0),
-                                    dict(ignore_eos=1), dict(seed=1.0), dict(logprobs="yes")])
+                                    dict(ignore_eos=1), dict(seed=1.0), dict(logprobs="yes"),
+                                    dict(n=np.float64(2.0)), dict(max_tokens=np.bool_(True))])
 def test_wrong_types_raise_type_error(kwargs):
     with pytest.raises(TypeError):
         SamplingParams(**kwargs)
+
+
+def test_numpy_scalars_accepted_as_python_numbers():
+    # a sweep's values (np.arange, np.linspace, a config read through NumPy) are NumPy scalars
+    p = SamplingParams(n=np.int64(4), temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int32(8),
+                       min_p=np.float32(0.0), max_tokens=np.int64(7), stop_token_ids=[np.int64(2)],
+                       ignore_eos=np.bool_(True), seed=np.uint32(3), logprobs=np.int64(0))
+    assert (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids) == (4, 8, 7, 3, [2])
+    for v in (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids[0]):
+        assert type(v) is int
+    assert type(p.temperature) is float and p.temperature == 0.5
+    assert p.ignore_eos is True and p.logprobs is True
 
 
 def test_vllm_neutral_penalties_accepted():
