@@ -16,6 +16,7 @@ _LAZY = {
     "SamplingParams": "mrt_engine.sampling",
     "RequestOutput": "mrt_engine.outputs",
     "CompletionOutput": "mrt_engine.outputs",
+    "Logprob": "mrt_engine.outputs",
 }
 
 
@@ -38,5 +39,5 @@ def default_model_path() -> str:
     return path
 
 
-__all__ = ["LLM", "Fork", "SamplingParams", "RequestOutput", "CompletionOutput", "OutOfBlocks",
+__all__ = ["LLM", "Fork", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "OutOfBlocks",
            "default_model_path"]

@@ -24,7 +24,7 @@ import torch
 from mrt_engine.config import EngineConfig
 from mrt_engine.kv.cache import KVCacheManager
 from mrt_engine.model_runner import ModelRunner
-from mrt_engine.outputs import CompletionOutput, RequestOutput
+from mrt_engine.outputs import CompletionOutput, Logprob, RequestOutput
 from mrt_engine.sampling import SamplingParams
 from mrt_engine.scheduler import Scheduler
 from mrt_engine.sequence import Fork, Request, Sequence, SequenceHandle, StopChecker, final_text
@@ -399,11 +399,26 @@ class LLM:
                 self._handles[s.seq_id] = handle
             outs.append(CompletionOutput(
                 index=s.sample_index, text=final_text(self.tokenizer, s), token_ids=s.output_token_ids,
-                logprobs=list(s.logprobs) if r.params.logprobs else None, finish_reason=s.finish_reason,
+                logprobs=self._logprobs_out(r.params, s) if r.params.returns_logprobs else None,
+                finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason, handle=handle))
         return RequestOutput(request_id=request_id, prompt=r.prompt,
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
                              num_cached_tokens=r.num_cached_tokens)
+
+
+    def _logprobs_out(self, params, s) -> list:
+        if params.top_logprobs is None:
+            return list(s.logprobs)
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)  # noqa: E731
+        out = []
+        for tok, (lp, rank, alts) in zip(s.output_token_ids, s.logprobs):
+            entry = {tok: Logprob(lp, rank, decode(tok))}       # the sampled token first, as in vLLM
+            for alt, alt_lp, alt_rank in alts:
+                if alt not in entry:
+                    entry[alt] = Logprob(alt_lp, alt_rank, decode(alt))
+            out.append(entry)
+        return out
 
 
 def _is_int(x) -> bool:

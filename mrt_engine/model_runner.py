@@ -181,10 +181,49 @@ class ModelRunner:
         with section("sampler"):
             tokens, logprobs = self.sampler(logits, st)
             if self.device.type == "cpu":
-                return tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
-            # one device-to-host read: token ids are exact in float64
-            both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
-            return both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
+                out_tokens, out_lps = tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
+            else:
+                # one device-to-host read: token ids are exact in float64
+                both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
+                out_tokens, out_lps = both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
+            if out_lps is not None and any(s.request.params.top_logprobs is not None for s, _ in sample_rows):
+                self._add_ranks(logits, sample_rows, tokens, logprobs, out_lps)
+            return out_tokens, out_lps
+
+    @staticmethod
+    def _add_ranks(logits, sample_rows, tokens, logprobs, out_lps) -> None:
+        """For samples of requests that asked in vLLM's spelling (`logprobs=k`), replaces the float in
+        out_lps by (logprob, rank, [(id, logprob, rank)] of the k most likely ids): what the output
+        turns into vLLM's Logprob dicts. Ranks count the row's strictly larger logits (1-based); an
+        alternative's logprob is the sampled one's plus its logit difference over T, so it is the
+        sampler's log_softmax(logits / T) to rounding."""
+        flat, rows, ks, inv_t = [], [], [], []
+        i = 0
+        for m, (s, n) in enumerate(sample_rows):
+            p = s.request.params
+            if p.top_logprobs is not None:
+                flat.extend(range(i, i + n))
+                rows.extend([m] * n)
+                ks.extend([p.top_logprobs] * n)
+                inv_t.extend([1.0 / p.temperature if p.temperature > 0 else 1.0] * n)
+            i += n
+        dev = logits.device
+        x = logits.index_select(0, torch.tensor(rows, device=dev)).float()            # [P, V]
+        pick = torch.tensor(flat, device=dev)
+        tok = tokens.index_select(0, pick)
+        x_tok = x.gather(1, tok[:, None])
+        ranks = ((x > x_tok).sum(1) + 1).tolist()
+        kmax = min(max(ks), x.shape[1])
+        alts = [[] for _ in flat]
+        if kmax:
+            vals, ids = x.topk(kmax, dim=1)
+            lp = logprobs.index_select(0, pick).float()[:, None]
+            alt_lps = (lp + (vals - x_tok) * torch.tensor(inv_t, device=dev)[:, None]).tolist()
+            ids = ids.tolist()
+            for j, k in enumerate(ks):
+                alts[j] = [(ids[j][r], alt_lps[j][r], r + 1) for r in range(min(k, kmax))]
+        for j, i in enumerate(flat):
+            out_lps[i] = (out_lps[i], ranks[j], alts[j])
 
     def _sampling_tensors(self, sample_rows) -> SamplingTensors:
         rows, params, seeds, sample_idx, steps = [], [], [], [], []

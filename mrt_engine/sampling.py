@@ -33,7 +33,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     seed: int | None = None
-    logprobs: bool | int | None = True   # each sampled token's logprob; vLLM's None / count also work
+    # True: each sampled token's logprob as a float; vLLM's spellings: None (none) or a count k >= 0:
+    # vLLM's shape, per token {sampled id: Logprob, then the k most likely ids: Logprob}
+    logprobs: bool | int | None = True
     # vLLM's penalties, accepted at their neutral values (what TRL passes by default) so that its
     # calls port unchanged; the sampler does not implement them
     repetition_penalty: float = 1.0
@@ -94,11 +96,11 @@ class SamplingParams:
         if self.logprobs is None:
             self.logprobs = False                 # vLLM's default: none
         elif isinstance(self.logprobs, numbers.Integral) and not isinstance(self.logprobs, (bool, np.bool_)):
-            # vLLM's count of top alternatives: logprobs=0 (what TRL and veRL pass) means the
-            # sampled token's logprob only, which is all this engine returns for any count
+            # vLLM's count of top alternatives (logprobs=0, what TRL and veRL pass: the sampled
+            # token's only), kept as an int: the output then takes vLLM's dict-of-Logprob shape
             if self.logprobs < 0:
                 raise ValueError(f"logprobs must be True/False, None or a count >= 0, got {self.logprobs}")
-            self.logprobs = True
+            self.logprobs = int(self.logprobs)
         elif isinstance(self.logprobs, np.bool_):
             self.logprobs = bool(self.logprobs)
         elif not isinstance(self.logprobs, bool):
@@ -107,6 +109,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def returns_logprobs(self) -> bool:
+        return self.logprobs is not False
+
+    @property
+    def top_logprobs(self) -> int | None:
+        """vLLM's count of alternatives when logprobs were asked for in vLLM's spelling, else None
+        (then logprobs are plain floats)."""
+        return None if isinstance(self.logprobs, bool) else self.logprobs
 
 
 # ---- counter-based uniforms ------------------------------------------------------------------

@@ -4,11 +4,12 @@ import os
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from mrt_engine import LLM, Fork, RequestOutput, SamplingParams
+from mrt_engine import LLM, Fork, Logprob, RequestOutput, SamplingParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,11 +42,17 @@ def test_text_prompts_outputs_and_order(llm):
     # one token-id prompt, a single string, and logprobs off
     one = llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=False, **GREEDY))
     assert len(one) == 1 and one[0].outputs[0].logprobs is None
-    # vLLM's spellings: None is off, a count (0: what TRL and veRL pass) gives the sampled tokens'
+    # vLLM's spellings: None is off, a count (0: what TRL and veRL pass) gives vLLM's shape, whose
+    # first entry per token is the sampled token's (checked against transformers in test_llm_vs_hf)
     assert llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=None, **GREEDY))[0].outputs[0].logprobs is None
-    full = llm.generate(_prompt(1), SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0].logprobs
-    for count in (0, 1):
-        assert llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=count, **GREEDY))[0].outputs[0].logprobs == full
+    full = llm.generate(_prompt(1), SamplingParams(max_tokens=3, **GREEDY))[0].outputs[0]
+    for count in (0, 1, np.int64(2)):
+        c = llm.generate(_prompt(1), SamplingParams(max_tokens=3, logprobs=count, **GREEDY))[0].outputs[0]
+        assert [next(iter(lp.values())).logprob for lp in c.logprobs] == full.logprobs      # TRL's line
+        assert [next(iter(lp)) for lp in c.logprobs] == full.token_ids
+        assert all(isinstance(e, Logprob) and e.rank >= 1 for lp in c.logprobs for e in lp.values())
+        assert [len(lp) for lp in c.logprobs] == [max(1, count)] * 3    # greedy: the sampled token is top 1
+        assert c.cumulative_logprob == pytest.approx(full.cumulative_logprob)
     with pytest.raises(ValueError, match="count >= 0"):
         SamplingParams(logprobs=-1)
     with pytest.raises(TypeError, match="logprobs must be"):

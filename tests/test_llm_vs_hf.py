@@ -54,6 +54,40 @@ def test_greedy_tokens_and_logprobs_match_transformers_batched(pair):
         _check_against_hf(hf, p, c)
 
 
+@pytest.mark.parametrize("count", [0, 3])
+def test_vllm_logprob_dicts_match_transformers(pair, count):
+    # SamplingParams(logprobs=k) in vLLM's spelling: per token {sampled id: Logprob, then the k most
+    # likely ids}, ranks by logit; sampled (seeded, T=0.8, n=2) so the sampled token is often not
+    # the argmax and its rank is > 1
+    _, hf, llm = pair
+    prompt = _prompts(1, seed=7)[0]
+    t = 0.8
+    outs = llm.generate([prompt], SamplingParams(n=2, temperature=t, max_tokens=24, seed=3, ignore_eos=True,
+                                                 logprobs=count))[0].outputs
+    plain = llm.generate([prompt], SamplingParams(n=2, temperature=t, max_tokens=24, seed=3, ignore_eos=True))[0]
+    tok = llm.get_tokenizer()
+    ranked_below_top = 0
+    for c, f in zip(outs, plain.outputs):
+        assert c.token_ids == f.token_ids and len(c.logprobs) == len(c.token_ids)
+        lp, _ = _hf_logprobs(hf, prompt, c.token_ids, t)
+        for pos, (token, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            ids = list(entry)
+            assert ids[0] == token                              # the sampled token first (TRL reads it so)
+            assert abs(entry[token].logprob - f.logprobs[pos]) < 1e-5   # another call: rounding
+            assert abs(entry[token].logprob - lp[pos, token].item()) < 1e-4
+            assert entry[token].rank == int((lp[pos] > lp[pos, token]).sum()) + 1
+            ranked_below_top += entry[token].rank > 1
+            top = lp[pos].topk(count)
+            alts = {i: e for i, e in entry.items() if i != token or e.rank <= count}
+            assert sorted(alts) == sorted(set(top.indices.tolist()) | ({token} if token in alts else set()))
+            for r, (i, v) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+                assert entry[i].rank == r + 1 and abs(entry[i].logprob - v) < 1e-4
+                assert entry[i].decoded_token == (tok.decode([i]) if tok is not None else None)
+            assert len(entry) in (count, count + 1) if count else len(entry) == 1
+    assert ranked_below_top > 0
+    assert outs[0].cumulative_logprob == pytest.approx(sum(plain.outputs[0].logprobs), abs=1e-5)
+
+
 def test_concurrent_mixed_lengths_equal_alone(pair):
     _, _, llm = pair
     prompts = _prompts(8, seed=1, lo=1, hi=120)
