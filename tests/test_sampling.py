@@ -54,7 +54,7 @@ def test_numpy_scalars_accepted_as_python_numbers():
     for v in (p.n, p.top_k, p.max_tokens, p.seed, p.stop_token_ids[0]):
         assert type(v) is int
     assert type(p.temperature) is float and p.temperature == 0.5
-    assert p.ignore_eos is True and p.logprobs is True
+    assert p.ignore_eos is True and type(p.logprobs) is int and p.logprobs == 0 and p.returns_logprobs
 
 
 def test_vllm_neutral_penalties_accepted():
