@@ -171,6 +171,45 @@ class LLM:
         base, self._num_requests = self._num_requests, self._num_requests + len(reqs)
         return self._run(reqs, use_tqdm, base)
 
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             keep: bool = False) -> list[RequestOutput]:
+        """vLLM's `chat`: one conversation (a list of {"role": ..., "content": ...} messages) or a
+        list of them, rendered by the tokenizer's chat template (or `chat_template`), then generated
+        like `generate` (TRL calls this for conversational datasets). The rendered text is encoded
+        without adding special tokens (the template writes its own) and is each output's `prompt`."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer and this model folder has none; render the prompt "
+                             "yourself and pass token ids to generate")
+        template = chat_template if chat_template is not None else getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("the tokenizer has no chat template; pass chat_template= (a Jinja template, as "
+                             "in vLLM) or render the prompt yourself and call generate")
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be True "
+                             "(continue_final_message extends the last message; pass add_generation_prompt=False)")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages must be a conversation (a non-empty list of {'role', 'content'} dicts) or "
+                            f"a list of conversations, got {messages!r:.80}")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        for c in conversations:
+            if not isinstance(c, (list, tuple)) or not c or not all(
+                    isinstance(m, dict) and "role" in m and "content" in m for m in c):
+                raise TypeError("each conversation must be a non-empty list of dicts with 'role' and 'content', "
+                                f"got {c!r:.80}")
+        texts = [self.tokenizer.apply_chat_template(
+            list(c), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+            for c in conversations]
+        outs = self.generate([self._encode(t, "the rendered conversation", special=False) for t in texts],
+                             sampling_params, keep=keep, use_tqdm=use_tqdm)
+        for o, t in zip(outs, texts):
+            o.prompt = t
+        return outs
+
     def fork(self, handle: SequenceHandle, at, n: int | None = None, suffix=None,
              params: SamplingParams | None = None, keep: bool = False,
              use_tqdm: bool = False) -> list[RequestOutput]:

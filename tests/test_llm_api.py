@@ -85,6 +85,48 @@ def test_vllm_prompt_forms(llm):
             llm.generate([bad], sp)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_renders_the_template_then_generates(llm):
+    """vLLM's LLM.chat (what TRL calls for conversational prompts): one conversation or a list, the
+    rendered text encoded without added special tokens, outputs equal generate on those ids."""
+    sp = SamplingParams(max_tokens=6, **GREEDY)
+    one = [{"role": "user", "content": "hi there"}]
+    two = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"},
+           {"role": "assistant", "content": "It is"}]
+    tok = llm.get_tokenizer()
+    outs = llm.chat([one, two], sp, chat_template=CHAT_TEMPLATE)
+    assert [o.prompt for o in outs] == ["<|user|>hi there\n<|assistant|>",
+                                        "<|system|>be brief\n<|user|>2+2?\n<|assistant|>It is\n<|assistant|>"]
+    for o in outs:
+        ids = tok(o.prompt, add_special_tokens=False).input_ids
+        assert o.prompt_token_ids == ids
+        assert o.outputs[0].token_ids == llm.generate([ids], sp)[0].outputs[0].token_ids
+    single = llm.chat(one, sp, chat_template=CHAT_TEMPLATE)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    cont = llm.chat(two, sp, chat_template=CHAT_TEMPLATE, add_generation_prompt=False, continue_final_message=True)
+    assert cont[0].prompt.endswith("It is")
+    kept = llm.chat(one, sp, chat_template=CHAT_TEMPLATE, keep=True)[0].outputs[0]
+    assert kept.handle is not None
+    llm.release(kept.handle)
+    with pytest.raises(ValueError, match="no chat template"):
+        llm.chat(one, sp)                       # the tiny tokenizer has none
+    with pytest.raises(ValueError, match="cannot both"):
+        llm.chat(one, sp, chat_template=CHAT_TEMPLATE, continue_final_message=True)
+    for bad in ([], "hi", [{"content": "no role"}], [[]], [one, "x"]):
+        with pytest.raises(TypeError, match="conversation"):
+            llm.chat(bad, sp, chat_template=CHAT_TEMPLATE)
+
+
+def test_chat_without_a_tokenizer_says_so(make_tiny_model, tmp_path):
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        bare = LLM(make_tiny_model(tmp_path, "llama", with_tokenizer=False), num_blocks=16)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        bare.chat([{"role": "user", "content": "hi"}], chat_template=CHAT_TEMPLATE)
+
+
 def test_vllm_argument_names(tiny_qwen2_dir):
     """LLM(model=...) as in vLLM (model_dir= and the positional folder still work; both at once or
     neither is refused), and max_tokens=None generates up to max_model_len."""
