@@ -10,6 +10,34 @@ from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton")
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+
+# vLLM engine arguments a port passes (TRL's colocate mode passes several), accepted where they
+# describe what this engine does anyway: name -> allowed values (None in the tuple: any bool)
+_VLLM_NEUTRAL = {
+    "tensor_parallel_size": (1,), "pipeline_parallel_size": (1,), "data_parallel_size": (1,),
+    "quantization": (None,), "kv_cache_dtype": ("auto",), "enable_sleep_mode": (False,),
+    # one engine in this process: what vLLM's external_launcher (TRL's colocate mode) and uni are
+    "distributed_executor_backend": (None, "uni", "external_launcher"),
+    "revision": (None,), "tokenizer_revision": (None,), "model_impl": ("auto", "vllm"),
+    "load_format": ("auto", "safetensors"), "tokenizer_mode": ("auto",),
+    "trust_remote_code": None, "enforce_eager": None, "disable_log_stats": None,
+}
+
+
+def check_vllm_engine_args(kwargs: dict) -> None:
+    """Refuses vLLM engine arguments this engine cannot honour, saying what it supports."""
+    for name, value in kwargs.items():
+        if name not in _VLLM_NEUTRAL:
+            raise TypeError(f"LLM() got an unexpected keyword argument {name!r} (vLLM arguments accepted at "
+                            f"neutral values: {', '.join(sorted(_VLLM_NEUTRAL))})")
+        allowed = _VLLM_NEUTRAL[name]
+        if allowed is None:
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        elif value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
+            raise ValueError(f"{name}={value!r} is not supported by this single-device engine (accepted: "
+                             f"{', '.join(repr(a) for a in allowed)})")
 
 
 def _positive_int(name, value, allow_none=False):
@@ -36,6 +64,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True       # reuse full blocks of earlier prompts (keyed by weight version)
     deterministic: bool | None = None        # batch-invariant tokens and logprobs (triton backend);
                                              # None: MRT_ENGINE_DETERMINISTIC decides
+    logprobs_mode: str | None = None         # None: log_softmax(logits / T) before truncation;
+                                             # vLLM's "raw_logprobs" / "processed_logprobs"
 
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
@@ -62,3 +92,6 @@ class EngineConfig:
             raise TypeError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if self.deterministic is not None and not isinstance(self.deterministic, bool):
             raise TypeError(f"deterministic must be a bool or None, got {self.deterministic!r}")
+        if self.logprobs_mode is not None and self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be None (log_softmax(logits / T) before top-k/top-p) or one of "
+                             f"vLLM's {LOGPROBS_MODES}, got {self.logprobs_mode!r} (logits modes are not supported)")

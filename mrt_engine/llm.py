@@ -21,7 +21,7 @@ from array import array
 
 import torch
 
-from mrt_engine.config import EngineConfig
+from mrt_engine.config import EngineConfig, check_vllm_engine_args
 from mrt_engine.kv.cache import KVCacheManager
 from mrt_engine.model_runner import ModelRunner
 from mrt_engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -36,8 +36,18 @@ class LLM:
                  attention_backend: str = "auto", max_num_batched_tokens: int = 4096,
                  max_num_seqs: int = 256, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
-                 deterministic: bool | None = None, *, model_dir=None):
-        """`model`: a Hugging Face model folder (vLLM's argument name; `model_dir=` also works)."""
+                 deterministic: bool | None = None, *, model_dir=None, logprobs_mode: str | None = None,
+                 tokenizer=None, **vllm_kwargs):
+        """`model`: a Hugging Face model folder (vLLM's argument name; `model_dir=` also works).
+
+        vLLM's `tokenizer=` (another folder to load the tokenizer from) and `logprobs_mode`
+        ("raw_logprobs": log_softmax(logits); "processed_logprobs": after temperature and
+        top-k/top-p/min-p; None, the default: after temperature, before truncation) work as in vLLM;
+        its parallelism, quantization and sleep-mode arguments are accepted at the values that
+        describe this engine (one device, no quantization) and refused otherwise."""
+        check_vllm_engine_args(vllm_kwargs)
+        if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+            raise TypeError(f"tokenizer must be a folder path, got {type(tokenizer).__name__}")
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
         from mrt_engine.models import resolve_dtype
 
@@ -49,7 +59,7 @@ class LLM:
             raise TypeError("LLM needs a model folder: LLM('path/to/hf-folder') or LLM(model=...)")
         cfg = EngineConfig(model, dtype, device, block_size, num_blocks, max_model_len, seed,
                            attention_backend, max_num_batched_tokens, max_num_seqs, kv_cache_memory_gb,
-                           gpu_memory_utilization, enable_prefix_caching, deterministic)
+                           gpu_memory_utilization, enable_prefix_caching, deterministic, logprobs_mode)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
         # 1. model (config and weights are checked by the loader: FileNotFoundError / ValueError)
@@ -77,13 +87,14 @@ class LLM:
         self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size)
 
         # 3. tokenizer (optional: token-id prompts work without one) and stop rules
-        self.tokenizer = self._load_tokenizer(cfg.model)
+        self.tokenizer = (self._load_tokenizer(cfg.model) if tokenizer is None
+                          else self._load_tokenizer(os.fspath(tokenizer), required=True))
         self.eos_token_ids = self._eos_ids(cfg.model, hf_config, self.tokenizer)
         self._stop = StopChecker(self.tokenizer, self.eos_token_ids, cfg.max_model_len)
 
         self.scheduler = Scheduler(self.kv, cfg.block_size, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                    cfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.kv_caches, cfg.block_size, cfg.device)
+        self.runner = ModelRunner(self.model, self.kv_caches, cfg.block_size, cfg.device, cfg.logprobs_mode)
         self._rng = random.Random(cfg.seed)
         self._handles: dict[int, SequenceHandle] = {}
         self._num_requests = 0
@@ -105,9 +116,12 @@ class LLM:
         return blocks
 
     @staticmethod
-    def _load_tokenizer(model_dir):
+    def _load_tokenizer(model_dir, required: bool = False):
         has_tok = any(os.path.isfile(os.path.join(model_dir, f))
                       for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+        if not has_tok and required:
+            raise FileNotFoundError(f"tokenizer={model_dir!r} holds no tokenizer (tokenizer.json, "
+                                    f"tokenizer_config.json, tokenizer.model or vocab.json)")
         if not has_tok:
             warnings.warn(f"no tokenizer in {model_dir!r}: only token-id prompts work, outputs have no text")
             return None

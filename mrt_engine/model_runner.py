@@ -20,8 +20,9 @@ from mrt_engine.kv.step_plan import plan_decode_groups
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches, block_size: int, device):
+    def __init__(self, model, kv_caches, block_size: int, device, logprobs_mode: str | None = None):
         self.model = model
+        self.logprobs_mode = logprobs_mode      # None (ours), "raw_logprobs", "processed_logprobs" (vLLM)
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = torch.device(device)
@@ -179,7 +180,9 @@ class ModelRunner:
         with section("step_build"):
             st = self._sampling_tensors(sample_rows)
         with section("sampler"):
-            tokens, logprobs = self.sampler(logits, st)
+            tokens, logprobs = self.sampler(logits, st, processed=self.logprobs_mode == "processed_logprobs")
+            if self.logprobs_mode == "raw_logprobs" and want_logprobs:
+                logprobs = self._raw_logprobs(logits, st, tokens, logprobs)
             if self.device.type == "cpu":
                 out_tokens, out_lps = tokens.tolist(), (logprobs.tolist() if want_logprobs else None)
             else:
@@ -187,16 +190,32 @@ class ModelRunner:
                 both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
                 out_tokens, out_lps = both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
             if out_lps is not None and any(s.request.params.top_logprobs is not None for s, _ in sample_rows):
-                self._add_ranks(logits, sample_rows, tokens, logprobs, out_lps)
+                self._add_ranks(logits, sample_rows, tokens, logprobs, out_lps, self.logprobs_mode,
+                                self.sampler.kept_counts)
             return out_tokens, out_lps
 
     @staticmethod
-    def _add_ranks(logits, sample_rows, tokens, logprobs, out_lps) -> None:
+    def _raw_logprobs(logits, st, tokens, logprobs):
+        """vLLM's raw_logprobs: log_softmax(logits)[token], no temperature; recomputed only for rows
+        sampled at a temperature other than 1 (greedy rows' logprobs are already at T = 1, and the
+        sampler's are before any truncation)."""
+        t = st.temperature
+        redo = ((t != 0) & (t != 1)).nonzero()[:, 0]
+        if redo.numel() == 0:
+            return logprobs
+        rows = redo if st.logit_rows is None else st.logit_rows.index_select(0, redo)
+        x = logits.index_select(0, rows).float()
+        raw = x.gather(1, tokens.index_select(0, redo)[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+        return logprobs.index_copy(0, redo, raw.to(logprobs.dtype))
+
+    @staticmethod
+    def _add_ranks(logits, sample_rows, tokens, logprobs, out_lps, mode=None, kept_counts=None) -> None:
         """For samples of requests that asked in vLLM's spelling (`logprobs=k`), replaces the float in
         out_lps by (logprob, rank, [(id, logprob, rank)] of the k most likely ids): what the output
         turns into vLLM's Logprob dicts. Ranks count the row's strictly larger logits (1-based); an
-        alternative's logprob is the sampled one's plus its logit difference over T, so it is the
-        sampler's log_softmax(logits / T) to rounding."""
+        alternative's logprob is the sampled one's plus its logit difference over T (over 1 in
+        raw_logprobs mode), so it is in the sampled token's distribution to rounding; in
+        processed_logprobs mode a token the row's truncation dropped gets -inf, as in vLLM."""
         flat, rows, ks, inv_t = [], [], [], []
         i = 0
         for m, (s, n) in enumerate(sample_rows):
@@ -205,7 +224,8 @@ class ModelRunner:
                 flat.extend(range(i, i + n))
                 rows.extend([m] * n)
                 ks.extend([p.top_logprobs] * n)
-                inv_t.extend([1.0 / p.temperature if p.temperature > 0 else 1.0] * n)
+                scaled = p.temperature > 0 and mode != "raw_logprobs"
+                inv_t.extend([1.0 / p.temperature if scaled else 1.0] * n)
             i += n
         dev = logits.device
         x = logits.index_select(0, torch.tensor(rows, device=dev)).float()            # [P, V]
@@ -218,7 +238,11 @@ class ModelRunner:
         if kmax:
             vals, ids = x.topk(kmax, dim=1)
             lp = logprobs.index_select(0, pick).float()[:, None]
-            alt_lps = (lp + (vals - x_tok) * torch.tensor(inv_t, device=dev)[:, None]).tolist()
+            alt = lp + (vals - x_tok) * torch.tensor(inv_t, device=dev)[:, None]
+            if kept_counts is not None:   # processed_logprobs: ranks past the kept ones are out
+                kept = kept_counts.index_select(0, pick)[:, None]
+                alt = alt.masked_fill(torch.arange(1, kmax + 1, device=dev)[None, :] > kept, float("-inf"))
+            alt_lps = alt.tolist()
             ids = ids.tolist()
             for j, k in enumerate(ks):
                 alts[j] = [(ids[j][r], alt_lps[j][r], r + 1) for r in range(min(k, kmax))]

@@ -233,6 +233,9 @@ class Sampler:
 
     def __init__(self):
         self._work: torch.Tensor | None = None
+        # set by a call with processed=True: per sample row, how many of the most likely tokens
+        # the row's top-k/top-p/min-p kept (the vocabulary size for rows that do not truncate)
+        self.kept_counts: torch.Tensor | None = None
 
     def _workspace(self, shape, device) -> torch.Tensor:
         n = shape[0] * shape[1]
@@ -240,26 +243,46 @@ class Sampler:
             self._work = torch.empty(n, dtype=torch.float32, device=device)
         return self._work[:n].view(shape)
 
-    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors,
+                 processed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`processed`: a truncating row's logprob is taken in its truncated distribution (vLLM's
+        processed_logprobs: log of p / the kept mass), and `kept_counts` is set."""
+        self.kept_counts = None
         if not (st.any_top_k or st.any_top_p or st.any_min_p):
+            if processed:
+                self.kept_counts = torch.full((st.temperature.shape[0],), logits.shape[1], dtype=torch.long,
+                                              device=logits.device)
             return self._sample_full(logits, st)
         truncates = st.truncates
         if all(truncates):
-            return self._sample_truncated(logits, st)
+            tokens, logprobs, kept = self._sample_truncated(logits, st, processed)
+            self.kept_counts = kept
+            return tokens, logprobs
         # a mixed step: every row takes the path it takes alone, so a seeded row samples the same
         # token whatever shares its step (the two paths round differently)
         tokens = torch.empty(len(truncates), dtype=torch.long, device=logits.device)
         logprobs = torch.empty(len(truncates), dtype=torch.float32, device=logits.device)
-        for want, fn in ((False, self._sample_full), (True, self._sample_truncated)):
+        kept_all = torch.full((len(truncates),), logits.shape[1], dtype=torch.long, device=logits.device)
+        for want in (False, True):
             idx = [i for i, t in enumerate(truncates) if t == want]
-            tok, lp = fn(logits, st.select(idx))
+            sub = st.select(idx)
             rows = torch.tensor(idx, dtype=torch.long, device=logits.device)
+            if want:
+                tok, lp, kept = self._sample_truncated(logits, sub, processed)
+                if processed:
+                    kept_all.index_copy_(0, rows, kept)
+            else:
+                tok, lp = self._sample_full(logits, sub)
             tokens.index_copy_(0, rows, tok)
             logprobs.index_copy_(0, rows, lp)
+        if processed:
+            self.kept_counts = kept_all
         return tokens, logprobs
 
-    def _sample_truncated(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row truncates (or is greedy): one softmax, masks, one inverse CDF in id order."""
+    def _sample_truncated(self, logits: torch.Tensor, st: SamplingTensors, processed: bool = False):
+        """Every row truncates (or is greedy): one softmax, masks, one inverse CDF in id order.
+        Returns (tokens, logprobs, kept counts or None); `processed`: logprobs in the truncated
+        distribution."""
         x = logits if st.logit_rows is None else logits.index_select(0, st.logit_rows)
         x = x.float()
         greedy = st.temperature == 0
@@ -271,11 +294,15 @@ class Sampler:
             x = x - x.amax(dim=-1, keepdim=True)
             probs = torch.softmax(x.mul_(inv_t[:, None]), dim=-1)      # [R, V]
         pmax, argmax = probs.max(dim=-1) if (st.any_greedy or st.any_min_p) else (None, None)
-        tokens = self._sample(probs, pmax, st)
+        tokens, kept_mass, kept = self._sample(probs, pmax, st)
         if st.any_greedy:
             tokens = torch.where(greedy, argmax, tokens)
         logprobs = probs.gather(1, tokens[:, None])[:, 0].log_()
-        return tokens, logprobs
+        if not processed:
+            return tokens, logprobs, None
+        # greedy rows keep their one distribution (vLLM applies no truncation to them)
+        logprobs = torch.where(greedy, logprobs, logprobs - kept_mass.log())
+        return tokens, logprobs, torch.where(greedy, torch.full_like(kept, probs.shape[1]), kept)
 
     def _sample_full(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """No truncation in any row: two-level inverse CDF over the unique logits rows."""
@@ -340,7 +367,8 @@ class Sampler:
         return tokens, logprobs
 
     @staticmethod
-    def _sample(probs: torch.Tensor, pmax, st: SamplingTensors) -> torch.Tensor:
+    def _sample(probs: torch.Tensor, pmax, st: SamplingTensors):
+        """-> (tokens, kept probability mass, kept token count) per row."""
         V = probs.shape[-1]
         if st.any_top_k or st.any_top_p:
             # 1. sort once; top-k, then top-p on the top-k mass, then min-p, all as masks
@@ -364,9 +392,11 @@ class Sampler:
         return Sampler._inverse_cdf(probs, st.uniform)
 
     @staticmethod
-    def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Index i with cum[i-1] <= u * total < cum[i]: never a zero-weight entry."""
+    def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor):
+        """Index i with cum[i-1] <= u * total < cum[i] (never a zero-weight entry), the total and
+        the number of nonzero weights per row."""
         cum = weights.cumsum(dim=-1)
-        target = (u * cum[:, -1])[:, None].contiguous()
+        total = cum[:, -1]
+        target = (u * total)[:, None].contiguous()
         idx = torch.searchsorted(cum, target, right=True)[:, 0]
-        return idx.clamp_(max=weights.shape[-1] - 1)
+        return idx.clamp_(max=weights.shape[-1] - 1), total, (weights > 0).sum(dim=-1)

@@ -127,6 +127,29 @@ def test_chat_without_a_tokenizer_says_so(make_tiny_model, tmp_path):
         bare.chat([{"role": "user", "content": "hi"}], chat_template=CHAT_TEMPLATE)
 
 
+def test_vllm_engine_arguments(tiny_qwen2_dir, tiny_llama_dir, tmp_path):
+    """What TRL's colocate mode passes to vLLM's LLM() is accepted where it describes this engine,
+    refused with what is supported otherwise; tokenizer= loads another folder's tokenizer."""
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    want = LLM(tiny_qwen2_dir, num_blocks=32).generate(["hello"], sp)[0].outputs[0].token_ids
+    trl = LLM(model=tiny_qwen2_dir, num_blocks=32, tensor_parallel_size=1, gpu_memory_utilization=0.3,
+              max_num_seqs=64, max_model_len=256, distributed_executor_backend="external_launcher", seed=0,
+              max_num_batched_tokens=1024, enable_sleep_mode=False, model_impl="vllm",
+              logprobs_mode="processed_logprobs", trust_remote_code=True, enforce_eager=True, tokenizer=tiny_llama_dir)
+    assert trl.generate(["hello"], sp)[0].outputs[0].token_ids == want   # the same tiny tokenizer
+    for kwargs, exc, match in ((dict(tensor_parallel_size=2), ValueError, "single-device"),
+                               (dict(quantization="bitsandbytes"), ValueError, "accepted: None"),
+                               (dict(enable_sleep_mode=True), ValueError, "enable_sleep_mode"),
+                               (dict(distributed_executor_backend="ray"), ValueError, "external_launcher"),
+                               (dict(enforce_eager=1), TypeError, "bool"),
+                               (dict(no_such_argument=1), TypeError, "unexpected keyword"),
+                               (dict(logprobs_mode="raw_logits"), ValueError, "logits modes"),
+                               (dict(tokenizer=str(tmp_path)), FileNotFoundError, "no tokenizer"),
+                               (dict(tokenizer=3), TypeError, "folder path")):
+        with pytest.raises(exc, match=match):
+            LLM(tiny_qwen2_dir, num_blocks=8, **kwargs)
+
+
 def test_vllm_argument_names(tiny_qwen2_dir):
     """LLM(model=...) as in vLLM (model_dir= and the positional folder still work; both at once or
     neither is refused), and max_tokens=None generates up to max_model_len."""

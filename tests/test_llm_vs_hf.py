@@ -88,6 +88,39 @@ def test_vllm_logprob_dicts_match_transformers(pair, count):
     assert outs[0].cumulative_logprob == pytest.approx(sum(plain.outputs[0].logprobs), abs=1e-5)
 
 
+@pytest.mark.parametrize("mode", [None, "raw_logprobs", "processed_logprobs"])
+def test_logprobs_modes_match_transformers(pair, mode):
+    # vLLM's logprobs_mode: raw = log_softmax(logits); processed = after temperature and top-k (the
+    # kept tokens renormalised, the dropped ones -inf); ours (None) = log_softmax(logits / T)
+    path, hf, _ = pair
+    llm = LLM(path, dtype="float32", num_blocks=256, logprobs_mode=mode)
+    prompt = _prompts(1, seed=11)[0]
+    t, k = 0.7, 5
+    for top_k in (-1, k):
+        out = llm.generate([prompt], SamplingParams(n=2, temperature=t, top_k=top_k, max_tokens=16, seed=5,
+                                                    ignore_eos=True, logprobs=k + 2))[0].outputs[0]
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            x = hf(ids).logits[0, len(prompt) - 1:-1].float()
+        if mode == "raw_logprobs":
+            ref = torch.log_softmax(x, -1)
+        elif mode == "processed_logprobs" and top_k > 0:
+            kth = x.topk(top_k, dim=-1).values[:, -1:]
+            ref = torch.log_softmax((x / t).masked_fill(x < kth, float("-inf")), -1)
+        else:
+            ref = torch.log_softmax(x / t, -1)
+        for pos, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert list(entry)[0] == token
+            assert abs(entry[token].logprob - ref[pos, token].item()) < 1e-4
+            for i, e in entry.items():
+                if ref[pos, i] == float("-inf"):
+                    assert e.logprob == float("-inf") and e.rank > top_k
+                else:
+                    assert abs(e.logprob - ref[pos, i].item()) < 1e-4
+        if mode == "processed_logprobs" and top_k > 0:
+            assert all(e[i].logprob == float("-inf") for e in out.logprobs for i in e if e[i].rank > top_k)
+
+
 def test_concurrent_mixed_lengths_equal_alone(pair):
     _, _, llm = pair
     prompts = _prompts(8, seed=1, lo=1, hi=120)

@@ -144,6 +144,35 @@ def test_sampled_frequencies_match_truncated_distribution(cfg):
     assert (emp - exp).abs().max() < 0.015
 
 
+def test_processed_logprobs_are_in_the_truncated_distribution():
+    # vLLM's processed_logprobs: a truncating row's logprob is log of its renormalised truncated
+    # distribution (the `_expected` reference above), with the kept-token count; a mixed step
+    # (truncating, plain and greedy rows) gives every row what it gets alone
+    torch.manual_seed(4)
+    logits = torch.randn(5, 40) * 2
+    params = [SamplingParams(temperature=0.8, top_p=0.6, seed=1), SamplingParams(temperature=1.3, seed=2),
+              SamplingParams(temperature=0.7, top_k=3, min_p=0.05, seed=3), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0, min_p=0.3, seed=4)]
+    st = _st(params, [1, 2, 3, 0, 4], list(range(5)), [0] * 5)
+    sampler = Sampler()
+    tok_plain, lp_plain = sampler(logits, st)
+    assert sampler.kept_counts is None
+    tok, lp = sampler(logits, st, processed=True)
+    assert torch.equal(tok, tok_plain)
+    for i, p in enumerate(params):
+        t = p.temperature or 1.0
+        if p.greedy:
+            ref = torch.softmax(logits[i] / t, -1)
+        else:
+            ref = _expected(logits[i], t, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
+        assert abs(lp[i].item() - ref[tok[i]].log().item()) < 1e-5
+        assert sampler.kept_counts[i].item() == (ref > 0).sum().item()
+        if p.top_p == 1.0 and p.top_k == -1 and p.min_p == 0.0:
+            assert lp[i].item() == pytest.approx(lp_plain[i].item(), abs=1e-6)   # nothing truncated
+        else:
+            assert lp[i].item() > lp_plain[i].item()     # renormalised over less than all the mass
+
+
 def test_seeded_rows_are_batch_invariant():
     torch.manual_seed(3)
     logits = torch.randn(10, 64)
