@@ -459,11 +459,15 @@ class LLM:
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
                              num_cached_tokens=r.num_cached_tokens)
 
-
     def _logprobs_out(self, params, s) -> list:
+        """A sample's logprobs: floats, or vLLM's {id: Logprob} per token for a count (see
+        ModelRunner._add_ranks for what the runner recorded)."""
         if params.top_logprobs is None:
             return list(s.logprobs)
-        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: None)  # noqa: E731
+
+        def decode(t):
+            return None if self.tokenizer is None else self.tokenizer.decode([t])
+
         out = []
         for tok, (lp, rank, alts) in zip(s.output_token_ids, s.logprobs):
             entry = {tok: Logprob(lp, rank, decode(tok))}       # the sampled token first, as in vLLM

@@ -294,7 +294,7 @@ class Sampler:
             x = x - x.amax(dim=-1, keepdim=True)
             probs = torch.softmax(x.mul_(inv_t[:, None]), dim=-1)      # [R, V]
         pmax, argmax = probs.max(dim=-1) if (st.any_greedy or st.any_min_p) else (None, None)
-        tokens, kept_mass, kept = self._sample(probs, pmax, st)
+        tokens, kept_mass, kept = self._sample(probs, pmax, st, count=processed)
         if st.any_greedy:
             tokens = torch.where(greedy, argmax, tokens)
         logprobs = probs.gather(1, tokens[:, None])[:, 0].log_()
@@ -367,8 +367,8 @@ class Sampler:
         return tokens, logprobs
 
     @staticmethod
-    def _sample(probs: torch.Tensor, pmax, st: SamplingTensors):
-        """-> (tokens, kept probability mass, kept token count) per row."""
+    def _sample(probs: torch.Tensor, pmax, st: SamplingTensors, count: bool = False):
+        """-> (tokens, kept probability mass, kept token count or None) per row."""
         V = probs.shape[-1]
         if st.any_top_k or st.any_top_p:
             # 1. sort once; top-k, then top-p on the top-k mass, then min-p, all as masks
@@ -385,18 +385,19 @@ class Sampler:
             # 2. the mask back in id order, then sample in id order like the untruncated rows: a
             # min-p-only row then draws the same token whether or not top-k rows share its step
             keep = torch.zeros_like(sp, dtype=torch.bool).scatter_(1, si, sp > 0)
-            return Sampler._inverse_cdf(probs.masked_fill(~keep, 0.0), st.uniform)
+            return Sampler._inverse_cdf(probs.masked_fill(~keep, 0.0), st.uniform, count)
         if st.any_min_p:
             # a masked copy: probs still has to give the logprobs
-            return Sampler._inverse_cdf(probs.masked_fill(probs < (st.min_p * pmax)[:, None], 0.0), st.uniform)
-        return Sampler._inverse_cdf(probs, st.uniform)
+            return Sampler._inverse_cdf(probs.masked_fill(probs < (st.min_p * pmax)[:, None], 0.0), st.uniform,
+                                        count)
+        return Sampler._inverse_cdf(probs, st.uniform, count)
 
     @staticmethod
-    def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor):
+    def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor, count: bool = False):
         """Index i with cum[i-1] <= u * total < cum[i] (never a zero-weight entry), the total and
-        the number of nonzero weights per row."""
+        (`count`) the number of nonzero weights per row."""
         cum = weights.cumsum(dim=-1)
         total = cum[:, -1]
         target = (u * total)[:, None].contiguous()
         idx = torch.searchsorted(cum, target, right=True)[:, 0]
-        return idx.clamp_(max=weights.shape[-1] - 1), total, (weights > 0).sum(dim=-1)
+        return idx.clamp_(max=weights.shape[-1] - 1), total, ((weights > 0).sum(dim=-1) if count else None)
