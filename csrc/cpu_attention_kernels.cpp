@@ -266,16 +266,10 @@ MRT_AVX512_BF16 inline __m512 dp_bcast(__m512 acc, __m512bh a, const void* p) {
 // 2^x for x <= 0 (or -inf) to ~3e-6 relative: the bf16 kernel's probabilities, which PV rounds to
 // bf16 (2^-9) anyway; a degree-4 fit and no upper clamp (x <= 0: every score minus the running
 // max) save 3 of exp2_avx512's 11 instructions per 16 scores
+constexpr float kProbExp2Coeffs[5] = {0.013520603197216251f, 0.05203742877441495f, 0.24142749325120402f,
+                                      0.6930066206638731f, 1.0000025181301366f};
 MRT_AVX512 inline __m512 exp2_probs(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
-  const __m512 fi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, fi);
-  __m512 p = _mm512_set1_ps(0.013520603197216251f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05203742877441495f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24142749325120402f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6930066206638731f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025181301366f));
-  return _mm512_scalef_ps(p, fi);
+  return cpu::exp2_poly(_mm512_max_ps(x, _mm512_set1_ps(-200.f)), kProbExp2Coeffs);
 }
 
 // Keys per softmax chunk of the bf16 kernel: a group's scores of a whole chunk are computed, then

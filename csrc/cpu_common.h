@@ -139,21 +139,26 @@ MRT_AVX512 inline void transpose16x16(__m512* r) {
   }
 }
 
+// 2^x = 2^floor(x) * poly(x - floor(x)) for x already clamped to [-200, 127] (-200 gives exactly
+// 0); c: the polynomial's N coefficients from the highest degree down, a fit of 2^f on [0, 1)
+template <int N>
+MRT_AVX512 inline __m512 exp2_poly(__m512 x, const float (&c)[N]) {
+  const __m512 fi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, fi);
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(p, fi);
+}
+
+// least-squares fit of 2^f on [0, 1) at Chebyshev nodes (relative error 1.04e-7)
+constexpr float kExp2Coeffs[7] = {0.00021690608991775662f, 0.0012443081941455603f, 0.009678472764790058f,
+                                  0.05548352375626564f,    0.2402298003435135f,    0.6931470036506653f,
+                                  1.0f};
+
 // 2^x, x in log2 units; relative error ~1e-7; x <= -200 gives exactly 0 (masked keys are -inf)
 MRT_AVX512 inline __m512 exp2_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(127.f));
-  const __m512 fi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, fi);
-  // least-squares fit of 2^f on [0, 1) at Chebyshev nodes (relative error 1.04e-7)
-  __m512 p = _mm512_set1_ps(0.00021690608991775662f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0012443081941455603f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.009678472764790058f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05548352375626564f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402298003435135f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, fi);
+  return exp2_poly(_mm512_min_ps(x, _mm512_set1_ps(127.f)), kExp2Coeffs);
 }
 #endif  // MRT_HAVE_X86
 
