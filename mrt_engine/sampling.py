@@ -41,6 +41,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # vLLM's text options, honoured: no text at all, special tokens kept, the matched stop string kept
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # further vLLM fields a port passes (TRL passes guided_decoding / structured_outputs=None),
+    # accepted at the values that mean what this engine does
+    min_tokens: int = 0
+    best_of: int | None = None
+    guided_decoding: object = None
+    structured_outputs: object = None
+    bad_words: list | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         # NumPy scalars count (sweeps and configs often produce them), stored as Python numbers
@@ -93,6 +105,22 @@ class SamplingParams:
             if num(name, getattr(self, name)) != neutral:
                 raise ValueError(f"{name}={getattr(self, name)} is not supported (this engine's sampler has no "
                                  f"penalties); leave it at {neutral}")
+        for name in ("detokenize", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (they are matched in the text); use "
+                             "stop_token_ids with detokenize=False")
+        if integer("min_tokens", self.min_tokens) != 0:
+            raise ValueError(f"min_tokens={self.min_tokens} is not supported (the sampler never suppresses "
+                             f"EOS or stops); leave it at 0")
+        if self.best_of is not None and integer("best_of", self.best_of) != self.n:
+            raise ValueError(f"best_of={self.best_of} is not supported (every sample is returned); leave it at "
+                             f"None or n")
+        for name in ("guided_decoding", "structured_outputs", "bad_words", "truncate_prompt_tokens"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported by this engine's sampler; leave it at None")
         if self.logprobs is None:
             self.logprobs = False                 # vLLM's default: none
         elif isinstance(self.logprobs, numbers.Integral) and not isinstance(self.logprobs, (bool, np.bool_)):

@@ -171,12 +171,14 @@ class StopChecker:
 
 
 def final_text(tokenizer, seq: Sequence) -> str:
-    """Text of the generated tokens; cut at the stop string that ended the sequence."""
-    if tokenizer is None:
+    """Text of the generated tokens; cut at (or, with include_stop_str_in_output, after) the stop
+    string that ended the sequence; "" without a tokenizer or with detokenize=False."""
+    params = seq.request.params
+    if tokenizer is None or not params.detokenize:
         return ""
-    text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+    text = tokenizer.decode(seq.output_token_ids, skip_special_tokens=params.skip_special_tokens)
     if isinstance(seq.stop_reason, str):
         cut = text.find(seq.stop_reason)
         if cut >= 0:
-            text = text[:cut]
+            text = text[:cut + (len(seq.stop_reason) if params.include_stop_str_in_output else 0)]
     return text

@@ -196,6 +196,29 @@ def test_stop_string_truncates_text(llm):
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[:text.find(stop)]
     assert out.token_ids == base.token_ids[:len(out.token_ids)] and len(out.token_ids) < 40
+    # vLLM's text options: the stop string kept, no text at all
+    kept = llm.generate([prompt], SamplingParams(max_tokens=40, stop=[stop], include_stop_str_in_output=True,
+                                                 **GREEDY))[0].outputs[0]
+    assert kept.text == text[:text.find(stop) + len(stop)] and kept.token_ids == out.token_ids
+    bare = llm.generate([prompt], SamplingParams(max_tokens=40, detokenize=False, **GREEDY))[0].outputs[0]
+    assert bare.text == "" and bare.token_ids == base.token_ids
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["x"], detokenize=False)
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(llm):
+    # flat sampling with EOS ignored: some of the 8 samples draw the EOS token mid-output
+    tok = llm.get_tokenizer()
+    outs = {skip: llm.generate([_prompt(2)], SamplingParams(n=8, temperature=5.0, max_tokens=200, ignore_eos=True,
+                                                            seed=1, skip_special_tokens=skip))[0].outputs
+            for skip in (True, False)}
+    with_eos = [i for i, c in enumerate(outs[True]) if tok.eos_token_id in c.token_ids]
+    assert with_eos, "no sample drew EOS: pick another seed"
+    for i in with_eos:
+        a, b = outs[True][i], outs[False][i]
+        assert a.token_ids == b.token_ids
+        assert tok.eos_token not in a.text and tok.eos_token in b.text
+        assert b.text == tok.decode(b.token_ids, skip_special_tokens=False)
 
 
 def test_seeded_sampling_is_batch_invariant_and_engine_seed_reproducible(llm, tiny_qwen2_dir):

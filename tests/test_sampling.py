@@ -31,6 +31,8 @@ def _st(params, seeds=None, idx=None, steps=None, rows=None):
     dict(min_p=-0.1), dict(min_p=1.1), dict(max_tokens=0), dict(stop=[""]), dict(stop_token_ids=[-1]),
     dict(temperature=float("nan")), dict(repetition_penalty=1.1), dict(presence_penalty=0.5),
     dict(frequency_penalty=-0.2), dict(stop_token_ids=[np.float32(3)]),
+    dict(min_tokens=2), dict(n=2, best_of=4), dict(guided_decoding={"regex": "a+"}),
+    dict(structured_outputs=object()), dict(bad_words=["x"]), dict(truncate_prompt_tokens=8),
 ])
 def test_invalid_values_raise_value_error(kwargs):
     with pytest.raises(ValueError):
@@ -55,6 +57,16 @@ def test_numpy_scalars_accepted_as_python_numbers():
         assert type(v) is int
     assert type(p.temperature) is float and p.temperature == 0.5
     assert p.ignore_eos is True and type(p.logprobs) is int and p.logprobs == 0 and p.returns_logprobs
+
+
+def test_vllm_fields_a_port_passes_are_accepted_at_neutral_values():
+    # TRL passes guided_decoding (older) or structured_outputs (newer) = None on every call
+    p = SamplingParams(n=3, best_of=3, min_tokens=0, guided_decoding=None, structured_outputs=None, bad_words=None,
+                       truncate_prompt_tokens=None, detokenize=True, skip_special_tokens=False,
+                       include_stop_str_in_output=True)
+    assert p.n == 3 and not p.skip_special_tokens and p.include_stop_str_in_output
+    with pytest.raises(TypeError, match="detokenize"):
+        SamplingParams(detokenize="no")
 
 
 def test_vllm_neutral_penalties_accepted():
