@@ -34,7 +34,7 @@ class LLM:
     def __init__(self, model=None, dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                  num_blocks: int | None = None, max_model_len: int | None = None, seed: int = 0,
                  attention_backend: str = "auto", max_num_batched_tokens: int = 4096,
-                 max_num_seqs: int = 256, kv_cache_memory_gb: float = 2.0,
+                 max_num_seqs: int | None = 256, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
                  deterministic: bool | None = None, *, model_dir=None, logprobs_mode: str | None = None,
                  tokenizer=None, **vllm_kwargs):
@@ -46,6 +46,7 @@ class LLM:
         its parallelism, quantization and sleep-mode arguments are accepted at the values that
         describe this engine (one device, no quantization) and refused otherwise."""
         check_vllm_engine_args(vllm_kwargs)
+        max_num_seqs = 256 if max_num_seqs is None else max_num_seqs    # vLLM's None: its default
         if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
             raise TypeError(f"tokenizer must be a folder path, got {type(tokenizer).__name__}")
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
@@ -259,6 +260,14 @@ class LLM:
         old = self.scheduler.version
         self.scheduler.version = old + 1
         self.kv.drop_version(old)
+
+    @property
+    def llm_engine(self):
+        """The path vLLM-based trainers take to push weights into a colocated engine,
+        `llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(pairs)` (TRL's
+        colocate mode, once per parameter): here it is `update_weights`, which also drops the
+        prefix cache of the old weights. Nothing else of vLLM's engine object exists."""
+        return _VllmEnginePath(self)
 
     @property
     def weight_version(self) -> int:
@@ -476,6 +485,25 @@ class LLM:
                     entry[alt] = Logprob(alt_lp, alt_rank, decode(alt))
             out.append(entry)
         return out
+
+
+class _VllmEnginePath:
+    """`llm_engine.model_executor.driver_worker.model_runner.model` of vLLM, ending in load_weights."""
+
+    def __init__(self, llm: LLM):
+        self._llm = llm
+
+    def __getattr__(self, name):
+        if name in ("model_executor", "driver_worker", "model_runner", "model"):
+            return self
+        raise AttributeError(f"{name!r}: this engine mirrors only vLLM's weight-loading path "
+                             f"(llm_engine.model_executor.driver_worker.model_runner.model.load_weights); "
+                             f"use LLM.update_weights")
+
+    def load_weights(self, weights) -> set[str]:
+        pairs = list(weights.items() if hasattr(weights, "items") else weights)
+        self._llm.update_weights(pairs)
+        return {name for name, _ in pairs}
 
 
 def _is_int(x) -> bool:

@@ -75,8 +75,10 @@ class SamplingParams:
         self.top_p = num("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if integer("top_k", self.top_k) == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if integer("top_k", self.top_k) < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off, as in vLLM; TRL passes 0) or >= 1, got {self.top_k}")
+        if self.top_k == 0:
+            self.top_k = -1
         self.min_p = num("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")

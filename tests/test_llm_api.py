@@ -292,6 +292,40 @@ def test_update_weights_changes_outputs_and_drops_prefix_cache(llm, make_tiny_mo
         llm.update_weights({"model.norm.weight": torch.zeros(3)})
 
 
+def test_trl_colocate_flow_runs_unchanged(tiny_qwen2_dir, make_tiny_model, tmp_path):
+    """TRL's colocate vLLM path, as its code calls vLLM: engine arguments (max_num_seqs=None,
+    processed logprobs), SamplingParams with top_k=0, token-id dict prompts, logprobs read back
+    sorted by rank, weights pushed one parameter at a time through
+    llm_engine.model_executor.driver_worker.model_runner.model.load_weights, then the prefix cache reset."""
+    llm = LLM(model=tiny_qwen2_dir, num_blocks=64, tensor_parallel_size=1, gpu_memory_utilization=0.9,
+              max_model_len=None, max_num_seqs=None, enable_sleep_mode=False, model_impl="auto",
+              distributed_executor_backend="external_launcher", seed=0, max_num_batched_tokens=4096,
+              logprobs_mode="processed_logprobs", quantization=None)
+    sp = SamplingParams(n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=8,
+                        logprobs=0, seed=3)
+    assert sp.top_k == -1
+    prompts = [_prompt(1), _prompt(2)]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], sampling_params=sp, use_tqdm=False)
+    plain = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=1.0, seed=3))
+    for o, f in zip(outs, plain):
+        c = o.outputs[0]
+        ranked = [sorted(lp.items(), key=lambda kv: kv[1].rank) for lp in c.logprobs]     # TRL's extract_logprobs
+        assert [r[0][0] for r in ranked] == c.token_ids == f.outputs[0].token_ids
+        assert [r[0][1].logprob for r in ranked] == pytest.approx(f.outputs[0].logprobs, abs=1e-5)
+    other = make_tiny_model(tmp_path / "other", "qwen2", seed=1)
+    greedy = SamplingParams(max_tokens=10, **GREEDY)
+    want = LLM(other, num_blocks=64).generate([prompts[0]], greedy)[0].outputs[0].token_ids
+    v = llm.weight_version
+    for name, tensor in load_file(os.path.join(other, "model.safetensors")).items():
+        model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+        assert model.load_weights([(name, tensor)]) == {name}
+    llm.reset_prefix_cache()
+    assert llm.weight_version > v
+    assert llm.generate([prompts[0]], greedy)[0].outputs[0].token_ids == want
+    with pytest.raises(AttributeError, match="update_weights"):
+        llm.llm_engine.model_executor.scheduler
+
+
 @pytest.mark.parametrize("bad, exc, match", [
     ([[]], ValueError, "empty"),
     ([""], ValueError, "empty"),

@@ -27,7 +27,7 @@ def _st(params, seeds=None, idx=None, steps=None, rows=None):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(n=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(top_k=-2),
+    dict(n=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2),
     dict(min_p=-0.1), dict(min_p=1.1), dict(max_tokens=0), dict(stop=[""]), dict(stop_token_ids=[-1]),
     dict(temperature=float("nan")), dict(repetition_penalty=1.1), dict(presence_penalty=0.5),
     dict(frequency_penalty=-0.2), dict(stop_token_ids=[np.float32(3)]),
@@ -74,6 +74,11 @@ def test_vllm_neutral_penalties_accepted():
     SamplingParams(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
     with pytest.raises(ValueError, match="not supported"):
         SamplingParams(repetition_penalty=1.05)
+
+
+def test_top_k_zero_is_off_as_in_vllm():
+    # vLLM reads top_k 0 and -1 as "no top-k"; TRL passes 0 by default
+    assert SamplingParams(top_k=0).top_k == -1 and SamplingParams(top_k=np.int64(0)).top_k == -1
 
 
 def test_stop_normalised_to_list():
