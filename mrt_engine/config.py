@@ -22,6 +22,8 @@ _VLLM_NEUTRAL = {
     "revision": (None,), "tokenizer_revision": (None,), "model_impl": ("auto", "vllm"),
     "load_format": ("auto", "safetensors"), "tokenizer_mode": ("auto",),
     "trust_remote_code": None, "enforce_eager": None, "disable_log_stats": None,
+    # veRL's rollout passes these: prefill is always chunked here, and there is no all-reduce
+    "enable_chunked_prefill": None, "disable_custom_all_reduce": None,
 }
 
 

@@ -37,7 +37,7 @@ class LLM:
                  max_num_seqs: int | None = 256, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
                  deterministic: bool | None = None, *, model_dir=None, logprobs_mode: str | None = None,
-                 tokenizer=None, **vllm_kwargs):
+                 tokenizer=None, skip_tokenizer_init: bool = False, **vllm_kwargs):
         """`model`: a Hugging Face model folder (vLLM's argument name; `model_dir=` also works).
 
         vLLM's `tokenizer=` (another folder to load the tokenizer from) and `logprobs_mode`
@@ -49,6 +49,8 @@ class LLM:
         max_num_seqs = 256 if max_num_seqs is None else max_num_seqs    # vLLM's None: its default
         if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
             raise TypeError(f"tokenizer must be a folder path, got {type(tokenizer).__name__}")
+        if not isinstance(skip_tokenizer_init, bool):
+            raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
         from mrt_engine.models import resolve_dtype
 
@@ -88,8 +90,12 @@ class LLM:
         self.kv = KVCacheManager(cfg.num_blocks, cfg.block_size)
 
         # 3. tokenizer (optional: token-id prompts work without one) and stop rules
-        self.tokenizer = (self._load_tokenizer(cfg.model) if tokenizer is None
-                          else self._load_tokenizer(os.fspath(tokenizer), required=True))
+        if skip_tokenizer_init:     # vLLM's: token ids in and out, no text
+            self.tokenizer = None
+        elif tokenizer is None:
+            self.tokenizer = self._load_tokenizer(cfg.model)
+        else:
+            self.tokenizer = self._load_tokenizer(os.fspath(tokenizer), required=True)
         self.eos_token_ids = self._eos_ids(cfg.model, hf_config, self.tokenizer)
         self._stop = StopChecker(self.tokenizer, self.eos_token_ids, cfg.max_model_len)
 
@@ -162,10 +168,15 @@ class LLM:
         return self.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 keep: bool = False, use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (text, token ids or Fork); outputs come in input order."""
+                 keep: bool = False, use_tqdm: bool = False, lora_request=None,
+                 priority=None) -> list[RequestOutput]:
+        """Generate for every prompt (text, token ids or Fork); outputs come in input order.
+        vLLM's `lora_request` and `priority` (veRL passes lora_request=None) are accepted as None."""
         if not isinstance(keep, bool):
             raise TypeError(f"keep must be a bool, got {keep!r}")
+        if lora_request is not None or priority is not None:
+            raise ValueError("lora_request and priority are not supported (no LoRA adapters, FIFO scheduling); "
+                             "leave them at None")
         items = self._normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

@@ -326,6 +326,27 @@ def test_trl_colocate_flow_runs_unchanged(tiny_qwen2_dir, make_tiny_model, tmp_p
         llm.llm_engine.model_executor.scheduler
 
 
+def test_verl_rollout_arguments(tiny_qwen2_dir):
+    """What veRL's (synchronous) vLLM rollout passes: engine arguments, skip_tokenizer_init (token ids
+    only), generate(..., lora_request=None), logprobs=0 read as lp[token_id].logprob."""
+    llm = LLM(model=tiny_qwen2_dir, num_blocks=64, dtype="float32", enable_chunked_prefill=True,
+              disable_custom_all_reduce=True, skip_tokenizer_init=True, enable_prefix_caching=True,
+              max_num_batched_tokens=512, trust_remote_code=False)
+    assert llm.get_tokenizer() is None
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=6, logprobs=0, detokenize=False, seed=2)
+    out = llm.generate(prompts=[{"prompt_token_ids": _prompt(4)}], sampling_params=sp, lora_request=None,
+                       use_tqdm=False)[0]
+    for c in out.outputs:
+        assert c.text == "" and len(c.token_ids) == 6
+        assert [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] == [
+            next(iter(lp.values())).logprob for lp in c.logprobs]
+        assert all(next(iter(lp.values())).decoded_token is None for lp in c.logprobs)
+    with pytest.raises(ValueError, match="lora_request"):
+        llm.generate([_prompt(4)], sp, lora_request=object())
+    with pytest.raises(TypeError, match="skip_tokenizer_init"):
+        LLM(tiny_qwen2_dir, num_blocks=8, skip_tokenizer_init=1)
+
+
 @pytest.mark.parametrize("bad, exc, match", [
     ([[]], ValueError, "empty"),
     ([""], ValueError, "empty"),
