@@ -120,6 +120,7 @@ class SamplingParams:
         if self.best_of is not None and integer("best_of", self.best_of) != self.n:
             raise ValueError(f"best_of={self.best_of} is not supported (every sample is returned); leave it at "
                              f"None or n")
+        self.best_of = None     # equal to n: no information, and dataclasses.replace(p, n=...) stays valid
         for name in ("guided_decoding", "structured_outputs", "bad_words", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name} is not supported by this engine's sampler; leave it at None")

@@ -3,6 +3,7 @@
 Every test runs twice: with the fused C++ full-softmax sampler (where the CPU has it) and with the
 PyTorch path only; the two must also agree with each other.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -65,6 +66,7 @@ def test_vllm_fields_a_port_passes_are_accepted_at_neutral_values():
                        truncate_prompt_tokens=None, detokenize=True, skip_special_tokens=False,
                        include_stop_str_in_output=True)
     assert p.n == 3 and not p.skip_special_tokens and p.include_stop_str_in_output
+    assert dataclasses.replace(p, n=5).n == 5       # what LLM.fork(n=...) does with a request's params
     with pytest.raises(TypeError, match="detokenize"):
         SamplingParams(detokenize="no")
 
