@@ -37,7 +37,7 @@ class LLM:
                  max_num_seqs: int | None = 256, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
                  deterministic: bool | None = None, *, model_dir=None, logprobs_mode: str | None = None,
-                 tokenizer=None, skip_tokenizer_init: bool = False, **vllm_kwargs):
+                 tokenizer=None, skip_tokenizer_init: bool = False, max_logprobs: int = 20, **vllm_kwargs):
         """`model`: a Hugging Face model folder (vLLM's argument name; `model_dir=` also works).
 
         vLLM's `tokenizer=` (another folder to load the tokenizer from) and `logprobs_mode`
@@ -51,6 +51,9 @@ class LLM:
             raise TypeError(f"tokenizer must be a folder path, got {type(tokenizer).__name__}")
         if not isinstance(skip_tokenizer_init, bool):
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
+        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {max_logprobs!r}")
+        self.max_logprobs = max_logprobs      # vLLM's cap on SamplingParams(logprobs=k)
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
         from mrt_engine.models import resolve_dtype
 
@@ -266,7 +269,11 @@ class LLM:
         """Load new weights (Hugging Face names, any subset) in place; the prefix cache of the old
         weights is dropped, so no KV computed with them is reused by new requests."""
         if not hasattr(state_dict, "items"):
-            state_dict = dict(state_dict)
+            try:
+                state_dict = dict(state_dict)
+            except (TypeError, ValueError) as exc:
+                raise TypeError("update_weights takes a mapping or an iterable of (name, tensor) pairs "
+                                f"({exc})") from exc
         self.model.load_weights(state_dict)
         old = self.scheduler.version
         self.scheduler.version = old + 1
@@ -365,6 +372,10 @@ class LLM:
             raise ValueError(f"handle of sequence {handle.seq_id} was already released")
 
     def _make_request(self, index, item, params, keep) -> Request:
+        if params.top_logprobs is not None and params.top_logprobs > self.max_logprobs:
+            # vLLM's check: a dict of k alternatives per token adds up (the vocabulary at worst)
+            raise ValueError(f"prompt {index}: logprobs={params.top_logprobs} is more than max_logprobs="
+                             f"{self.max_logprobs} (raise it with LLM(max_logprobs=...))")
         fork_source, fork_at, prompt = None, 0, None
         if isinstance(item, dict):
             # vLLM's TokensPrompt / TextPrompt: its text or ids take the paths below (the ids win

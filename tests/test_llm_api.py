@@ -324,6 +324,14 @@ def test_trl_colocate_flow_runs_unchanged(tiny_qwen2_dir, make_tiny_model, tmp_p
     assert llm.generate([prompts[0]], greedy)[0].outputs[0].token_ids == want
     with pytest.raises(AttributeError, match="update_weights"):
         llm.llm_engine.model_executor.scheduler
+    with pytest.raises(TypeError, match="name, tensor"):
+        llm.llm_engine.model.load_weights([("model.norm.weight", 1, 2)])
+    # vLLM's cap on alternatives per token (20 by default), raised per engine
+    with pytest.raises(ValueError, match="max_logprobs"):
+        llm.generate([prompts[0]], SamplingParams(max_tokens=2, logprobs=21))
+    wide = LLM(tiny_qwen2_dir, num_blocks=16, max_logprobs=30)
+    assert len(wide.generate([prompts[0]], SamplingParams(max_tokens=1, logprobs=25, **GREEDY))[0]
+               .outputs[0].logprobs[0]) == 25
 
 
 def test_verl_rollout_arguments(tiny_qwen2_dir):
