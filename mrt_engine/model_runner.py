@@ -178,7 +178,7 @@ class ModelRunner:
                                            out=self._logits_buffer(logits_idx.shape[0], hidden.dtype))
 
         with section("step_build"):
-            st = self._sampling_tensors(sample_rows)
+            st, alt_counts = self._sampling_tensors(sample_rows)
         with section("sampler"):
             tokens, logprobs = self.sampler(logits, st, processed=self.logprobs_mode == "processed_logprobs")
             if self.logprobs_mode == "raw_logprobs" and want_logprobs:
@@ -189,70 +189,67 @@ class ModelRunner:
                 # one device-to-host read: token ids are exact in float64
                 both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).cpu()
                 out_tokens, out_lps = both[0].long().tolist(), (both[1].tolist() if want_logprobs else None)
-            if out_lps is not None and any(s.request.params.top_logprobs is not None for s, _ in sample_rows):
-                self._add_ranks(logits, sample_rows, tokens, logprobs, out_lps, self.logprobs_mode,
-                                self.sampler.kept_counts)
+            if out_lps is not None and alt_counts:
+                self._add_ranks(logits, st, alt_counts, tokens, logprobs, out_lps,
+                                self.logprobs_mode == "raw_logprobs", self.sampler.kept_counts)
             return out_tokens, out_lps
 
     @staticmethod
-    def _raw_logprobs(logits, st, tokens, logprobs):
+    def _logit_rows(st, idx: torch.Tensor) -> torch.Tensor:
+        """The logits rows that sample rows `idx` drew from."""
+        return idx if st.logit_rows is None else st.logit_rows.index_select(0, idx)
+
+    @classmethod
+    def _raw_logprobs(cls, logits, st, tokens, logprobs):
         """vLLM's raw_logprobs: log_softmax(logits)[token], no temperature; recomputed only for rows
         sampled at a temperature other than 1 (greedy rows' logprobs are already at T = 1, and the
-        sampler's are before any truncation)."""
-        t = st.temperature
-        redo = ((t != 0) & (t != 1)).nonzero()[:, 0]
-        if redo.numel() == 0:
+        sampler's are before any truncation). Rows are picked on the host copies: no device sync."""
+        redo = [i for i, t in enumerate(st.host[0]) if t not in (0.0, 1.0)]
+        if not redo:
             return logprobs
-        rows = redo if st.logit_rows is None else st.logit_rows.index_select(0, redo)
-        x = logits.index_select(0, rows).float()
+        redo = torch.tensor(redo, device=logits.device)
+        x = logits.index_select(0, cls._logit_rows(st, redo)).float()
         raw = x.gather(1, tokens.index_select(0, redo)[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
         return logprobs.index_copy(0, redo, raw.to(logprobs.dtype))
 
-    @staticmethod
-    def _add_ranks(logits, sample_rows, tokens, logprobs, out_lps, mode=None, kept_counts=None) -> None:
-        """For samples of requests that asked in vLLM's spelling (`logprobs=k`), replaces the float in
-        out_lps by (logprob, rank, [(id, logprob, rank)] of the k most likely ids): what the output
-        turns into vLLM's Logprob dicts. Ranks count the row's strictly larger logits (1-based); an
-        alternative's logprob is the sampled one's plus its logit difference over T (over 1 in
-        raw_logprobs mode), so it is in the sampled token's distribution to rounding; in
-        processed_logprobs mode a token the row's truncation dropped gets -inf, as in vLLM."""
-        flat, rows, ks, inv_t = [], [], [], []
-        i = 0
-        for m, (s, n) in enumerate(sample_rows):
-            p = s.request.params
-            if p.top_logprobs is not None:
-                flat.extend(range(i, i + n))
-                rows.extend([m] * n)
-                ks.extend([p.top_logprobs] * n)
-                scaled = p.temperature > 0 and mode != "raw_logprobs"
-                inv_t.extend([1.0 / p.temperature if scaled else 1.0] * n)
-            i += n
+    @classmethod
+    def _add_ranks(cls, logits, st, alt_counts, tokens, logprobs, out_lps, raw=False, kept_counts=None) -> None:
+        """For the samples of requests that asked in vLLM's spelling (`alt_counts`: (sample row, k)),
+        replaces the float in out_lps by (logprob, rank, [(id, logprob, rank)] of the k most likely
+        ids): what the output turns into vLLM's Logprob dicts. Ranks count the row's strictly larger
+        logits (1-based); an alternative's logprob is the sampled one's plus its logit difference
+        over T (over 1 in raw_logprobs mode), so it is in the sampled token's distribution to
+        rounding; in processed_logprobs mode a token the row's truncation dropped gets -inf, as in
+        vLLM. One device-to-host read."""
         dev = logits.device
-        x = logits.index_select(0, torch.tensor(rows, device=dev)).float()            # [P, V]
+        flat = [i for i, _ in alt_counts]
         pick = torch.tensor(flat, device=dev)
-        tok = tokens.index_select(0, pick)
-        x_tok = x.gather(1, tok[:, None])
-        ranks = ((x > x_tok).sum(1) + 1).tolist()
-        kmax = min(max(ks), x.shape[1])
-        alts = [[] for _ in flat]
-        if kmax:
-            vals, ids = x.topk(kmax, dim=1)
-            lp = logprobs.index_select(0, pick).float()[:, None]
-            alt = lp + (vals - x_tok) * torch.tensor(inv_t, device=dev)[:, None]
-            if kept_counts is not None:   # processed_logprobs: ranks past the kept ones are out
-                kept = kept_counts.index_select(0, pick)[:, None]
-                alt = alt.masked_fill(torch.arange(1, kmax + 1, device=dev)[None, :] > kept, float("-inf"))
-            alt_lps = alt.tolist()
-            ids = ids.tolist()
-            for j, k in enumerate(ks):
-                alts[j] = [(ids[j][r], alt_lps[j][r], r + 1) for r in range(min(k, kmax))]
-        for j, i in enumerate(flat):
-            out_lps[i] = (out_lps[i], ranks[j], alts[j])
+        x = logits.index_select(0, cls._logit_rows(st, pick)).float()            # [P, V]
+        x_tok = x.gather(1, tokens.index_select(0, pick)[:, None])
+        ranks = (x > x_tok).sum(1, keepdim=True) + 1
+        kmax = min(max(k for _, k in alt_counts), x.shape[1])
+        vals, ids = x.topk(kmax, dim=1)
+        temps = [st.host[0][i] for i in flat]
+        inv_t = torch.tensor([1.0 if raw or t == 0.0 else 1.0 / t for t in temps], device=dev)
+        alt = logprobs.index_select(0, pick).float()[:, None] + (vals - x_tok) * inv_t[:, None]
+        if kept_counts is not None:   # processed_logprobs: ranks past the kept ones are out
+            kept = kept_counts.index_select(0, pick)[:, None]
+            alt = alt.masked_fill(torch.arange(1, kmax + 1, device=dev)[None, :] > kept, float("-inf"))
+        # ids and ranks are exact in float64
+        host = torch.cat((ranks.double(), ids.double(), alt.double()), dim=1).cpu().tolist()
+        for (i, k), h in zip(alt_counts, host):
+            k = min(k, kmax)
+            alts = [(int(h[1 + r]), h[1 + kmax + r], r + 1) for r in range(k)]
+            out_lps[i] = (out_lps[i], int(h[0]), alts)
 
-    def _sampling_tensors(self, sample_rows) -> SamplingTensors:
-        rows, params, seeds, sample_idx, steps = [], [], [], [], []
+    def _sampling_tensors(self, sample_rows) -> tuple[SamplingTensors, list[tuple[int, int]]]:
+        """The step's sampling inputs, and (sample row, k) for samples whose request asked for
+        logprobs in vLLM's spelling (`logprobs=k`: ranks and k alternatives to add)."""
+        rows, params, seeds, sample_idx, steps, alt_counts = [], [], [], [], [], []
         for m, (s, k) in enumerate(sample_rows):
             req = s.request
+            if req.params.top_logprobs is not None:
+                alt_counts.extend((len(rows) + j, req.params.top_logprobs) for j in range(k))
             if k == 1:
                 rows.append(m)
                 params.append(req.params)
@@ -265,5 +262,6 @@ class ModelRunner:
                 seeds.extend([req.seed] * k)
                 sample_idx.extend(range(k))
                 steps.extend([0] * k)
-        return SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
-                                     sample_idx, steps, self.device)
+        st = SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
+                                   sample_idx, steps, self.device)
+        return st, alt_counts
