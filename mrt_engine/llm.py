@@ -233,11 +233,9 @@ class LLM:
             list(c), chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
             for c in conversations]
-        outs = self.generate([self._encode(t, "the rendered conversation", special=False) for t in texts],
-                             sampling_params, keep=keep, use_tqdm=use_tqdm)
-        for o, t in zip(outs, texts):
-            o.prompt = t
-        return outs
+        # vLLM's prompt dicts: the ids are what runs, the text is what the output shows
+        return self.generate([{"prompt_token_ids": self._encode(t, "the rendered conversation", special=False),
+                               "prompt": t} for t in texts], sampling_params, keep=keep, use_tqdm=use_tqdm)
 
     def fork(self, handle: SequenceHandle, at, n: int | None = None, suffix=None,
              params: SamplingParams | None = None, keep: bool = False,
@@ -495,16 +493,17 @@ class LLM:
         ModelRunner._add_ranks for what the runner recorded)."""
         if params.top_logprobs is None:
             return list(s.logprobs)
-
-        def decode(t):
-            return None if self.tokenizer is None else self.tokenizer.decode([t])
-
+        toks = s.output_token_ids
+        text = {}
+        if self.tokenizer is not None:    # each distinct id decoded once, in one call
+            ids = sorted(set(toks) | {a for _, _, alts in s.logprobs for a, _, _ in alts})
+            text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
         out = []
-        for tok, (lp, rank, alts) in zip(s.output_token_ids, s.logprobs):
-            entry = {tok: Logprob(lp, rank, decode(tok))}       # the sampled token first, as in vLLM
+        for tok, (lp, rank, alts) in zip(toks, s.logprobs):
+            entry = {tok: Logprob(lp, rank, text.get(tok))}       # the sampled token first, as in vLLM
             for alt, alt_lp, alt_rank in alts:
                 if alt not in entry:
-                    entry[alt] = Logprob(alt_lp, alt_rank, decode(alt))
+                    entry[alt] = Logprob(alt_lp, alt_rank, text.get(alt))
             out.append(entry)
         return out
 
