@@ -60,7 +60,7 @@ class EngineConfig:
     seed: int = 0                            # engine RNG: seeds of requests that give none
     attention_backend: str = "auto"          # "auto" (torch on CPU, triton on CUDA) | "torch" | "triton"
     max_num_batched_tokens: int = 4096       # new tokens per step (decode rows + prefill chunks)
-    max_num_seqs: int = 256                  # sequences decoding at once
+    max_num_seqs: int | None = 256           # sequences decoding at once (None, as vLLM callers pass: 256)
     kv_cache_memory_gb: float = 2.0          # CPU: KV budget when num_blocks is None
     gpu_memory_utilization: float = 0.85     # CUDA: fraction of free memory (after weights) for KV
     enable_prefix_caching: bool = True       # reuse full blocks of earlier prompts (keyed by weight version)
@@ -68,6 +68,7 @@ class EngineConfig:
                                              # None: MRT_ENGINE_DETERMINISTIC decides
     logprobs_mode: str | None = None         # None: log_softmax(logits / T) before truncation;
                                              # vLLM's "raw_logprobs" / "processed_logprobs"
+    max_logprobs: int = 20                   # vLLM's cap on SamplingParams(logprobs=k)
 
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
@@ -83,7 +84,11 @@ class EngineConfig:
         _positive_int("num_blocks", self.num_blocks, allow_none=True)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 256
         _positive_int("max_num_seqs", self.max_num_seqs)
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not (isinstance(self.kv_cache_memory_gb, (int, float)) and self.kv_cache_memory_gb > 0):

@@ -46,14 +46,10 @@ class LLM:
         its parallelism, quantization and sleep-mode arguments are accepted at the values that
         describe this engine (one device, no quantization) and refused otherwise."""
         check_vllm_engine_args(vllm_kwargs)
-        max_num_seqs = 256 if max_num_seqs is None else max_num_seqs    # vLLM's None: its default
         if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
             raise TypeError(f"tokenizer must be a folder path, got {type(tokenizer).__name__}")
         if not isinstance(skip_tokenizer_init, bool):
             raise TypeError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
-        if isinstance(max_logprobs, bool) or not isinstance(max_logprobs, int) or max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be an int >= 0, got {max_logprobs!r}")
-        self.max_logprobs = max_logprobs      # vLLM's cap on SamplingParams(logprobs=k)
         from mrt_engine.models import allocate_kv_caches, kv_cache_bytes_per_block, load_config, load_model
         from mrt_engine.models import resolve_dtype
 
@@ -65,7 +61,8 @@ class LLM:
             raise TypeError("LLM needs a model folder: LLM('path/to/hf-folder') or LLM(model=...)")
         cfg = EngineConfig(model, dtype, device, block_size, num_blocks, max_model_len, seed,
                            attention_backend, max_num_batched_tokens, max_num_seqs, kv_cache_memory_gb,
-                           gpu_memory_utilization, enable_prefix_caching, deterministic, logprobs_mode)
+                           gpu_memory_utilization, enable_prefix_caching, deterministic, logprobs_mode,
+                           max_logprobs)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
         # 1. model (config and weights are checked by the loader: FileNotFoundError / ValueError)
@@ -370,10 +367,10 @@ class LLM:
             raise ValueError(f"handle of sequence {handle.seq_id} was already released")
 
     def _make_request(self, index, item, params, keep) -> Request:
-        if params.top_logprobs is not None and params.top_logprobs > self.max_logprobs:
+        if params.top_logprobs is not None and params.top_logprobs > self.config.max_logprobs:
             # vLLM's check: a dict of k alternatives per token adds up (the vocabulary at worst)
             raise ValueError(f"prompt {index}: logprobs={params.top_logprobs} is more than max_logprobs="
-                             f"{self.max_logprobs} (raise it with LLM(max_logprobs=...))")
+                             f"{self.config.max_logprobs} (raise it with LLM(max_logprobs=...))")
         fork_source, fork_at, prompt = None, 0, None
         if isinstance(item, dict):
             # vLLM's TokensPrompt / TextPrompt: its text or ids take the paths below (the ids win

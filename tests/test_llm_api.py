@@ -145,7 +145,9 @@ def test_vllm_engine_arguments(tiny_qwen2_dir, tiny_llama_dir, tmp_path):
                                (dict(no_such_argument=1), TypeError, "unexpected keyword"),
                                (dict(logprobs_mode="raw_logits"), ValueError, "logits modes"),
                                (dict(tokenizer=str(tmp_path)), FileNotFoundError, "no tokenizer"),
-                               (dict(tokenizer=3), TypeError, "folder path")):
+                               (dict(tokenizer=3), TypeError, "folder path"),
+                               (dict(max_logprobs=-1), ValueError, "max_logprobs"),
+                               (dict(max_num_seqs=0), ValueError, "max_num_seqs")):
         with pytest.raises(exc, match=match):
             LLM(tiny_qwen2_dir, num_blocks=8, **kwargs)
 
