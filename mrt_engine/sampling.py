@@ -98,19 +98,16 @@ class SamplingParams:
             if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        self.ignore_eos = bool(self.ignore_eos)
+        for name in ("ignore_eos", "detokenize", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
         if self.seed is not None:
             integer("seed", self.seed)
         for name, neutral in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             if num(name, getattr(self, name)) != neutral:
                 raise ValueError(f"{name}={getattr(self, name)} is not supported (this engine's sampler has no "
                                  f"penalties); leave it at {neutral}")
-        for name in ("detokenize", "skip_special_tokens", "include_stop_str_in_output"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-            setattr(self, name, bool(getattr(self, name)))
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True (they are matched in the text); use "
                              "stop_token_ids with detokenize=False")
