@@ -11,16 +11,19 @@ from dataclasses import dataclass
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
+# "dummy": seeded placeholder weights, no checkpoint read (veRL's rollout default: the trainer
+# pushes the real weights before the first generate)
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 # vLLM engine arguments a port passes (TRL's colocate mode passes several), accepted where they
 # describe what this engine does anyway: name -> allowed values (None in the tuple: any bool)
 _VLLM_NEUTRAL = {
     "tensor_parallel_size": (1,), "pipeline_parallel_size": (1,), "data_parallel_size": (1,),
-    "quantization": (None,), "kv_cache_dtype": ("auto",), "enable_sleep_mode": (False,),
+    "quantization": (None,), "kv_cache_dtype": ("auto",),
     # one engine in this process: what vLLM's external_launcher (TRL's colocate mode) and uni are
     "distributed_executor_backend": (None, "uni", "external_launcher"),
     "revision": (None,), "tokenizer_revision": (None,), "model_impl": ("auto", "vllm"),
-    "load_format": ("auto", "safetensors"), "tokenizer_mode": ("auto",),
+    "tokenizer_mode": ("auto",),
     "trust_remote_code": None, "enforce_eager": None, "disable_log_stats": None,
     # veRL's rollout passes these: prefill is always chunked here, and there is no all-reduce
     "enable_chunked_prefill": None, "disable_custom_all_reduce": None,
@@ -69,6 +72,8 @@ class EngineConfig:
     logprobs_mode: str | None = None         # None: log_softmax(logits / T) before truncation;
                                              # vLLM's "raw_logprobs" / "processed_logprobs"
     max_logprobs: int = 20                   # vLLM's cap on SamplingParams(logprobs=k)
+    load_format: str = "auto"                # LOAD_FORMATS
+    enable_sleep_mode: bool = False          # LLM.sleep() / wake_up() free and restore the KV cache
 
     def __post_init__(self):
         if not isinstance(self.model, (str, os.PathLike)):
@@ -89,6 +94,10 @@ class EngineConfig:
         _positive_int("max_num_seqs", self.max_num_seqs)
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if not isinstance(self.enable_sleep_mode, bool):
+            raise TypeError(f"enable_sleep_mode must be a bool, got {self.enable_sleep_mode!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not (isinstance(self.kv_cache_memory_gb, (int, float)) and self.kv_cache_memory_gb > 0):

@@ -37,14 +37,17 @@ class LLM:
                  max_num_seqs: int | None = 256, kv_cache_memory_gb: float = 2.0,
                  gpu_memory_utilization: float = 0.85, enable_prefix_caching: bool = True,
                  deterministic: bool | None = None, *, model_dir=None, logprobs_mode: str | None = None,
-                 tokenizer=None, skip_tokenizer_init: bool = False, max_logprobs: int = 20, **vllm_kwargs):
+                 tokenizer=None, skip_tokenizer_init: bool = False, max_logprobs: int = 20,
+                 load_format: str = "auto", enable_sleep_mode: bool = False, **vllm_kwargs):
         """`model`: a Hugging Face model folder (vLLM's argument name; `model_dir=` also works).
 
         vLLM's `tokenizer=` (another folder to load the tokenizer from) and `logprobs_mode`
         ("raw_logprobs": log_softmax(logits); "processed_logprobs": after temperature and
         top-k/top-p/min-p; None, the default: after temperature, before truncation) work as in vLLM;
-        its parallelism, quantization and sleep-mode arguments are accepted at the values that
-        describe this engine (one device, no quantization) and refused otherwise."""
+        so do `load_format="dummy"` (placeholder weights, no checkpoint read: for a trainer that
+        pushes its weights before the first generate, as veRL's rollout does) and
+        `enable_sleep_mode` (see `sleep`). Its parallelism and quantization arguments are accepted
+        at the values that describe this engine (one device, no quantization) and refused otherwise."""
         check_vllm_engine_args(vllm_kwargs)
         if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
             raise TypeError(f"tokenizer must be a folder path, got {type(tokenizer).__name__}")
@@ -62,7 +65,7 @@ class LLM:
         cfg = EngineConfig(model, dtype, device, block_size, num_blocks, max_model_len, seed,
                            attention_backend, max_num_batched_tokens, max_num_seqs, kv_cache_memory_gb,
                            gpu_memory_utilization, enable_prefix_caching, deterministic, logprobs_mode,
-                           max_logprobs)
+                           max_logprobs, load_format, enable_sleep_mode)
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device!r} requested but CUDA is not available")
         # 1. model (config and weights are checked by the loader: FileNotFoundError / ValueError)
@@ -71,7 +74,8 @@ class LLM:
         if cfg.dtype == "auto" and cfg.device == "cpu" and torch_dtype == torch.float16:
             torch_dtype = torch.float32   # fp16 matmuls are slow or missing on CPU
         self.model, self.hf_config = load_model(cfg.model, torch_dtype, cfg.device, cfg.attention_backend,
-                                                deterministic=cfg.deterministic)
+                                                deterministic=cfg.deterministic,
+                                                dummy=cfg.load_format == "dummy", seed=cfg.seed)
         self.dtype = torch_dtype
         self.vocab_size = self.model.vocab_size
 
@@ -105,6 +109,7 @@ class LLM:
         self._rng = random.Random(cfg.seed)
         self._handles: dict[int, SequenceHandle] = {}
         self._num_requests = 0
+        self._asleep: set[str] = set()     # sleep-mode tags not woken up yet
 
     # ---- construction helpers -----------------------------------------------------------------
     def _auto_num_blocks(self, cfg) -> int:
@@ -311,6 +316,54 @@ class LLM:
     def reset_prefix_cache(self) -> None:
         self.kv.clear_prefix_cache()
 
+    # ---- vLLM's sleep mode ---------------------------------------------------------------------
+    _SLEEP_TAGS = ("weights", "kv_cache")
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (needs `LLM(enable_sleep_mode=True)`): frees the KV cache between
+        generate calls, e.g. while a colocated trainer steps, and drops the prefix cache with it.
+        Level 2 also drops the prepacked copies of the linear weights (a second copy of them on a
+        CPU; rebuilt at the next forward). The weights stay where they are: vLLM offloads them
+        (level 1) or discards them (level 2), which on a CPU gives no memory back; on CUDA they are
+        not offloaded. Generating needs `wake_up()` first. Kept handles pin KV blocks, so sleep
+        refuses while any is kept (release them first); nothing is freed then."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: create the engine with LLM(..., enable_sleep_mode=True)")
+        if isinstance(level, bool) or level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        if self._handles:
+            raise RuntimeError(f"{len(self._handles)} kept handle(s) hold KV blocks that sleep() would free: "
+                               "release them (LLM.release / release_all) first")
+        self.kv.clear_prefix_cache()
+        if self.kv.num_free_blocks() != self.kv.num_blocks:
+            raise RuntimeError("KV blocks are still in use; sleep() is only possible between generate calls")
+        empty = torch.empty(0, dtype=self.dtype, device=self.config.device)
+        self.kv_caches[:] = [(empty, empty)] * len(self.kv_caches)
+        if level == 2:
+            self.model.drop_packed_weights()
+        if self.config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        self._asleep = set(self._SLEEP_TAGS)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Undoes `sleep` for `tags` ("weights", "kv_cache"; None: both), as vLLM's: the usual
+        order is wake_up(["weights"]), push the new weights, wake_up(["kv_cache"]). The KV cache
+        comes back zeroed and empty; waking what is awake does nothing."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: create the engine with LLM(..., enable_sleep_mode=True)")
+        if tags is None:
+            tags = list(self._SLEEP_TAGS)
+        if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
+            raise TypeError(f"tags must be a list of strings, got {tags!r}")
+        unknown = [t for t in tags if t not in self._SLEEP_TAGS]
+        if unknown:
+            raise ValueError(f"unknown wake_up tag(s) {unknown}; expected some of {list(self._SLEEP_TAGS)}")
+        if "kv_cache" in tags and "kv_cache" in self._asleep:
+            from mrt_engine.models import allocate_kv_caches
+
+            self.kv_caches[:] = allocate_kv_caches(self.model, self.config.num_blocks, self.config.block_size)
+        self._asleep -= set(tags)
+
     def kv_stats(self) -> dict:
         kv = self.kv
         total, free, cached = kv.num_blocks, kv.num_free_blocks(), kv.num_cached_blocks()
@@ -439,6 +492,9 @@ class LLM:
 
     # ---- the generation loop -------------------------------------------------------------------
     def _run(self, reqs: list[Request], use_tqdm: bool, base: int) -> list[RequestOutput]:
+        if self._asleep:
+            raise RuntimeError(f"the engine is asleep ({', '.join(sorted(self._asleep))} not woken up): "
+                               "call wake_up() before generating")
         sched = self.scheduler
         for r in reqs:
             leader = Sequence(sched.new_seq_id(), r, 0, r.prompt_token_ids, spawn=r.params.n)
@@ -506,13 +562,14 @@ class LLM:
 
 
 class _VllmEnginePath:
-    """`llm_engine.model_executor.driver_worker.model_runner.model` of vLLM, ending in load_weights."""
+    """`llm_engine.model_executor.driver_worker[.worker].model_runner.model` of vLLM (veRL's path has
+    `.worker`), ending in load_weights."""
 
     def __init__(self, llm: LLM):
         self._llm = llm
 
     def __getattr__(self, name):
-        if name in ("model_executor", "driver_worker", "model_runner", "model"):
+        if name in ("model_executor", "driver_worker", "worker", "model_runner", "model"):
             return self
         raise AttributeError(f"{name!r}: this engine mirrors only vLLM's weight-loading path "
                              f"(llm_engine.model_executor.driver_worker.model_runner.model.load_weights); "

@@ -1,7 +1,8 @@
 """The engine on CUDA (`LLM(device="cuda")`, Triton attention) against `transformers` on tiny random
 Llama (GQA, untied) and Qwen2 (qkv bias, tied) models: greedy tokens equal and logprobs within 1e-3
-in fp32, a bf16 check, fork vs from-scratch, n > 1, preemption with a tiny block pool, and the
-deterministic mode's logprobs bitwise equal alone vs in a batch.
+in fp32, a bf16 check, fork vs from-scratch, n > 1, preemption with a tiny block pool, the
+deterministic mode's logprobs bitwise equal alone vs in a batch, CUDA graphs, and sleep mode (the KV
+cache freed and reallocated, dummy weights replaced through vLLM's weight path).
 
 Without CUDA the same tests run in a reduced form (fewer, shorter prompts; the engine on CPU with
 attention_backend="triton", kernels under the Triton interpreter), so their logic runs in CI; the
@@ -269,6 +270,40 @@ def test_cuda_graphs_match_eager_decode():
     buckets = set(llm.runner.graphs.buckets)
     llm.generate(prompts, _greedy())
     assert set(llm.runner.graphs.buckets) == buckets
+
+
+def test_sleep_mode_frees_kv_cache_and_wakes_up_equal():
+    # vLLM's sleep mode on the device: sleep() gives the KV cache's memory back (CUDA: allocated
+    # bytes drop by at least the cache), wake_up() reallocates it, and generation after a weight
+    # push through vLLM's path equals an engine loaded from the checkpoint (with CUDA graphs, which
+    # must not hold the freed cache)
+    _need_deps()
+    from safetensors.torch import load_file
+
+    old = os.environ.get("MRT_CUDA_GRAPHS")
+    os.environ["MRT_CUDA_GRAPHS"] = "1" if ON_GPU else "0"
+    try:
+        llm = engine("llama", num_blocks=2048 if ON_GPU else 64, load_format="dummy", enable_sleep_mode=True)
+        ref = engine("llama")
+    finally:
+        if old is None:
+            os.environ.pop("MRT_CUDA_GRAPHS")
+        else:
+            os.environ["MRT_CUDA_GRAPHS"] = old
+    prompts = _prompts(NUM_PROMPTS, seed=11, lo=20, hi=40)
+    weights = load_file(os.path.join(model_dir("llama"), "model.safetensors"))
+    for _ in range(2):
+        before = torch.cuda.memory_allocated() if ON_GPU else 0
+        llm.sleep(level=1)
+        assert all(k.numel() == 0 for k, _ in llm.kv_caches)
+        if ON_GPU:
+            assert before - torch.cuda.memory_allocated() >= llm.config.num_blocks * llm.bytes_per_block
+        llm.wake_up(tags=["weights"])
+        llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights(weights.items())
+        llm.wake_up(tags=["kv_cache"])
+        ref.reset_prefix_cache()
+        for a, b in zip(llm.generate(prompts, _greedy()), ref.generate(prompts, _greedy())):
+            _same(a.outputs[0], b.outputs[0])
 
 
 def _runnable_reason():

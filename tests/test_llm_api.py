@@ -139,7 +139,8 @@ def test_vllm_engine_arguments(tiny_qwen2_dir, tiny_llama_dir, tmp_path):
     assert trl.generate(["hello"], sp)[0].outputs[0].token_ids == want   # the same tiny tokenizer
     for kwargs, exc, match in ((dict(tensor_parallel_size=2), ValueError, "single-device"),
                                (dict(quantization="bitsandbytes"), ValueError, "accepted: None"),
-                               (dict(enable_sleep_mode=True), ValueError, "enable_sleep_mode"),
+                               (dict(enable_sleep_mode=1), TypeError, "enable_sleep_mode"),
+                               (dict(load_format="pt"), ValueError, "load_format"),
                                (dict(distributed_executor_backend="ray"), ValueError, "external_launcher"),
                                (dict(enforce_eager=1), TypeError, "bool"),
                                (dict(no_such_argument=1), TypeError, "unexpected keyword"),
@@ -492,3 +493,91 @@ def test_all_blocks_free_at_the_end(llm):
     llm.reset_prefix_cache()
     st = llm.kv_stats()
     assert st["kept_handles"] == 0 and st["free_blocks"] == st["total_blocks"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _same_outputs(got, ref, prompts, sp):
+    ref.reset_prefix_cache()   # both computed from scratch (a prefix-cache hit rounds differently)
+    want = ref.generate(prompts, sp)
+    for g, w in zip(got, want):
+        for a, b in zip(g.outputs, w.outputs):
+            assert a.token_ids == b.token_ids
+            assert [{t: (x.logprob, x.rank) for t, x in d.items()} for d in a.logprobs] == \
+                [{t: (x.logprob, x.rank) for t, x in d.items()} for d in b.logprobs]
+
+
+def test_verl_rollout_with_dummy_weights_and_sleep_mode(tiny_qwen2_dir, tmp_path):
+    """veRL's default rollout: LLM(load_format="dummy", enable_sleep_mode=True), sleep(level=1) at
+    once, then each step wake_up(["weights"]), the trainer's weights through
+    llm_engine.model_executor.driver_worker.worker.model_runner.model.load_weights,
+    wake_up(["kv_cache"]), generate, sleep: outputs equal an engine loaded from the checkpoint, and
+    sleep gives the KV cache's memory back (each K/V tensor is 40 MB: above glibc's largest mmap
+    threshold, so freeing it unmaps it)."""
+    cfg_only = tmp_path / "cfg_only"      # config and tokenizer, no weights: dummy needs none
+    shutil.copytree(tiny_qwen2_dir, cfg_only, ignore=shutil.ignore_patterns("*.safetensors*"))
+    with pytest.raises(FileNotFoundError):
+        LLM(str(cfg_only), num_blocks=8)
+    a = LLM(str(cfg_only), num_blocks=8, load_format="dummy", seed=3)
+    b = LLM(str(cfg_only), num_blocks=8, load_format="dummy", seed=3)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):     # seeded, small, not left uninitialised
+        assert torch.equal(p, q) and 0 < p.abs().max() <= 1e-3
+    blocks = 20480
+    llm = LLM(str(cfg_only), num_blocks=blocks, load_format="dummy", enable_sleep_mode=True, seed=0,
+              tensor_parallel_size=1, distributed_executor_backend="external_launcher", dtype="auto",
+              enforce_eager=True, gpu_memory_utilization=0.5, disable_custom_all_reduce=True,
+              skip_tokenizer_init=False, max_model_len=256, disable_log_stats=True, max_num_batched_tokens=8192,
+              enable_chunked_prefill=True, enable_prefix_caching=True, trust_remote_code=False)
+    ref = LLM(tiny_qwen2_dir, num_blocks=64)
+    sp = SamplingParams(n=2, logprobs=0, max_tokens=8, temperature=1.0, seed=5, detokenize=False)
+    prompts = [{"prompt_token_ids": _prompt(i)} for i in range(3)]
+    rss = _rss_bytes()
+    llm.sleep(level=1)
+    assert rss - _rss_bytes() > blocks * llm.bytes_per_block * 3 // 4
+    assert all(k.numel() == 0 and v.numel() == 0 for k, v in llm.kv_caches)
+    weights = load_file(os.path.join(tiny_qwen2_dir, "model.safetensors"))
+    for level in (1, 2):
+        llm.wake_up(tags=["weights"])
+        with pytest.raises(RuntimeError, match="asleep .*kv_cache"):
+            llm.generate(prompts, sp)
+        model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        assert model.load_weights(weights.items()) == set(weights)
+        llm.wake_up(tags=["kv_cache"])
+        _same_outputs(llm.generate(prompts, sp), ref, prompts, sp)
+        assert llm.kv_stats()["cached_blocks"] > 0
+        llm.sleep(level=level)
+        assert llm.kv_stats()["cached_blocks"] == 0 and llm.kv_stats()["free_blocks"] == blocks
+    llm.wake_up()
+    _same_outputs(llm.generate(prompts, sp), ref, prompts, sp)
+
+
+def test_sleep_mode_refusals_lose_nothing(tiny_qwen2_dir):
+    """sleep()/wake_up() need enable_sleep_mode=True; sleep refuses while a kept handle pins KV
+    blocks (the handle still forks as before), and bad levels or tags are refused."""
+    off = LLM(tiny_qwen2_dir, num_blocks=16)
+    for call in (off.sleep, off.wake_up):
+        with pytest.raises(ValueError, match="enable_sleep_mode=True"):
+            call()
+    llm = LLM(tiny_qwen2_dir, num_blocks=64, enable_sleep_mode=True)
+    sp = SamplingParams(max_tokens=6, **GREEDY)
+    kept = llm.generate([_prompt(1)], sp, keep=True)[0].outputs[0]
+    before = llm.fork(kept.handle, at=[22], params=sp)[0].outputs[0].token_ids
+    with pytest.raises(RuntimeError, match="kept handle"):
+        llm.sleep()
+    assert llm.fork(kept.handle, at=[22], params=sp)[0].outputs[0].token_ids == before
+    for level in (0, 3, True, "1"):
+        with pytest.raises(ValueError, match="level"):
+            llm.sleep(level)
+    llm.release(kept.handle)
+    llm.sleep(level=2)
+    for tags, exc in ((["kv"], ValueError), ("weights", TypeError), ([1], TypeError)):
+        with pytest.raises(exc, match="tag"):
+            llm.wake_up(tags)
+    llm.wake_up()
+    llm.wake_up(["kv_cache"])     # awake already: nothing to do
+    fresh = LLM(tiny_qwen2_dir, num_blocks=64)
+    assert llm.generate([_prompt(1)], sp)[0].outputs[0].token_ids == \
+        fresh.generate([_prompt(1)], sp)[0].outputs[0].token_ids

@@ -281,9 +281,12 @@ class LlamaModel(nn.Module):
                 raise ValueError(f"missing {len(missing)} parameter(s), e.g. {missing[:3]}")
         for _, tensor, target, off, rows in items:
             target.narrow(0, off, rows).copy_(tensor)
-        # prepacked copies of the weights are stale now: repacked on their next use
+        self.drop_packed_weights()   # stale now
+        return loaded
+
+    def drop_packed_weights(self) -> None:
+        """Frees the prepacked copies of the weights; each is repacked on its next use."""
         self._lm_head_packed.drop()
         for mod in self.modules():
             if isinstance(mod, PackedLinear):
                 mod.unpack()
-        return loaded

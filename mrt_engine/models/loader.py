@@ -82,11 +82,13 @@ def weight_files(model_dir) -> list[str]:
 
 
 def load_model(model_dir, dtype=torch.float32, device="cpu", attention_backend="auto", *,
-               deterministic: bool | None = None):
+               deterministic: bool | None = None, dummy: bool = False, seed: int = 0):
     """Load a Llama/Qwen2/Mistral folder into our module; returns (model, hf_config).
 
     `attention_backend` is a name for `get_attention_backend` or a backend object; `deterministic`
-    goes to `get_attention_backend` with a name (a backend object carries its own).
+    goes to `get_attention_backend` with a name (a backend object carries its own). `dummy` reads
+    only the config: every parameter is drawn uniformly from [-1e-3, 1e-3] with `seed` (vLLM's
+    load_format="dummy"), for a caller that pushes the real weights before generating.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -100,6 +102,12 @@ def load_model(model_dir, dtype=torch.float32, device="cpu", attention_backend="
     backend = get_attention_backend(attention_backend, device, deterministic=deterministic) \
         if isinstance(attention_backend, str) else attention_backend
     model = LlamaModel(spec, rope_from_config(cfg, spec.head_dim), dtype, device, backend)
+    if dummy:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.empty(p.shape).uniform_(-1e-3, 1e-3, generator=gen))
+        return model.eval(), cfg
 
     loaded: set[str] = set()
     for path in weight_files(os.fspath(model_dir)):
