@@ -424,6 +424,9 @@ class LLM:
             # vLLM's check: a dict of k alternatives per token adds up (the vocabulary at worst)
             raise ValueError(f"prompt {index}: logprobs={params.top_logprobs} is more than max_logprobs="
                              f"{self.config.max_logprobs} (raise it with LLM(max_logprobs=...))")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
+            raise ValueError(f"prompt {index}: prompt_logprobs={params.prompt_logprobs} is more than "
+                             f"max_logprobs={self.config.max_logprobs} (raise it with LLM(max_logprobs=...))")
         fork_source, fork_at, prompt = None, 0, None
         if isinstance(item, dict):
             # vLLM's TokensPrompt / TextPrompt: its text or ids take the paths below (the ids win
@@ -441,6 +444,10 @@ class LLM:
             prompt = item.get("prompt")
             item = prompt if ids is None else ids
         if isinstance(item, Fork):
+            if params.prompt_logprobs is not None:
+                raise ValueError(f"prompt {index}: prompt_logprobs needs the logits at every prompt position, and a "
+                                 "Fork reuses its parent's KV without recomputing it; pass the token ids "
+                                 "(handle.token_ids[:at] + suffix) as the prompt instead")
             self._check_handle(item.handle)
             h = item.handle
             if h.version != self.scheduler.version:
@@ -537,23 +544,29 @@ class LLM:
                 logprobs=self._logprobs_out(r.params, s) if r.params.returns_logprobs else None,
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason, handle=handle))
+        prompt_lps = None
+        if r.prompt_logprobs is not None:
+            prompt_lps = [None] + self._logprob_dicts(r.prompt_token_ids[1:], r.prompt_logprobs[1:])
         return RequestOutput(request_id=request_id, prompt=r.prompt,
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
-                             num_cached_tokens=r.num_cached_tokens)
+                             num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_lps)
 
     def _logprobs_out(self, params, s) -> list:
         """A sample's logprobs: floats, or vLLM's {id: Logprob} per token for a count (see
         ModelRunner._add_ranks for what the runner recorded)."""
         if params.top_logprobs is None:
             return list(s.logprobs)
-        toks = s.output_token_ids
+        return self._logprob_dicts(s.output_token_ids, s.logprobs)
+
+    def _logprob_dicts(self, toks, records) -> list[dict[int, Logprob]]:
+        """vLLM's {id: Logprob} per token from (logprob, rank, [(id, logprob, rank)]) records."""
         text = {}
         if self.tokenizer is not None:    # each distinct id decoded once, in one call
-            ids = sorted(set(toks) | {a for _, _, alts in s.logprobs for a, _, _ in alts})
+            ids = sorted(set(toks) | {a for _, _, alts in records for a, _, _ in alts})
             text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
         out = []
-        for tok, (lp, rank, alts) in zip(toks, s.logprobs):
-            entry = {tok: Logprob(lp, rank, text.get(tok))}       # the sampled token first, as in vLLM
+        for tok, (lp, rank, alts) in zip(toks, records):
+            entry = {tok: Logprob(lp, rank, text.get(tok))}       # the token itself first, as in vLLM
             for alt, alt_lp, alt_rank in alts:
                 if alt not in entry:
                     entry[alt] = Logprob(alt_lp, alt_rank, text.get(alt))

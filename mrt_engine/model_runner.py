@@ -171,6 +171,10 @@ class ModelRunner:
             hidden = self.graphs.forward(input_ids, meta, self.kv_caches)
         else:
             hidden = self.model.forward(input_ids, meta, self.kv_caches)
+        prompt_rows = self._prompt_logprob_rows(batch)
+        if prompt_rows:
+            with section("prompt_logprobs"):
+                self._prompt_logprobs(hidden, prompt_rows)
         if not sample_rows:
             return [], []
         # logits in the model dtype, into a buffer reused across steps; the sampler casts once
@@ -193,6 +197,42 @@ class ModelRunner:
                 self._add_ranks(logits, st, alt_counts, tokens, logprobs, out_lps,
                                 self.logprobs_mode == "raw_logprobs", self.sampler.kept_counts)
             return out_tokens, out_lps
+
+    @staticmethod
+    def _prompt_logprob_rows(batch) -> list[tuple[int, object, int]]:
+        """(step row, request, prompt position) for every prefill row whose next token is a prompt
+        token of a request that asked for prompt logprobs (its sample 0 computes the prompt)."""
+        rows, a = [], 0
+        for s, start, n, _, _ in batch.prefills:
+            req = s.request
+            if req.computes_prompt_logprobs and s.sample_index == 0:
+                last = min(start + n, len(req.prompt_token_ids) - 1)   # position p predicts p + 1
+                rows.extend((a + p - start, req, p + 1) for p in range(start, last))
+            a += n
+        return rows
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows) -> None:
+        """vLLM's prompt logprobs of the given rows, written into their requests: log_softmax of
+        the raw logits (float32) at the prompt token, its rank by logit (1-based) and the k most
+        likely ids. Logits go in slices of ~128 MB, whatever the prompt length."""
+        dev = hidden.device
+        chunk = max(1, (1 << 25) // self.model.vocab_size)
+        for i in range(0, len(rows), chunk):
+            part = rows[i:i + chunk]
+            idx = torch.tensor([r for r, _, _ in part], device=dev)
+            x = self.model.compute_logits(hidden.index_select(0, idx), float32=True)      # [c, V]
+            tgt = torch.tensor([req.prompt_token_ids[p] for _, req, p in part], device=dev)
+            x_tok = x.gather(1, tgt[:, None])
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)
+            cols = [x_tok - lse, (x > x_tok).sum(1, keepdim=True) + 1]
+            kmax = min(max(req.params.prompt_logprobs for _, req, _ in part), x.shape[1])
+            if kmax:
+                vals, ids = x.topk(kmax, dim=1)
+                cols += [ids, vals - lse]
+            host = torch.cat([c.double() for c in cols], dim=1).cpu().tolist()    # ids exact in float64
+            for (_, req, p), h in zip(part, host):
+                k = min(req.params.prompt_logprobs, kmax)
+                req.prompt_logprobs[p] = (h[0], int(h[1]), [(int(h[2 + r]), h[2 + kmax + r], r + 1) for r in range(k)])
 
     @staticmethod
     def _logit_rows(st, idx: torch.Tensor) -> torch.Tensor:

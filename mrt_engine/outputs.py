@@ -44,3 +44,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     num_cached_tokens: int = 0          # prompt tokens whose KV was reused (prefix cache or fork)
+    # with SamplingParams(prompt_logprobs=k), vLLM's: None for the first prompt token, then per token
+    # {prompt token: Logprob, then the k most likely ids: Logprob} (log_softmax of the raw logits)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -13,7 +13,8 @@ Categories: gemm (every nn.Linear of the layers), gemm_lm_head, norm (RMSNorm in
 casts), layer_other (RoPE, SiLU*up, residual adds: a layer's time minus its children),
 attn_store / attn_plan / attn_own / attn_shared / attn_merge / attn_prefill (torch backend;
 attn_decode = the C++ CPU kernel's own + shared + merge in one call),
-cast (explicit bf16<->fp32 copies outside the norm), sampler, step_build (integer step tensors
+cast (explicit bf16<->fp32 copies outside the norm), sampler, prompt_logprobs (vLLM's, at every
+prompt position of the requests that ask), step_build (integer step tensors
 and sampling inputs), kv_copy (fork tail / copy-on-write block copies), embed, runner_other
 (the rest of ModelRunner.execute).
 

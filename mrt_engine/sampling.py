@@ -36,6 +36,10 @@ class SamplingParams:
     # True: each sampled token's logprob as a float; vLLM's spellings: None (none) or a count k >= 0:
     # vLLM's shape, per token {sampled id: Logprob, then the k most likely ids: Logprob}
     logprobs: bool | int | None = True
+    # vLLM's: per prompt token (the first has none) {prompt token: Logprob, then the k most likely
+    # ids}, log_softmax of the raw logits (no temperature); the prompt is computed, not taken from
+    # the prefix cache, for that
+    prompt_logprobs: int | None = None
     # vLLM's penalties, accepted at their neutral values (what TRL passes by default) so that its
     # calls port unchanged; the sampler does not implement them
     repetition_penalty: float = 1.0
@@ -133,6 +137,8 @@ class SamplingParams:
             self.logprobs = bool(self.logprobs)
         elif not isinstance(self.logprobs, bool):
             raise TypeError(f"logprobs must be True/False, None or a count >= 0 (vLLM), got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and integer("prompt_logprobs", self.prompt_logprobs) < 0:
+            raise ValueError(f"prompt_logprobs must be None or a count >= 0, got {self.prompt_logprobs}")
 
     @property
     def greedy(self) -> bool:

@@ -181,7 +181,9 @@ class Scheduler:
                 kv.fork(req.fork_source, s.seq_id, req.fork_at)
                 cached = req.fork_at
             else:
-                cached = kv.add_sequence(s.seq_id, s.token_ids, self.version, self.enable_prefix_caching)
+                # prompt logprobs need logits at every prompt position: sample 0 computes them all
+                lookup = self.enable_prefix_caching and not (req.computes_prompt_logprobs and s.sample_index == 0)
+                cached = kv.add_sequence(s.seq_id, s.token_ids, self.version, lookup)
         except OutOfBlocks:
             return None
         s.num_computed = cached

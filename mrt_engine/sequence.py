@@ -51,7 +51,7 @@ class Request:
     """One prompt of a generate call; its n samples are sequences sharing the prompt's KV."""
 
     __slots__ = ("index", "prompt", "prompt_token_ids", "params", "seed", "keep", "fork_source",
-                 "fork_at", "seqs", "num_finished", "num_cached_tokens", "stop_checker")
+                 "fork_at", "seqs", "num_finished", "num_cached_tokens", "stop_checker", "prompt_logprobs")
 
     def __init__(self, index, prompt, prompt_token_ids, params, seed, keep, fork_source=None, fork_at=0):
         self.index = index
@@ -65,6 +65,14 @@ class Request:
         self.seqs = [None] * params.n
         self.num_finished = 0
         self.num_cached_tokens = 0
+        # with SamplingParams.prompt_logprobs: per prompt position (logprob, rank, [(id, logprob,
+        # rank)] of the k most likely ids) of that token given the ones before, filled by the runner
+        # from sample 0's prefill (position 0 stays None)
+        self.prompt_logprobs = None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids)
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None
 
     @property
     def finished(self) -> bool:

@@ -581,3 +581,37 @@ def test_sleep_mode_refusals_lose_nothing(tiny_qwen2_dir):
     fresh = LLM(tiny_qwen2_dir, num_blocks=64)
     assert llm.generate([_prompt(1)], sp)[0].outputs[0].token_ids == \
         fresh.generate([_prompt(1)], sp)[0].outputs[0].token_ids
+
+
+def test_prompt_logprobs_api(tiny_qwen2_dir):
+    """vLLM's prompt_logprobs: refused on a Fork (its prefix is not recomputed) and past
+    max_logprobs, validated like logprobs; under a pool so small that requests preempt, the values
+    equal a roomy engine's; the prompt's blocks still go into the prefix cache for later requests."""
+    roomy = LLM(tiny_qwen2_dir, num_blocks=256)
+    sp = SamplingParams(max_tokens=4, prompt_logprobs=2, **GREEDY)
+    kept = roomy.generate([_prompt(1)], SamplingParams(max_tokens=4, **GREEDY), keep=True)[0].outputs[0]
+    with pytest.raises(ValueError, match="Fork"):
+        roomy.generate([Fork(kept.handle, at=10)], sp)
+    roomy.release(kept.handle)
+    with pytest.raises(ValueError, match="max_logprobs"):
+        roomy.generate([_prompt(1)], SamplingParams(prompt_logprobs=21))
+    for bad, exc in ((-1, ValueError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(exc, match="prompt_logprobs"):
+            SamplingParams(prompt_logprobs=bad)
+    assert SamplingParams(prompt_logprobs=np.int64(1)).prompt_logprobs == 1
+    assert roomy.generate([_prompt(1)], SamplingParams(max_tokens=2))[0].prompt_logprobs is None
+    prompts = [_prompt(i, 30 + 7 * i) for i in range(4)]
+    want = roomy.generate(prompts, sp)
+    tight = LLM(tiny_qwen2_dir, num_blocks=12, max_num_seqs=4)
+    got = tight.generate(prompts, sp)
+    assert tight.kv_stats()["num_preemptions"] > 0
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert len(g.prompt_logprobs) == len(w.prompt_logprobs) and g.prompt_logprobs[0] is None
+        for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
+            assert list(a) == list(b)
+            assert [(x.rank, x.decoded_token) for x in a.values()] == [(x.rank, x.decoded_token) for x in b.values()]
+            assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-5)
+    hits = roomy.kv_stats()["prefix_cache_hit_tokens"]
+    roomy.generate([prompts[3]], SamplingParams(max_tokens=1))
+    assert roomy.kv_stats()["prefix_cache_hit_tokens"] > hits

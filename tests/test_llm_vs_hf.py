@@ -121,6 +121,45 @@ def test_logprobs_modes_match_transformers(pair, mode):
             assert all(e[i].logprob == float("-inf") for e in out.logprobs for i in e if e[i].rank > top_k)
 
 
+@pytest.mark.parametrize("count", [0, 3])
+def test_prompt_logprobs_match_transformers(pair, count):
+    # vLLM's SamplingParams(prompt_logprobs=k): None for the first prompt token, then per token
+    # {prompt token: Logprob, then the k most likely ids}, log_softmax of the raw logits (T does not
+    # apply), ranks by logit; in a batch with requests that do not ask, with n=3 (one list), under
+    # chunked prefill across steps, and again with the prompts in the prefix cache (not reused)
+    path, hf, llm = pair
+    prompts = _prompts(4, seed=17, lo=1, hi=40) + [[7]]
+    sp = SamplingParams(n=3, temperature=0.7, max_tokens=3, seed=1, prompt_logprobs=count)
+    plain = SamplingParams(max_tokens=3, **{"temperature": 0})
+    params = [sp if i % 2 == 0 else plain for i in range(len(prompts))] + [sp]
+    chunked = LLM(path, dtype="float32", num_blocks=512, max_num_batched_tokens=8)
+    for engine in (llm, chunked, llm):
+        outs = engine.generate(prompts + [prompts[0]], params)
+        for p, prm, o in zip(prompts + [prompts[0]], params, outs):
+            if prm is plain:
+                assert o.prompt_logprobs is None
+                continue
+            assert len(o.prompt_logprobs) == len(p) and o.prompt_logprobs[0] is None and len(o.outputs) == 3
+            if len(p) == 1:
+                continue
+            with torch.no_grad():
+                logits = hf(torch.tensor([p])).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, -1)
+            tgt = torch.tensor(p[1:])
+            want = lp.gather(1, tgt[:, None])[:, 0]
+            ranks = (logits > logits.gather(1, tgt[:, None])).sum(1) + 1
+            top = logits.topk(count, dim=1).indices.tolist() if count else [[]] * len(tgt)
+            for j, d in enumerate(o.prompt_logprobs[1:]):
+                first = next(iter(d.items()))
+                assert first[0] == p[j + 1] and first[1].rank == ranks[j].item()
+                assert first[1].logprob == pytest.approx(want[j].item(), abs=1e-4)
+                alts = {t: x for t, x in d.items() if t != p[j + 1] or x.rank <= count}
+                assert [t for t, x in sorted(alts.items(), key=lambda kv: kv[1].rank) if x.rank <= count] == top[j]
+                for t, x in d.items():
+                    assert x.logprob == pytest.approx(lp[j, t].item(), abs=1e-4)
+        assert outs[0].num_cached_tokens == 0    # computed, not taken from the prefix cache
+
+
 def test_concurrent_mixed_lengths_equal_alone(pair):
     _, _, llm = pair
     prompts = _prompts(8, seed=1, lo=1, hi=120)

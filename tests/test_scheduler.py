@@ -113,7 +113,7 @@ class PagedFakeModel:
 
 
 def _params(n=1, max_tokens=4, stop_token=None):
-    return SimpleNamespace(n=n, max_tokens=max_tokens, ignore_eos=True, stop=[],
+    return SimpleNamespace(n=n, max_tokens=max_tokens, ignore_eos=True, stop=[], prompt_logprobs=None,
                            stop_token_ids=[] if stop_token is None else [stop_token])
 
 
