@@ -444,10 +444,6 @@ class LLM:
             prompt = item.get("prompt")
             item = prompt if ids is None else ids
         if isinstance(item, Fork):
-            if params.prompt_logprobs is not None:
-                raise ValueError(f"prompt {index}: prompt_logprobs needs the logits at every prompt position, and a "
-                                 "Fork reuses its parent's KV without recomputing it; pass the token ids "
-                                 "(handle.token_ids[:at] + suffix) as the prompt instead")
             self._check_handle(item.handle)
             h = item.handle
             if h.version != self.scheduler.version:
@@ -545,8 +541,12 @@ class LLM:
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason, handle=handle))
         prompt_lps = None
-        if r.prompt_logprobs is not None:
-            prompt_lps = [None] + self._logprob_dicts(r.prompt_token_ids[1:], r.prompt_logprobs[1:])
+        if r.prompt_logprobs is not None:   # None where not computed: a Fork's reused prefix
+            done = [p for p, rec in enumerate(r.prompt_logprobs) if rec is not None]
+            dicts = self._logprob_dicts([r.prompt_token_ids[p] for p in done], [r.prompt_logprobs[p] for p in done])
+            prompt_lps = [None] * len(r.prompt_token_ids)
+            for p, d in zip(done, dicts):
+                prompt_lps[p] = d
         return RequestOutput(request_id=request_id, prompt=r.prompt,
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
                              num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_lps)

@@ -38,7 +38,8 @@ class SamplingParams:
     logprobs: bool | int | None = True
     # vLLM's: per prompt token (the first has none) {prompt token: Logprob, then the k most likely
     # ids}, log_softmax of the raw logits (no temperature); the prompt is computed, not taken from
-    # the prefix cache, for that
+    # the prefix cache, for that. A Fork prompt computes only its suffix (and the re-fed token
+    # before it): its prefix positions stay None, the suffix is scored at the cost of the suffix
     prompt_logprobs: int | None = None
     # vLLM's penalties, accepted at their neutral values (what TRL passes by default) so that its
     # calls port unchanged; the sampler does not implement them

@@ -67,7 +67,7 @@ class Request:
         self.num_cached_tokens = 0
         # with SamplingParams.prompt_logprobs: per prompt position (logprob, rank, [(id, logprob,
         # rank)] of the k most likely ids) of that token given the ones before, filled by the runner
-        # from sample 0's prefill (position 0 stays None)
+        # from sample 0's prefill (position 0 stays None, and so does a Fork's reused prefix)
         self.prompt_logprobs = None if params.prompt_logprobs is None else [None] * len(self.prompt_token_ids)
 
     @property

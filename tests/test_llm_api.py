@@ -583,15 +583,34 @@ def test_sleep_mode_refusals_lose_nothing(tiny_qwen2_dir):
         fresh.generate([_prompt(1)], sp)[0].outputs[0].token_ids
 
 
+def _same_prompt_logprobs(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert list(x) == list(y)
+            assert [(v.rank, v.decoded_token) for v in x.values()] == [(v.rank, v.decoded_token) for v in y.values()]
+            assert [v.logprob for v in x.values()] == pytest.approx([v.logprob for v in y.values()], abs=1e-5)
+
+
 def test_prompt_logprobs_api(tiny_qwen2_dir):
-    """vLLM's prompt_logprobs: refused on a Fork (its prefix is not recomputed) and past
-    max_logprobs, validated like logprobs; under a pool so small that requests preempt, the values
-    equal a roomy engine's; the prompt's blocks still go into the prefix cache for later requests."""
+    """vLLM's prompt_logprobs: validated like logprobs and refused past max_logprobs; a Fork scores
+    its suffix (and the token after the re-fed one) as the same ids as a plain prompt would, its
+    reused prefix None; under a pool so small that requests preempt, the values equal a roomy
+    engine's; the prompt's blocks still go into the prefix cache for later requests."""
     roomy = LLM(tiny_qwen2_dir, num_blocks=256)
     sp = SamplingParams(max_tokens=4, prompt_logprobs=2, **GREEDY)
-    kept = roomy.generate([_prompt(1)], SamplingParams(max_tokens=4, **GREEDY), keep=True)[0].outputs[0]
-    with pytest.raises(ValueError, match="Fork"):
-        roomy.generate([Fork(kept.handle, at=10)], sp)
+    kept = roomy.generate([_prompt(1)], SamplingParams(max_tokens=6, **GREEDY), keep=True)[0].outputs[0]
+    full = list(kept.handle.token_ids)
+    suffix = [5, 6, 7]
+    forks = roomy.generate([Fork(kept.handle, at=t, suffix=suffix) for t in (1, 10, 24)], sp)
+    for t, o in zip((1, 10, 24), forks):
+        ids = full[:t] + suffix
+        assert o.prompt_token_ids == ids
+        plain = roomy.generate([ids], sp)[0].prompt_logprobs
+        want = plain if t == 1 else [None] * t + plain[t:]   # at >= 2: the first t tokens are reused
+        _same_prompt_logprobs(o.prompt_logprobs, want)
+        assert o.outputs[0].token_ids == roomy.generate([ids], sp)[0].outputs[0].token_ids
     roomy.release(kept.handle)
     with pytest.raises(ValueError, match="max_logprobs"):
         roomy.generate([_prompt(1)], SamplingParams(prompt_logprobs=21))
@@ -607,11 +626,8 @@ def test_prompt_logprobs_api(tiny_qwen2_dir):
     assert tight.kv_stats()["num_preemptions"] > 0
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        assert len(g.prompt_logprobs) == len(w.prompt_logprobs) and g.prompt_logprobs[0] is None
-        for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]):
-            assert list(a) == list(b)
-            assert [(x.rank, x.decoded_token) for x in a.values()] == [(x.rank, x.decoded_token) for x in b.values()]
-            assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-5)
+        assert g.prompt_logprobs[0] is None and all(x is not None for x in g.prompt_logprobs[1:])
+        _same_prompt_logprobs(g.prompt_logprobs, w.prompt_logprobs)
     hits = roomy.kv_stats()["prefix_cache_hit_tokens"]
     roomy.generate([prompts[3]], SamplingParams(max_tokens=1))
     assert roomy.kv_stats()["prefix_cache_hit_tokens"] > hits
