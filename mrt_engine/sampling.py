@@ -41,6 +41,10 @@ class SamplingParams:
     # the prefix cache, for that. A Fork prompt computes only its suffix (and the re-fed token
     # before it): its prefix positions stay None, the suffix is scored at the cost of the suffix
     prompt_logprobs: int | None = None
+    # vLLM's: None (the default) skips reading the prefix cache when prompt_logprobs is set, so
+    # every position is scored; False reads it anyway (cached positions' prompt logprobs are then
+    # None: only the rest of the prompt is computed); True skips it whatever else is asked
+    skip_reading_prefix_cache: bool | None = None
     # vLLM's penalties, accepted at their neutral values (what TRL passes by default) so that its
     # calls port unchanged; the sampler does not implement them
     repetition_penalty: float = 1.0
@@ -140,6 +144,11 @@ class SamplingParams:
             raise TypeError(f"logprobs must be True/False, None or a count >= 0 (vLLM), got {self.logprobs!r}")
         if self.prompt_logprobs is not None and integer("prompt_logprobs", self.prompt_logprobs) < 0:
             raise ValueError(f"prompt_logprobs must be None or a count >= 0, got {self.prompt_logprobs}")
+        if self.skip_reading_prefix_cache is None:
+            self.skip_reading_prefix_cache = self.prompt_logprobs is not None
+        elif not isinstance(self.skip_reading_prefix_cache, (bool, np.bool_)):
+            raise TypeError(f"skip_reading_prefix_cache must be a bool or None, got {self.skip_reading_prefix_cache!r}")
+        self.skip_reading_prefix_cache = bool(self.skip_reading_prefix_cache)
 
     @property
     def greedy(self) -> bool:

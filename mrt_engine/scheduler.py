@@ -181,8 +181,10 @@ class Scheduler:
                 kv.fork(req.fork_source, s.seq_id, req.fork_at)
                 cached = req.fork_at
             else:
-                # prompt logprobs need logits at every prompt position: sample 0 computes them all
-                lookup = self.enable_prefix_caching and not (req.computes_prompt_logprobs and s.sample_index == 0)
+                # vLLM's skip_reading_prefix_cache (on by default with prompt logprobs, which then
+                # need every position's logits): sample 0 computes the prompt, the others share it
+                lookup = self.enable_prefix_caching and not (req.params.skip_reading_prefix_cache
+                                                             and s.sample_index == 0)
                 cached = kv.add_sequence(s.seq_id, s.token_ids, self.version, lookup)
         except OutOfBlocks:
             return None

@@ -597,7 +597,8 @@ def test_prompt_logprobs_api(tiny_qwen2_dir):
     """vLLM's prompt_logprobs: validated like logprobs and refused past max_logprobs; a Fork scores
     its suffix (and the token after the re-fed one) as the same ids as a plain prompt would, its
     reused prefix None; under a pool so small that requests preempt, the values equal a roomy
-    engine's; the prompt's blocks still go into the prefix cache for later requests."""
+    engine's; the prompt's blocks still go into the prefix cache for later requests, and
+    skip_reading_prefix_cache=False reuses them (vLLM's switch)."""
     roomy = LLM(tiny_qwen2_dir, num_blocks=256)
     sp = SamplingParams(max_tokens=4, prompt_logprobs=2, **GREEDY)
     kept = roomy.generate([_prompt(1)], SamplingParams(max_tokens=6, **GREEDY), keep=True)[0].outputs[0]
@@ -631,3 +632,15 @@ def test_prompt_logprobs_api(tiny_qwen2_dir):
     hits = roomy.kv_stats()["prefix_cache_hit_tokens"]
     roomy.generate([prompts[3]], SamplingParams(max_tokens=1))
     assert roomy.kv_stats()["prefix_cache_hit_tokens"] > hits
+    # vLLM's skip_reading_prefix_cache=False: the cached blocks are reused and only the rest of the
+    # prompt is scored (cached positions None); True skips the cache even without prompt logprobs
+    reuse = roomy.generate([prompts[3]], SamplingParams(max_tokens=4, prompt_logprobs=2, skip_reading_prefix_cache=False,
+                                                        **GREEDY))[0]
+    cached = reuse.num_cached_tokens
+    assert cached == (len(prompts[3]) - 1) // 16 * 16 > 0
+    _same_prompt_logprobs(reuse.prompt_logprobs, [None] * (cached + 1) + want[3].prompt_logprobs[cached + 1:])
+    assert reuse.outputs[0].token_ids == want[3].outputs[0].token_ids
+    assert roomy.generate([prompts[3]], SamplingParams(max_tokens=1, skip_reading_prefix_cache=True))[0] \
+        .num_cached_tokens == 0
+    with pytest.raises(TypeError, match="skip_reading_prefix_cache"):
+        SamplingParams(skip_reading_prefix_cache="no")

@@ -114,6 +114,7 @@ class PagedFakeModel:
 
 def _params(n=1, max_tokens=4, stop_token=None):
     return SimpleNamespace(n=n, max_tokens=max_tokens, ignore_eos=True, stop=[], prompt_logprobs=None,
+                           skip_reading_prefix_cache=False,
                            stop_token_ids=[] if stop_token is None else [stop_token])
 
 
