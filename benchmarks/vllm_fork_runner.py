@@ -48,12 +48,19 @@ def metric_totals(llm) -> dict:
     return totals
 
 
-def main() -> int:
+def load_job(usage: str) -> dict | None:
+    """The JOB.json of `<script> JOB.json RESULT.json`, or None after printing `usage`."""
     if len(sys.argv) != 3:
-        print(__doc__, file=sys.stderr)
-        return 2
+        print(usage, file=sys.stderr)
+        return None
     with open(sys.argv[1]) as f:
-        job = json.load(f)
+        return json.load(f)
+
+
+def main() -> int:
+    job = load_job(__doc__)
+    if job is None:
+        return 2
     import torch
     import vllm
     from vllm import LLM, SamplingParams

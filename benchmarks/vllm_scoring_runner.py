@@ -22,13 +22,13 @@ import json
 import sys
 import time
 
+from vllm_fork_runner import load_job   # same folder: the script's directory is on sys.path
+
 
 def main() -> int:
-    if len(sys.argv) != 3:
-        print(__doc__, file=sys.stderr)
+    job = load_job(__doc__)
+    if job is None:
         return 2
-    with open(sys.argv[1]) as f:
-        job = json.load(f)
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
