@@ -128,12 +128,16 @@ def test_prompt_logprobs_match_transformers(pair, count):
     # apply), ranks by logit; in a batch with requests that do not ask, with n=3 (one list), under
     # chunked prefill across steps, and again with the prompts in the prefix cache (not reused)
     path, hf, llm = pair
-    prompts = _prompts(4, seed=17, lo=1, hi=40) + [[7]]
+    # the 150- and 190-token prompts take the kernel's long-prefill plan (query blocks of 16)
+    prompts = _prompts(4, seed=17, lo=1, hi=40) + [[7]] + _prompts(1, seed=18, lo=150, hi=151) \
+        + _prompts(1, seed=19, lo=190, hi=191)
     sp = SamplingParams(n=3, temperature=0.7, max_tokens=3, seed=1, prompt_logprobs=count)
     plain = SamplingParams(max_tokens=3, **{"temperature": 0})
     params = [sp if i % 2 == 0 else plain for i in range(len(prompts))] + [sp]
     chunked = LLM(path, dtype="float32", num_blocks=512, max_num_batched_tokens=8)
-    for engine in (llm, chunked, llm):
+    # chunks of up to 100 tokens after a cached part that is not a multiple of 8 or 16
+    long_chunks = LLM(path, dtype="float32", num_blocks=512, block_size=8, max_num_batched_tokens=100)
+    for engine in (llm, chunked, long_chunks, llm):
         outs = engine.generate(prompts + [prompts[0]], params)
         for p, prm, o in zip(prompts + [prompts[0]], params, outs):
             if prm is plain:
