@@ -212,9 +212,9 @@ class ModelRunner:
         return rows
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows) -> None:
-        """vLLM's prompt logprobs of the given rows, written into their requests: log_softmax of
-        the raw logits (float32) at the prompt token, its rank by logit (1-based) and the k most
-        likely ids. Logits go in slices of ~128 MB, whatever the prompt length."""
+        """vLLM's prompt logprobs of the given rows, written into their requests (records as
+        `_ranked`'s): log_softmax of the raw logits (float32) at the prompt token. Logits go in
+        slices of ~128 MB, whatever the prompt length."""
         dev = hidden.device
         chunk = max(1, (1 << 25) // self.model.vocab_size)
         for i in range(0, len(rows), chunk):
@@ -222,17 +222,36 @@ class ModelRunner:
             idx = torch.tensor([r for r, _, _ in part], device=dev)
             x = self.model.compute_logits(hidden.index_select(0, idx), float32=True)      # [c, V]
             tgt = torch.tensor([req.prompt_token_ids[p] for _, req, p in part], device=dev)
-            x_tok = x.gather(1, tgt[:, None])
-            lse = torch.logsumexp(x, dim=-1, keepdim=True)
-            cols = [x_tok - lse, (x > x_tok).sum(1, keepdim=True) + 1]
-            kmax = min(max(req.params.prompt_logprobs for _, req, _ in part), x.shape[1])
-            if kmax:
-                vals, ids = x.topk(kmax, dim=1)
-                cols += [ids, vals - lse]
-            host = torch.cat([c.double() for c in cols], dim=1).cpu().tolist()    # ids exact in float64
-            for (_, req, p), h in zip(part, host):
-                k = min(req.params.prompt_logprobs, kmax)
-                req.prompt_logprobs[p] = (h[0], int(h[1]), [(int(h[2 + r]), h[2 + kmax + r], r + 1) for r in range(k)])
+            lp = x.gather(1, tgt[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+            records = self._ranked(x, tgt, lp, None, [req.params.prompt_logprobs for _, req, _ in part])
+            for (_, req, p), rec in zip(part, records):
+                req.prompt_logprobs[p] = rec
+
+    @staticmethod
+    def _ranked(x: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, inv_t: torch.Tensor | None,
+                counts: list[int], kept: torch.Tensor | None = None) -> list[tuple]:
+        """Per row of x [P, V] (float32 logits) with its token and the token's logprob: (logprob,
+        rank, [(id, logprob, rank)] of the counts[i] most likely ids), what the output turns into
+        vLLM's Logprob dicts. Ranks count the row's strictly larger logits (1-based); an
+        alternative's logprob is the token's plus its logit difference times inv_t (1 when None),
+        so it is in the token's distribution to rounding; with `kept` (per row, how many of the
+        most likely tokens a truncation kept) the others get -inf. One device-to-host read."""
+        x_tok = x.gather(1, tokens[:, None])
+        ranks = (x > x_tok).sum(1, keepdim=True) + 1
+        kmax = min(max(counts), x.shape[1])
+        cols = [logprobs.float()[:, None], ranks]
+        if kmax:
+            vals, ids = x.topk(kmax, dim=1)
+            diff = vals - x_tok
+            alt = logprobs.float()[:, None] + (diff if inv_t is None else diff * inv_t[:, None])
+            if kept is not None:
+                alt = alt.masked_fill(torch.arange(1, kmax + 1, device=x.device)[None, :] > kept[:, None],
+                                      float("-inf"))
+            cols += [ids, alt]
+        # ids and ranks are exact in float64
+        host = torch.cat([c.double() for c in cols], dim=1).cpu().tolist()
+        return [(h[0], int(h[1]), [(int(h[2 + r]), h[2 + kmax + r], r + 1) for r in range(min(k, kmax))])
+                for h, k in zip(host, counts)]
 
     @staticmethod
     def _logit_rows(st, idx: torch.Tensor) -> torch.Tensor:
@@ -255,32 +274,19 @@ class ModelRunner:
     @classmethod
     def _add_ranks(cls, logits, st, alt_counts, tokens, logprobs, out_lps, raw=False, kept_counts=None) -> None:
         """For the samples of requests that asked in vLLM's spelling (`alt_counts`: (sample row, k)),
-        replaces the float in out_lps by (logprob, rank, [(id, logprob, rank)] of the k most likely
-        ids): what the output turns into vLLM's Logprob dicts. Ranks count the row's strictly larger
-        logits (1-based); an alternative's logprob is the sampled one's plus its logit difference
-        over T (over 1 in raw_logprobs mode), so it is in the sampled token's distribution to
-        rounding; in processed_logprobs mode a token the row's truncation dropped gets -inf, as in
-        vLLM. One device-to-host read."""
-        dev = logits.device
+        replaces the float in out_lps by `_ranked`'s record: alternatives in the sampled token's
+        distribution (logit differences over T; over 1 in raw_logprobs mode); in
+        processed_logprobs mode a token the row's truncation dropped gets -inf, as in vLLM."""
         flat = [i for i, _ in alt_counts]
-        pick = torch.tensor(flat, device=dev)
+        pick = torch.tensor(flat, device=logits.device)
         x = logits.index_select(0, cls._logit_rows(st, pick)).float()            # [P, V]
-        x_tok = x.gather(1, tokens.index_select(0, pick)[:, None])
-        ranks = (x > x_tok).sum(1, keepdim=True) + 1
-        kmax = min(max(k for _, k in alt_counts), x.shape[1])
-        vals, ids = x.topk(kmax, dim=1)
         temps = [st.host[0][i] for i in flat]
-        inv_t = torch.tensor([1.0 if raw or t == 0.0 else 1.0 / t for t in temps], device=dev)
-        alt = logprobs.index_select(0, pick).float()[:, None] + (vals - x_tok) * inv_t[:, None]
-        if kept_counts is not None:   # processed_logprobs: ranks past the kept ones are out
-            kept = kept_counts.index_select(0, pick)[:, None]
-            alt = alt.masked_fill(torch.arange(1, kmax + 1, device=dev)[None, :] > kept, float("-inf"))
-        # ids and ranks are exact in float64
-        host = torch.cat((ranks.double(), ids.double(), alt.double()), dim=1).cpu().tolist()
-        for (i, k), h in zip(alt_counts, host):
-            k = min(k, kmax)
-            alts = [(int(h[1 + r]), h[1 + kmax + r], r + 1) for r in range(k)]
-            out_lps[i] = (out_lps[i], int(h[0]), alts)
+        inv_t = torch.tensor([1.0 if raw or t == 0.0 else 1.0 / t for t in temps], device=logits.device)
+        kept = None if kept_counts is None else kept_counts.index_select(0, pick)
+        records = cls._ranked(x, tokens.index_select(0, pick), logprobs.index_select(0, pick), inv_t,
+                              [k for _, k in alt_counts], kept)
+        for (i, _), (_, rank, alts) in zip(alt_counts, records):
+            out_lps[i] = (out_lps[i], rank, alts)
 
     def _sampling_tensors(self, sample_rows) -> tuple[SamplingTensors, list[tuple[int, int]]]:
         """The step's sampling inputs, and (sample row, k) for samples whose request asked for
