@@ -327,8 +327,7 @@ class LLM:
         (level 1) or discards them (level 2), which on a CPU gives no memory back; on CUDA they are
         not offloaded. Generating needs `wake_up()` first. Kept handles pin KV blocks, so sleep
         refuses while any is kept (release them first); nothing is freed then."""
-        if not self.config.enable_sleep_mode:
-            raise ValueError("sleep mode is off: create the engine with LLM(..., enable_sleep_mode=True)")
+        self._check_sleep_mode()
         if isinstance(level, bool) or level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         if self._handles:
@@ -349,8 +348,7 @@ class LLM:
         """Undoes `sleep` for `tags` ("weights", "kv_cache"; None: both), as vLLM's: the usual
         order is wake_up(["weights"]), push the new weights, wake_up(["kv_cache"]). The KV cache
         comes back zeroed and empty; waking what is awake does nothing."""
-        if not self.config.enable_sleep_mode:
-            raise ValueError("sleep mode is off: create the engine with LLM(..., enable_sleep_mode=True)")
+        self._check_sleep_mode()
         if tags is None:
             tags = list(self._SLEEP_TAGS)
         if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
@@ -363,6 +361,10 @@ class LLM:
 
             self.kv_caches[:] = allocate_kv_caches(self.model, self.config.num_blocks, self.config.block_size)
         self._asleep -= set(tags)
+
+    def _check_sleep_mode(self) -> None:
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep mode is off: create the engine with LLM(..., enable_sleep_mode=True)")
 
     def kv_stats(self) -> dict:
         kv = self.kv
@@ -420,13 +422,11 @@ class LLM:
             raise ValueError(f"handle of sequence {handle.seq_id} was already released")
 
     def _make_request(self, index, item, params, keep) -> Request:
-        if params.top_logprobs is not None and params.top_logprobs > self.config.max_logprobs:
-            # vLLM's check: a dict of k alternatives per token adds up (the vocabulary at worst)
-            raise ValueError(f"prompt {index}: logprobs={params.top_logprobs} is more than max_logprobs="
-                             f"{self.config.max_logprobs} (raise it with LLM(max_logprobs=...))")
-        if params.prompt_logprobs is not None and params.prompt_logprobs > self.config.max_logprobs:
-            raise ValueError(f"prompt {index}: prompt_logprobs={params.prompt_logprobs} is more than "
-                             f"max_logprobs={self.config.max_logprobs} (raise it with LLM(max_logprobs=...))")
+        # vLLM's check: a dict of k alternatives per token adds up (the vocabulary at worst)
+        for name, k in (("logprobs", params.top_logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"prompt {index}: {name}={k} is more than max_logprobs="
+                                 f"{self.config.max_logprobs} (raise it with LLM(max_logprobs=...))")
         fork_source, fork_at, prompt = None, 0, None
         if isinstance(item, dict):
             # vLLM's TokensPrompt / TextPrompt: its text or ids take the paths below (the ids win
@@ -541,12 +541,8 @@ class LLM:
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason, handle=handle))
         prompt_lps = None
-        if r.prompt_logprobs is not None:   # None where not computed: a Fork's reused prefix
-            done = [p for p, rec in enumerate(r.prompt_logprobs) if rec is not None]
-            dicts = self._logprob_dicts([r.prompt_token_ids[p] for p in done], [r.prompt_logprobs[p] for p in done])
-            prompt_lps = [None] * len(r.prompt_token_ids)
-            for p, d in zip(done, dicts):
-                prompt_lps[p] = d
+        if r.prompt_logprobs is not None:
+            prompt_lps = self._logprob_dicts(r.prompt_token_ids, r.prompt_logprobs)
         return RequestOutput(request_id=request_id, prompt=r.prompt,
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs, finished=True,
                              num_cached_tokens=r.num_cached_tokens, prompt_logprobs=prompt_lps)
@@ -558,14 +554,20 @@ class LLM:
             return list(s.logprobs)
         return self._logprob_dicts(s.output_token_ids, s.logprobs)
 
-    def _logprob_dicts(self, toks, records) -> list[dict[int, Logprob]]:
-        """vLLM's {id: Logprob} per token from (logprob, rank, [(id, logprob, rank)]) records."""
+    def _logprob_dicts(self, toks, records) -> list[dict[int, Logprob] | None]:
+        """vLLM's {id: Logprob} per token from (logprob, rank, [(id, logprob, rank)]) records; None
+        where the record is (a prompt's first token, a Fork's reused prefix)."""
         text = {}
         if self.tokenizer is not None:    # each distinct id decoded once, in one call
-            ids = sorted(set(toks) | {a for _, _, alts in records for a, _, _ in alts})
+            ids = sorted({t for t, rec in zip(toks, records) if rec is not None}
+                         | {a for rec in records if rec is not None for a, _, _ in rec[2]})
             text = dict(zip(ids, self.tokenizer.batch_decode([[i] for i in ids])))
         out = []
-        for tok, (lp, rank, alts) in zip(toks, records):
+        for tok, rec in zip(toks, records):
+            if rec is None:
+                out.append(None)
+                continue
+            lp, rank, alts = rec
             entry = {tok: Logprob(lp, rank, text.get(tok))}       # the token itself first, as in vLLM
             for alt, alt_lp, alt_rank in alts:
                 if alt not in entry:
