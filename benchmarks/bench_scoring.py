@@ -26,13 +26,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from vllm_baseline import run_runner  # noqa: E402
 from workload import QUICK_MODEL, SHAPES, Workload, machine_info, random_model, random_traces, suffix_ids  # noqa: E402
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_scoring_runner.py")
@@ -89,18 +88,7 @@ def run_ours(model_dir, w: Workload, traces, suffixes, dtype: str) -> dict:
 def run_vllm(model_dir, w: Workload, traces, suffixes, args) -> dict:
     job = {"model_dir": model_dir, "dtype": args.dtype, "traces": traces, "positions": w.fork_positions(),
            "warmup_suffix": suffixes[0], "suffixes": suffixes[1:], "seed": w.seed, "modes": ["default", "reuse"]}
-    env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, res_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
-        with open(job_path, "w") as f:
-            json.dump(job, f)
-        proc = subprocess.run([args.vllm_python, RUNNER, job_path, res_path], env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.isfile(res_path):
-            raise RuntimeError(f"vllm_scoring_runner.py failed (exit {proc.returncode}):\n"
-                               f"{(proc.stdout + proc.stderr)[-3000:]}")
-        with open(res_path) as f:
-            res = json.load(f)
+    res = run_runner(RUNNER, job, args)
     for m in res["modes"].values():
         m["wall_s"] = statistics.median(m["walls_s"])
     return res
@@ -116,6 +104,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--suffix-len", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--vllm-python", default=None, help="vLLM's interpreter: adds baselines (c) and (d)")
+    ap.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
+    ap.add_argument("--vllm-threads", type=int, default=None, help="as bench_branched.py's")
     ap.add_argument("--quick", action="store_true", help="a 2-layer model, 2 traces of 96 tokens")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "scoring"))

@@ -42,20 +42,25 @@ def vllm_env(args) -> dict:
     return env
 
 
-def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
-    """All vLLM repetitions in one subprocess; returns the runner's result dict."""
-    job = vllm_job(model_dir, w, traces, vocab, args, args.vllm_reps, interleave=False)
+def run_runner(runner: str, job: dict, args) -> dict:
+    """`<args.vllm_python> runner JOB.json RESULT.json` in one subprocess (vLLM's environment from
+    vllm_env); returns the result dict, or raises RuntimeError with the runner's output tail."""
     with tempfile.TemporaryDirectory() as tmp:
         job_path, res_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
-        proc = subprocess.run([args.vllm_python, RUNNER, job_path, res_path], env=vllm_env(args),
+        proc = subprocess.run([args.vllm_python, runner, job_path, res_path], env=vllm_env(args),
                               capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.isfile(res_path):
             tail = (proc.stdout + proc.stderr)[-3000:]
-            raise RuntimeError(f"vllm_fork_runner.py failed (exit {proc.returncode}):\n{tail}")
+            raise RuntimeError(f"{os.path.basename(runner)} failed (exit {proc.returncode}):\n{tail}")
         with open(res_path) as f:
             return json.load(f)
+
+
+def run_vllm(model_dir: str, w: Workload, traces, vocab: int, args) -> dict:
+    """All vLLM repetitions in one subprocess; returns the runner's result dict."""
+    return run_runner(RUNNER, vllm_job(model_dir, w, traces, vocab, args, args.vllm_reps, interleave=False), args)
 
 
 class VllmSession:
