@@ -57,6 +57,7 @@ def make_tiny_model(path, kind: str = "llama", *, rope: dict | None = None, seed
         max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
         rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257, pad_token_id=258,
     )
+    common.update({k: config_overrides.pop(k) for k in list(config_overrides) if k in common})
     rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
     if rope:
         rope_parameters.update(rope)

@@ -144,7 +144,8 @@ class LlamaModel(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = _param(spec.vocab_size, spec.hidden_size, dtype=dtype, device=device)
         self.requires_grad_(False)
-        self._lm_head_packed = packed_linear.LazyPacked()   # used in float32 on a CPU
+        # float32: oneDNN's packed copy; bf16: our GEMM's (`Bf16Panels`), which writes into `out`
+        self._lm_head_packed = packed_linear.LazyPacked(lm_head=True)
         self.attn_backend = attention_backend     # (sets batch_invariant from the backend)
         self.num_layers = spec.num_layers
         self.num_heads = spec.num_heads
@@ -197,12 +198,13 @@ class LlamaModel(nn.Module):
         h = self.norm(hidden)
         w = self.lm_head_weight
         with section("gemm_lm_head"):
-            # prepacked in float32 only: the GEMM gain there (~1.5x at decode sizes) outweighs
-            # the copy into `out`; in bf16 the gain (~5%) is less than that copy costs
-            packed = self._lm_head_packed.get(w) if self.dtype == torch.float32 and not self.batch_invariant else None
+            packed = None if self.batch_invariant else self._lm_head_packed.get(w)
             if self.batch_invariant:    # deterministic mode: a row's logits whatever the batch
                 logits = triton_ops.batch_invariant_linear(h, w, None, out=out)
-            elif packed is not None:
+            elif (isinstance(packed, packed_linear.Bf16Panels) and packed_linear.gemm_usable(h, packed)
+                  and packed_linear.out_usable(out, h.shape[0], packed)):
+                logits = packed_linear.gemm_bf16(h, packed, None, out=out)
+            elif packed is not None and not isinstance(packed, packed_linear.Bf16Panels):   # float32
                 logits = packed_linear.linear(h, packed, w, None)
                 logits = logits if out is None else out.copy_(logits)
             elif out is None:

@@ -1,0 +1,150 @@
+// The bf16 GEMM of cpu_gemm.h: a 4-row x 96-column register tile of float32 accumulators fed by
+// AVX512_BF16 dot products (each adds the products of one bf16 pair of k), the weight panel
+// streamed from L2, each row's k pair broadcast from its row.
+#include "cpu_gemm.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace mrt {
+
+#if MRT_HAVE_X86
+namespace {
+
+#define MRT_GEMM_ISA __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int kRows = 4;            // rows per register tile
+constexpr int kBlocks = 6;          // 16-column blocks per panel
+constexpr int64_t kKBlock = 448;    // k pairs per pass over a panel (a 172 KB slice of it: L2-resident)
+static_assert(kBlocks * 16 == kGemmPanel, "panel width");
+
+struct Tile {
+  const uint32_t* a;      // the tile's first row, as k pairs
+  int64_t lda32;          // row stride in pairs
+  const uint32_t* b;      // the panel
+  int64_t kp0, kp1;       // the k pairs of this pass
+  float* acc_buf;         // float32 partial sums between passes, [kRows][kGemmPanel]
+  bool first, last;       // the pass starts from zero / ends in bf16 output
+  uint16_t* out;
+  int64_t ldo;
+  const uint16_t* bias;   // the panel's bias, or null
+};
+
+template <int R, int NB>
+MRT_GEMM_ISA void tile_kernel(const Tile& t) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      acc[r][j] = t.first ? _mm512_setzero_ps() : _mm512_loadu_ps(t.acc_buf + r * kGemmPanel + j * 16);
+  const uint32_t* b = t.b + t.kp0 * kGemmPanel;
+  for (int64_t kp = t.kp0; kp < t.kp1; ++kp, b += kGemmPanel) {
+    __m512bh bv[NB];
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + j * 16);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(t.a[r * t.lda32 + kp]));
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+    }
+  }
+  if (!t.last) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.acc_buf + r * kGemmPanel + j * 16, acc[r][j]);
+    return;
+  }
+  for (int j = 0; j < NB; ++j) {
+    const __m512 bj = t.bias ? cpu::load_bf16x16(t.bias + j * 16, 0xFFFF) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.out + r * t.ldo + j * 16),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], bj)));
+  }
+}
+
+template <int R>
+MRT_GEMM_ISA void tile_rows(const Tile& t, int nb) {
+  switch (nb) {
+    case 6: return tile_kernel<R, 6>(t);
+    case 5: return tile_kernel<R, 5>(t);
+    case 4: return tile_kernel<R, 4>(t);
+    case 3: return tile_kernel<R, 3>(t);
+    case 2: return tile_kernel<R, 2>(t);
+    default: return tile_kernel<R, 1>(t);
+  }
+}
+
+MRT_GEMM_ISA void run_tile(const Tile& t, int rows, int nb) {
+  switch (rows) {
+    case 4: return tile_rows<4>(t, nb);
+    case 3: return tile_rows<3>(t, nb);
+    case 2: return tile_rows<2>(t, nb);
+    default: return tile_rows<1>(t, nb);
+  }
+}
+
+}  // namespace
+#endif
+
+bool gemm_bf16_available() {
+#if MRT_HAVE_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+void gemm_bf16(const uint16_t* a, int64_t lda, int64_t m, int64_t k, const uint32_t* w_packed, int64_t n,
+               const uint16_t* bias, uint16_t* out, int64_t ldo, int num_threads) {
+  if (!gemm_bf16_available()) throw std::invalid_argument("gemm_bf16 needs AVX512_BF16");
+  if (m < 0 || k <= 0 || k % 2 || n <= 0 || n % 16 || lda < k || ldo < n)
+    throw std::invalid_argument("gemm_bf16: need k > 0 even, n > 0 a multiple of 16, lda >= k, ldo >= n; got m=" +
+                                std::to_string(m) + " k=" + std::to_string(k) + " n=" + std::to_string(n) +
+                                " lda=" + std::to_string(lda) + " ldo=" + std::to_string(ldo));
+  if (lda % 2 || reinterpret_cast<uintptr_t>(a) % 4)
+    throw std::invalid_argument("gemm_bf16: a's rows must start on 4-byte boundaries (even lda, aligned a)");
+  if (m == 0) return;
+#if MRT_HAVE_X86
+  const int64_t kp_total = k / 2, panels = (n + kGemmPanel - 1) / kGemmPanel;
+  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  // Split the rows when each thread gets at least 16 register tiles of them: the threads then read
+  // the same weight panels at about the same time (one pass over the weights from memory), each
+  // kept in its L2 for all its row tiles. Few rows: split the panels, each weight read by one core.
+  const bool split_rows = m >= 16 * kRows * threads || panels < 2 * threads;
+  cpu::parallel_for(threads, threads, [&](int64_t part) {
+    int64_t r0 = 0, r1 = m, p0 = 0, p1 = panels;
+    if (split_rows) {
+      const int64_t tiles = (m + kRows - 1) / kRows;
+      r0 = std::min(m, tiles * part / threads * kRows);
+      r1 = std::min(m, tiles * (part + 1) / threads * kRows);
+    } else {
+      p0 = panels * part / threads;
+      p1 = panels * (part + 1) / threads;
+    }
+    if (r0 >= r1 || p0 >= p1) return;
+    thread_local std::vector<float> acc_buf;
+    if (kp_total > kKBlock) acc_buf.resize(static_cast<size_t>((r1 - r0 + kRows) * kGemmPanel));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * kGemmPanel;
+      const int nb = static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16);
+      for (int64_t kp0 = 0; kp0 < kp_total; kp0 += kKBlock) {
+        const int64_t kp1 = std::min(kp_total, kp0 + kKBlock);
+        for (int64_t r = r0; r < r1; r += kRows) {
+          Tile t{reinterpret_cast<const uint32_t*>(a + r * lda), lda / 2, w_packed + c0 * kp_total, kp0, kp1,
+                 acc_buf.data() + (r - r0) * kGemmPanel, kp0 == 0, kp1 == kp_total, out + r * ldo + c0, ldo,
+                 bias ? bias + c0 : nullptr};
+          run_tile(t, static_cast<int>(std::min<int64_t>(kRows, r1 - r)), nb);
+        }
+      }
+    }
+  });
+#else
+  (void)a, (void)w_packed, (void)bias, (void)out, (void)num_threads;
+#endif
+}
+
+}  // namespace mrt
