@@ -15,10 +15,11 @@ The bf16 LM head on a CPU with AVX512_BF16 uses our GEMM (csrc/cpu_gemm.cpp) on 
 column panels of 96 (`Bf16Panels`), which writes into the runner's logits buffer: PyTorch's plain
 bf16 GEMM ran at 335-350 GFLOP/s at Qwen2.5-0.5B's LM head (256 rows, 151,936 words) on the dev box,
 oneDNN's prepacked one ~360 but only into a fresh tensor (a vocab-sized copy after it), ours ~410
-(dot-product peak 465); in the engine the LM head's time fell ~5% at that shape. The decoder
-layers keep oneDNN's: with their weights streamed from memory (a real model's layers do not stay
-in cache) both GEMMs ran at the same ~410 GFLOP/s, and in the engine ours was ~4% slower.
-`MRT_ENGINE_CPU_GEMM=0` turns ours off.
+(dot-product peak 465); in the engine the LM head's section took 3-6% less at that shape. Like
+the layers' copies, it costs a second copy of the head (272 MB at that shape). The decoder layers
+keep oneDNN's: with their weights streamed from memory (a real model's layers do not stay in
+cache) both GEMMs ran at the same ~410 GFLOP/s, and whole fork calls at the Qwen shape with ours on
+the layers as well ran 0.99x. `MRT_ENGINE_CPU_GEMM=0` turns ours off.
 """
 from __future__ import annotations
 
