@@ -241,7 +241,12 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
         for (int dd = 0; dd < 16; ++dd) acc[dd] = _mm512_mul_ps(_mm512_load_ps(s.ot[g][d0 + dd]), alpha);
         for (int j = 0; j < n; ++j) {
           const __m512 p = _mm512_load_ps(s.p[j]);
+          // vr as one opaque register, so the 16 loads are displacements from it: otherwise GCC keeps
+          // the 16 offsets d0 + dd (invariant in j) in registers and, short of registers, reloads
+          // some from the stack for every key (a captured fp32 step's shared tasks, re-run hot: 1.07-1.14x
+          // with this; inside fork calls, where K/V come from memory, within the noise)
           const float* vr = vrow[j] + d0;
+          asm("" : "+r"(vr));
 #pragma GCC unroll 16
           for (int dd = 0; dd < 16; ++dd) acc[dd] = _mm512_fmadd_ps(p, _mm512_set1_ps(vr[dd]), acc[dd]);
         }
