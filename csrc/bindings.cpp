@@ -129,15 +129,15 @@ PYBIND11_MODULE(_C, m) {
   m.attr("GEMM_PANEL") = mrt::kGemmPanel;
   m.def(
       "gemm_bf16",
-      [](uintptr_t a, int64_t lda, int64_t m, int64_t k, uintptr_t w_packed, int64_t n, uintptr_t bias, uintptr_t out,
-         int64_t ldo, int num_threads) {
+      [](uintptr_t a, int64_t lda, int64_t m, int64_t k, uintptr_t w_packed, int64_t n, uintptr_t out, int64_t ldo,
+         int num_threads) {
         py::gil_scoped_release release;
         mrt::gemm_bf16(reinterpret_cast<const uint16_t*>(a), lda, m, k, reinterpret_cast<const uint32_t*>(w_packed), n,
-                       reinterpret_cast<const uint16_t*>(bias), reinterpret_cast<uint16_t*>(out), ldo, num_threads);
+                       reinterpret_cast<uint16_t*>(out), ldo, num_threads);
       },
-      py::arg("a"), py::arg("lda"), py::arg("m"), py::arg("k"), py::arg("w_packed"), py::arg("n"), py::arg("bias"),
-      py::arg("out"), py::arg("ldo"), py::arg("num_threads"),
-      "out [m, n] = a [m, k] . w^T (+ bias), all bf16, w packed as cpu_gemm.h describes (raw CPU buffers).");
+      py::arg("a"), py::arg("lda"), py::arg("m"), py::arg("k"), py::arg("w_packed"), py::arg("n"), py::arg("out"),
+      py::arg("ldo"), py::arg("num_threads"),
+      "out [m, n] = a [m, k] . w^T, all bf16, w packed as cpu_gemm.h describes (raw CPU buffers).");
 
   m.def("cpu_ops_available", &mrt::cpu_ops_available);
   m.def(

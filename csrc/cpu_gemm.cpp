@@ -31,7 +31,6 @@ struct Tile {
   bool first, last;       // the pass starts from zero / ends in bf16 output
   uint16_t* out;
   int64_t ldo;
-  const uint16_t* bias;   // the panel's bias, or null
 };
 
 template <int R, int NB>
@@ -57,12 +56,10 @@ MRT_GEMM_ISA void tile_kernel(const Tile& t) {
       for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.acc_buf + r * kGemmPanel + j * 16, acc[r][j]);
     return;
   }
-  for (int j = 0; j < NB; ++j) {
-    const __m512 bj = t.bias ? cpu::load_bf16x16(t.bias + j * 16, 0xFFFF) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.out + r * t.ldo + j * 16),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][j], bj)));
-  }
+                          (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
 }
 
 template <int R>
@@ -99,7 +96,7 @@ bool gemm_bf16_available() {
 }
 
 void gemm_bf16(const uint16_t* a, int64_t lda, int64_t m, int64_t k, const uint32_t* w_packed, int64_t n,
-               const uint16_t* bias, uint16_t* out, int64_t ldo, int num_threads) {
+               uint16_t* out, int64_t ldo, int num_threads) {
   if (!gemm_bf16_available()) throw std::invalid_argument("gemm_bf16 needs AVX512_BF16");
   if (m < 0 || k <= 0 || k % 2 || n <= 0 || n % 16 || lda < k || ldo < n)
     throw std::invalid_argument("gemm_bf16: need k > 0 even, n > 0 a multiple of 16, lda >= k, ldo >= n; got m=" +
@@ -126,8 +123,8 @@ void gemm_bf16(const uint16_t* a, int64_t lda, int64_t m, int64_t k, const uint3
       p1 = panels * (part + 1) / threads;
     }
     if (r0 >= r1 || p0 >= p1) return;
-    thread_local std::vector<float> acc_buf;
-    if (kp_total > kKBlock) acc_buf.resize(static_cast<size_t>((r1 - r0 + kRows) * kGemmPanel));
+    thread_local std::vector<float> acc_buf;   // used only when k takes more than one pass
+    acc_buf.resize(static_cast<size_t>((r1 - r0 + kRows) * kGemmPanel));
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t c0 = p * kGemmPanel;
       const int nb = static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16);
@@ -135,15 +132,14 @@ void gemm_bf16(const uint16_t* a, int64_t lda, int64_t m, int64_t k, const uint3
         const int64_t kp1 = std::min(kp_total, kp0 + kKBlock);
         for (int64_t r = r0; r < r1; r += kRows) {
           Tile t{reinterpret_cast<const uint32_t*>(a + r * lda), lda / 2, w_packed + c0 * kp_total, kp0, kp1,
-                 acc_buf.data() + (r - r0) * kGemmPanel, kp0 == 0, kp1 == kp_total, out + r * ldo + c0, ldo,
-                 bias ? bias + c0 : nullptr};
+                 acc_buf.data() + (r - r0) * kGemmPanel, kp0 == 0, kp1 == kp_total, out + r * ldo + c0, ldo};
           run_tile(t, static_cast<int>(std::min<int64_t>(kRows, r1 - r)), nb);
         }
       }
     }
   });
 #else
-  (void)a, (void)w_packed, (void)bias, (void)out, (void)num_threads;
+  (void)a, (void)w_packed, (void)out, (void)num_threads;
 #endif
 }
 

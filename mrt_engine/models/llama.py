@@ -198,19 +198,10 @@ class LlamaModel(nn.Module):
         h = self.norm(hidden)
         w = self.lm_head_weight
         with section("gemm_lm_head"):
-            packed = None if self.batch_invariant else self._lm_head_packed.get(w)
             if self.batch_invariant:    # deterministic mode: a row's logits whatever the batch
                 logits = triton_ops.batch_invariant_linear(h, w, None, out=out)
-            elif (isinstance(packed, packed_linear.Bf16Panels) and packed_linear.gemm_usable(h, packed)
-                  and packed_linear.out_usable(out, h.shape[0], packed)):
-                logits = packed_linear.gemm_bf16(h, packed, None, out=out)
-            elif packed is not None and not isinstance(packed, packed_linear.Bf16Panels):   # float32
-                logits = packed_linear.linear(h, packed, w, None)
-                logits = logits if out is None else out.copy_(logits)
-            elif out is None:
-                logits = F.linear(h, w)
             else:
-                logits = torch.mm(h, w.t(), out=out)
+                logits = packed_linear.linear(h, self._lm_head_packed.get(w), w, None, out=out)
         if not float32 or logits.dtype == torch.float32:
             return logits
         with section("cast"):

@@ -91,21 +91,18 @@ def out_usable(out: torch.Tensor | None, m: int, panels: Bf16Panels) -> bool:
                            and tuple(out.shape) == (m, panels.n) and out.stride(1) == 1)
 
 
-def gemm_bf16(x: torch.Tensor, panels: Bf16Panels, bias: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [m, k] . w^T (+ bias) in bf16 with our GEMM, into `out` [m, n] if given."""
+def gemm_bf16(x: torch.Tensor, panels: Bf16Panels, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] . w^T in bf16 with our GEMM, into `out` [m, n] if given."""
     if not gemm_usable(x, panels):
         raise ValueError(f"gemm_bf16 expects a bf16 CPU x [m, {panels.k}] with contiguous, 4-byte aligned rows, "
                          f"got {tuple(x.shape)} {x.dtype} strides {x.stride()}")
     m = x.shape[0]
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (panels.n,) or not bias.is_contiguous()):
-        raise ValueError(f"gemm_bf16 expects a contiguous bf16 bias [{panels.n}]")
     if out is None:
         out = torch.empty(m, panels.n, dtype=torch.bfloat16)
     elif not out_usable(out, m, panels):
         raise ValueError(f"gemm_bf16 expects out as a bf16 CPU [{m}, {panels.n}] with contiguous rows")
-    _C.gemm_bf16(x.data_ptr(), x.stride(0), m, panels.k, panels.data.data_ptr(), panels.n,
-                 0 if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads())
+    _C.gemm_bf16(x.data_ptr(), x.stride(0), m, panels.k, panels.data.data_ptr(), panels.n, out.data_ptr(),
+                 out.stride(0), torch.get_num_threads())
     return out
 
 
@@ -123,10 +120,20 @@ def pack(weight: torch.Tensor, lm_head: bool = False) -> torch.Tensor | Bf16Pane
         return None
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None):
-    if packed is None or x.dim() != 2:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def linear(x: torch.Tensor, packed: torch.Tensor | Bf16Panels | None, weight: torch.Tensor,
+           bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) through `packed` where it applies. `out` [m, n] (2-D x): the result
+    goes there: in place by our GEMM or torch.mm, copied after oneDNN's (which returns a new tensor)."""
+    if (isinstance(packed, Bf16Panels) and bias is None and gemm_usable(x, packed)
+            and out_usable(out, x.shape[0], packed)):
+        return gemm_bf16(x, packed, out=out)
+    if isinstance(packed, torch.Tensor) and x.dim() == 2:
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    elif out is not None and bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    else:
+        y = F.linear(x, weight, bias)
+    return y if out is None else out.copy_(y)
 
 
 class LazyPacked:
