@@ -37,9 +37,9 @@ MRT_AVX512 inline void widen_row(const Ctx& c, const void* base, int64_t idx, fl
 }
 
 struct alignas(64) SimdScratch {
-  float qt[kLaneGroups][kMaxHeadDim][kLanes];  // Q^T: [group][d][lane]
-  float ot[kLaneGroups][kMaxHeadDim][kLanes];  // O^T accumulators
-  float m[kLaneGroups][kLanes], l[kLaneGroups][kLanes];
+  float qt[kFloatLaneGroups][kMaxHeadDim][kLanes];  // Q^T: [group][d][lane]
+  float ot[kFloatLaneGroups][kMaxHeadDim][kLanes];  // O^T accumulators
+  float m[kFloatLaneGroups][kLanes], l[kFloatLaneGroups][kLanes];
   float kbuf[kLanes][kMaxHeadDim], vbuf[kLanes][kMaxHeadDim];  // widened bf16 rows
   float p[kLanes][kLanes];                                      // probabilities [key][lane]
   float zero[kMaxHeadDim];
@@ -668,10 +668,13 @@ MRT_AVX512 void floats_to_bf16_avx512(const float* src, int64_t n, uint16_t* dst
 }
 
 void group_task(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, bool bf16_dot) {
-  if (bf16_dot)
+  if (bf16_dot) {
     task_avx512_bf16(c, item, h, qv0, qv1, thread_scratch<Bf16Scratch>());
-  else
-    task_avx512(c, item, h, qv0, qv1, thread_scratch<SimdScratch>());
+    return;
+  }
+  SimdScratch& s = thread_scratch<SimdScratch>();
+  for (int64_t a = qv0; a < qv1; a += kFloatLaneGroups * kLanes)
+    task_avx512(c, item, h, a, std::min<int64_t>(qv1, a + kFloatLaneGroups * kLanes), s);
 }
 
 void own_task(const Ctx& c, int64_t item, int64_t h, bool bf16_dot, float* o, float* lse) {

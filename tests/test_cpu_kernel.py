@@ -2,7 +2,7 @@
 
 Random work items over a random paged cache: rows in several items (a prefix tree's segments plus
 their own tails), odd block sizes, keys that end mid-block, GQA ratios 1 to 7, head sizes 16 to 128,
-items wider than one task (more than 64 query vectors), float32 and bfloat16. Both the AVX-512
+items wider than one task (more than 128 query vectors), float32 and bfloat16. Both the AVX-512
 path and the scalar path are checked, and the result must not depend on the thread count.
 """
 from __future__ import annotations
@@ -99,18 +99,20 @@ def test_matches_dense_oracle(case, dtype, path):
     assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, scale), bf16_dot)
 
 
-@pytest.mark.parametrize("simd", SIMD)
-def test_wide_items_and_strided_q(simd):
-    # 40 rows x 7 heads = 280 query vectors per KV head: several tasks per item; q is a strided view
-    q, k_cache, v_cache, items = random_case(3, hkv=2, grp=7, dh=64, bs=16, dtype=torch.float32, rows=40)
+@over_cases_dtypes_paths([dict(hkv=2, grp=7, dh=64, bs=16)])
+def test_wide_items_and_strided_q(case, dtype, path):
+    # 40 rows x 7 heads = 280 query vectors per KV head: tasks of 128 (the float32 kernel in passes of
+    # 64) and a part-filled last one; q is a strided view
+    simd, bf16_dot = path_flags(path, dtype)
+    q, k_cache, v_cache, items = random_case(3, **case, dtype=dtype, rows=40)
     items.append((list(range(10)), 10 * 16, list(range(40))))
-    wide = torch.randn(40, 14 * 2, 64)
+    wide = torch.randn(40, 14 * 2, 64).to(dtype)
     wide[:, ::2] = q
     qs = wide[:, ::2]
     assert not qs.is_contiguous()
     plan = cpu_kernel.DecodePlan(items, 40, 14, k_cache)
-    out = plan.run(qs, k_cache, v_cache, 0.125, simd=simd)
-    torch.testing.assert_close(out.double(), oracle(q, k_cache, v_cache, items, 0.125), rtol=2e-5, atol=2e-5)
+    out = plan.run(qs, k_cache, v_cache, 0.125, simd=simd, bf16_dot=bf16_dot)
+    assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, 0.125), bf16_dot)
 
 
 # A row's first single-row item is its own tail, computed in the merge pass on the SIMD paths:
