@@ -584,7 +584,7 @@ MRT_AVX512 void own_task_avx512(const Ctx& c, int64_t item, int64_t h, SimdScrat
   write_own(grp, dh, acc, mrun, lrun, o, lse);
 }
 
-// One scratch per thread for the life of the thread (the OpenMP workers persist): ~150 KB, which
+// One scratch per thread for the life of the thread (the OpenMP workers persist): 160-270 KB, which
 // malloc would otherwise map and unmap on every call. Every field but `zero` is written before use.
 template <class S>
 S& thread_scratch() {
