@@ -104,6 +104,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("q"), py::arg("q_row_stride"), py::arg("q_head_stride"), py::arg("k_cache"), py::arg("v_cache"), py::arg("out"), py::arg("dtype"),
           py::arg("scale"), py::arg("num_threads"), py::arg("simd"), py::arg("bf16_dot"), py::arg("out_bf16") = false)
       .def_property_readonly("num_items", &mrt::CpuDecodeAttention::num_items)
+      .def_property_readonly("num_units", &mrt::CpuDecodeAttention::num_units)
       .def_property_readonly("num_tasks", &mrt::CpuDecodeAttention::num_tasks)
       .def_static("simd_available", &mrt::CpuDecodeAttention::simd_available)
       .def_static("bf16_dot_available", &mrt::CpuDecodeAttention::bf16_dot_available);

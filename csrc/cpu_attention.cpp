@@ -38,6 +38,7 @@ void task_scalar(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1
     std::fill(acc.begin(), acc.end(), 0.f);
     float m = -std::numeric_limits<float>::infinity(), l = 0.f;
     for (int64_t t = 0; t < len; ++t) {
+      if (c.first_qv(item, t) > qv) break;  // a chain's later keys that this row does not attend to
       const int64_t kb = c.kv_index(blocks[t / c.bs], t % c.bs, h);
       float s = 0.f;
       for (int64_t d = 0; d < c.dh; ++d) s += qf[d] * c.load(c.k, kb + d);
@@ -149,33 +150,53 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
     if (r < 0 || r >= num_rows) bad("row " + std::to_string(r) + " outside [0, num_rows)");
     ++count[r];
   }
-  row_part_ptr_.assign(num_rows + 1, 0);
-  for (int64_t r = 0; r < num_rows; ++r) {
+  for (int64_t r = 0; r < num_rows; ++r)
     if (count[r] == 0) bad("row " + std::to_string(r) + " is in no item");
-    row_part_ptr_[r + 1] = row_part_ptr_[r] + count[r];
-  }
+  num_items_ = items;
+  build_units();
+  const int64_t units = static_cast<int64_t>(item_len_.size());
+  // partial slots: one per (unit, row), a row's in unit order (units follow their first item)
+  std::fill(count.begin(), count.end(), 0);
+  for (int64_t r : item_rows_) ++count[r];
+  row_part_ptr_.assign(num_rows + 1, 0);
+  for (int64_t r = 0; r < num_rows; ++r) row_part_ptr_[r + 1] = row_part_ptr_[r] + count[r];
   row_parts_.resize(item_rows_.size());
   std::vector<int64_t> fill(row_part_ptr_.begin(), row_part_ptr_.end() - 1);
   for (int64_t p = 0; p < static_cast<int64_t>(item_rows_.size()); ++p) row_parts_[fill[item_rows_[p]]++] = p;
-  // tasks: (item, KV head, chunk of query vectors); big items are split so both cores get work
+  // tasks: (unit, KV head, chunk of query vectors); big units are split so both cores get work
   const int64_t grp = hq_ / hkv_, chunk = kLanes * kLaneGroups;
-  for (int64_t i = 0; i < items; ++i) {
-    const int64_t m = (item_row_ptr_[i + 1] - item_row_ptr_[i]) * grp;
+  std::vector<int64_t> work;
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t m = (item_row_ptr_[u + 1] - item_row_ptr_[u]) * grp;
     for (int64_t h = 0; h < hkv_; ++h)
-      for (int64_t a = 0; a < m; a += chunk) tasks_.push_back({i, h, a, std::min(m, a + chunk)});
+      for (int64_t a = 0; a < m; a += chunk) {
+        const int64_t b = std::min(m, a + chunk);
+        tasks_.push_back({u, h, a, b});
+        // lane groups x keys over the unit's segments, counting only the groups that attend
+        int64_t w = 0;
+        for (int64_t k = seg_ptr_[u]; k < seg_ptr_[u + 1]; ++k) {
+          const int64_t keys = (k + 1 < seg_ptr_[u + 1] ? seg_key_[k + 1] : item_len_[u]) - seg_key_[k];
+          const int64_t from = std::max(a, seg_lane_[k] * grp);
+          if (from < b) w += ((b - a + kLanes - 1) / kLanes - (from - a) / kLanes) * keys;
+        }
+        work.push_back(w);
+      }
   }
-  // longest tasks first, so the last ones to start are short
-  std::stable_sort(tasks_.begin(), tasks_.end(), [this](const Task& a, const Task& b) {
-    return (a.qv_end - a.qv_begin) * item_len_[a.item] > (b.qv_end - b.qv_begin) * item_len_[b.item];
-  });
+  // most work first, so the last tasks to start are short
+  std::vector<int64_t> order(tasks_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+  std::vector<Task> sorted;
+  for (int64_t i : order) sorted.push_back(tasks_[i]);
+  tasks_.swap(sorted);
   own_item_.assign(num_rows, -1);
-  std::vector<char> is_own(items, 0);
-  for (int64_t i = 0; i < items; ++i) {
-    if (item_row_ptr_[i + 1] - item_row_ptr_[i] != 1) continue;
-    const int64_t r = item_rows_[item_row_ptr_[i]];
+  std::vector<char> is_own(units, 0);
+  for (int64_t u = 0; u < units; ++u) {
+    if (item_row_ptr_[u + 1] - item_row_ptr_[u] != 1) continue;
+    const int64_t r = item_rows_[item_row_ptr_[u]];
     if (own_item_[r] < 0) {
-      own_item_[r] = i;
-      is_own[i] = 1;
+      own_item_[r] = u;
+      is_own[u] = 1;
     }
   }
   for (const Task& t : tasks_)
@@ -191,6 +212,72 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
   }
   part_o_ = take_buffer(item_rows_.size() * hq_ * dh_);
   part_lse_ = take_buffer(item_rows_.size() * hq_);
+}
+
+// Chains: an item of two or more rows continues the chain of the latest earlier item (of whole
+// blocks and whole 16-key tiles) that holds all its rows, if it is that item's child with the most rows; a chain is one
+// unit: its keys the items' keys in turn, its rows ordered by how deep into the chain they go, so
+// each item's rows are a suffix of them (the lanes below it sit that item out). A row then gets one
+// partial per chain instead of one per prefix-tree segment: an MRT trace's forks at increasing
+// positions are one chain. Every other item is a unit of its own.
+void CpuDecodeAttention::build_units() {
+  const int64_t items = num_items_;
+  auto rows_of = [&](int64_t i) { return item_rows_.data() + item_row_ptr_[i]; };
+  auto nrows = [&](int64_t i) { return item_row_ptr_[i + 1] - item_row_ptr_[i]; };
+  std::vector<int64_t> parent(items, -1), heavy(items, -1), stamp(num_rows_, -1);
+  std::vector<std::vector<int64_t>> row_items(num_rows_);   // multi-row items holding the row, in order
+  for (int64_t i = 0; i < items; ++i) {
+    if (nrows(i) < 2) continue;
+    const std::vector<int64_t>& cand = row_items[rows_of(i)[0]];
+    int checked = 0;
+    for (auto a = cand.rbegin(); a != cand.rend() && checked < 8; ++a, ++checked) {
+      // keys after a partial block would not line up, nor a segment starting inside a 16-key tile
+      if (item_len_[*a] % bs_ != 0 || item_len_[*a] % kLanes != 0) continue;
+      for (int64_t j = 0; j < nrows(*a); ++j) stamp[rows_of(*a)[j]] = *a;
+      bool subset = true;
+      for (int64_t j = 0; j < nrows(i) && subset; ++j) subset = stamp[rows_of(i)[j]] == *a;
+      if (subset) {
+        parent[i] = *a;
+        break;
+      }
+    }
+    for (int64_t j = 0; j < nrows(i); ++j) row_items[rows_of(i)[j]].push_back(i);
+    if (parent[i] >= 0 && (heavy[parent[i]] < 0 || nrows(i) > nrows(heavy[parent[i]]))) heavy[parent[i]] = i;
+  }
+  std::vector<int64_t> u_row_ptr{0}, u_rows, u_block_ptr{0}, u_blocks, u_len;
+  std::vector<int64_t> depth(num_rows_, 0);
+  seg_ptr_.assign(1, 0);
+  seg_key_.clear();
+  seg_lane_.clear();
+  for (int64_t i = 0; i < items; ++i) {
+    if (parent[i] >= 0 && heavy[parent[i]] == i) continue;  // inside its parent's chain
+    std::vector<int64_t> chain{i};
+    while (heavy[chain.back()] >= 0) chain.push_back(heavy[chain.back()]);
+    const int64_t* r0 = rows_of(i);
+    for (int64_t j = 0; j < nrows(i); ++j) depth[r0[j]] = 0;
+    for (int64_t x : chain)
+      for (int64_t j = 0; j < nrows(x); ++j) ++depth[rows_of(x)[j]];
+    std::vector<int64_t> lanes(r0, r0 + nrows(i));
+    std::stable_sort(lanes.begin(), lanes.end(), [&](int64_t a, int64_t b) { return depth[a] < depth[b]; });
+    u_rows.insert(u_rows.end(), lanes.begin(), lanes.end());
+    u_row_ptr.push_back(static_cast<int64_t>(u_rows.size()));
+    int64_t keys = 0;
+    for (int64_t x : chain) {
+      seg_key_.push_back(keys);
+      seg_lane_.push_back(nrows(i) - nrows(x));
+      u_blocks.insert(u_blocks.end(), item_blocks_.begin() + item_block_ptr_[x],
+                      item_blocks_.begin() + item_block_ptr_[x + 1]);
+      keys += item_len_[x];
+    }
+    seg_ptr_.push_back(static_cast<int64_t>(seg_key_.size()));
+    u_block_ptr.push_back(static_cast<int64_t>(u_blocks.size()));
+    u_len.push_back(keys);
+  }
+  item_row_ptr_.swap(u_row_ptr);
+  item_rows_.swap(u_rows);
+  item_block_ptr_.swap(u_block_ptr);
+  item_blocks_.swap(u_blocks);
+  item_len_.swap(u_len);
 }
 
 // The first K/V tile of the tasks a thread is likely to take after task i (tasks go out in order
@@ -231,7 +318,7 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   if (simd && !simd_available()) throw std::invalid_argument("the SIMD path needs AVX-512F");
   Ctx c{q, k_cache, v_cache, dtype, scale * kLog2e, hq_, hkv_, hq_ / hkv_, dh_, bs_, q_row_stride, q_head_stride,
         item_row_ptr_.data(), item_rows_.data(), item_block_ptr_.data(), item_blocks_.data(),
-        item_len_.data(), part_o_.data(), part_lse_.data()};
+        item_len_.data(), part_o_.data(), part_lse_.data(), seg_ptr_.data(), seg_key_.data(), seg_lane_.data()};
   const int threads = std::max(1, num_threads);
   const int64_t hq = hq_, dh = dh_, grp = c.grp;
 #if MRT_HAVE_X86

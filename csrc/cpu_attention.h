@@ -48,7 +48,8 @@ class CpuDecodeAttention {
            const void* v_cache, void* out, KvDtype dtype, float scale, int num_threads, bool simd,
            bool bf16_dot, bool out_bf16 = false);
 
-  int64_t num_items() const { return static_cast<int64_t>(item_len_.size()); }
+  int64_t num_items() const { return num_items_; }
+  int64_t num_units() const { return static_cast<int64_t>(item_len_.size()); }  // items after chaining
   int64_t num_tasks() const { return static_cast<int64_t>(tasks_.size()); }
   static bool simd_available();
   static bool bf16_dot_available();
@@ -58,7 +59,12 @@ class CpuDecodeAttention {
     int64_t item, head, qv_begin, qv_end;  // query vectors (row-in-item * group + head-in-group)
   };
   int64_t num_rows_, hq_, hkv_, dh_, bs_, num_cache_blocks_;
+  // the items as given, then (build_units) the units the tasks run: chains of items with nested
+  // rows, or single items; seg_*: each unit's segments (first key, first attending row)
   std::vector<int64_t> item_row_ptr_, item_rows_, item_block_ptr_, item_blocks_, item_len_;
+  std::vector<int64_t> seg_ptr_, seg_key_, seg_lane_;
+  int64_t num_items_ = 0;
+  void build_units();
   std::vector<int64_t> row_part_ptr_, row_parts_;  // partial slots of each row, in item order
   std::vector<Task> tasks_;
   // A row's own tail (its first item of that row alone) is computed in the merge pass on the

@@ -195,9 +195,13 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
   const float* const* krow = tiles.krow;
   const float* const* vrow = tiles.vrow;
   for (int64_t t0 = 0; t0 < tiles.len; t0 += kLanes) {
+    // lanes below `first` do not attend to this tile (a chain's later segments); none past it either
+    const int64_t first = c.first_qv(item, t0) - qv0;
+    if (first >= qv1 - qv0) break;
     const int n = tiles.load(t0);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int g = 0; g < groups; ++g) {
+    for (int g = first > 0 ? static_cast<int>(first / kLanes) : 0; g < groups; ++g) {
+      const __mmask16 active = first > g * kLanes ? static_cast<__mmask16>(0xFFFFu << (first - g * kLanes)) : 0xFFFF;
       // the fully unrolled j loops keep the 16 score vectors in registers; keys in two halves
       // of 8, so their row pointers stay in registers too (K is read in place, not copied)
       __m512 sc[kLanes];
@@ -219,7 +223,7 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
         for (int j = 0; j < kLanes / 2; ++j) sc[j0 + j] = a[j];
       }
 #pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? sc[j] : neg_inf;
+      for (int j = 0; j < kLanes; ++j) sc[j] = j < n ? _mm512_mask_blend_ps(active, neg_inf, sc[j]) : neg_inf;
       __m512 mx = sc[0];
 #pragma GCC unroll 16
       for (int j = 1; j < kLanes; ++j) mx = _mm512_max_ps(mx, sc[j]);
@@ -382,6 +386,10 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
   const uint16_t* vrow[kChunk];
   for (int64_t t = 0; t < std::min<int64_t>(len, kChunk); t += kLanes) prefetch_tile(c, blocks, len, t, h);
   for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    // lanes below `first` do not attend to the chunk's first keys (a chain's later segments), so
+    // their groups sit the chunk out; none of this task's lanes attends past the last segment
+    const int64_t first = c.first_qv(item, c0) - qv0;
+    if (first >= qv1 - qv0) break;
     const int nk = static_cast<int>(std::min<int64_t>(kChunk, len - c0));
     const int tiles = (nk + kLanes - 1) / kLanes, pairs = (nk + 1) / 2;
     for (int t = 0; t < tiles; ++t)
@@ -391,10 +399,17 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
     for (int64_t t = c0 + kChunk; t < std::min<int64_t>(len, c0 + 2 * kChunk); t += kLanes)
       prefetch_tile(c, blocks, len, t, h);
     pair_v_rows(vrow, pairs, dh, ix, s.vpair);
-    for (int g = 0; g < groups; ++g) {
+    int64_t tile_first[kChunk / kLanes];  // per tile: its first attending lane, relative to qv0
+    for (int t = 0; t < tiles; ++t) tile_first[t] = c.first_qv(item, c0 + t * kLanes) - qv0;
+    for (int g = first > 0 ? static_cast<int>(first / kLanes) : 0; g < groups; ++g) {
       __m512 mx = neg_inf;
       for (int t = 0; t < tiles; ++t) {
         const int n = std::min(kLanes, nk - t * kLanes);
+        const __mmask16 active = tile_first[t] > g * kLanes
+                                     ? (tile_first[t] - g * kLanes >= kLanes
+                                            ? __mmask16(0)
+                                            : static_cast<__mmask16>(0xFFFFu << (tile_first[t] - g * kLanes)))
+                                     : __mmask16(0xFFFF);
         // keys in two halves of 8 so their row pointers stay in registers (K read in place)
         __m512 sc[kLanes];
 #pragma GCC unroll 2
@@ -416,7 +431,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
         }
 #pragma GCC unroll 16
         for (int j = 0; j < kLanes; ++j) {
-          sc[j] = j < n ? _mm512_mul_ps(sc[j], qscale) : neg_inf;
+          sc[j] = j < n ? _mm512_mask_blend_ps(active, neg_inf, _mm512_mul_ps(sc[j], qscale)) : neg_inf;
           mx = _mm512_max_ps(mx, sc[j]);
           _mm512_store_ps(s.sc[t * kLanes + j], sc[j]);
         }

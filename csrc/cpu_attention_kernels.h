@@ -37,6 +37,19 @@ struct Ctx {
   const int64_t* item_len;
   float* part_o;
   float* part_lse;
+  // An item here may be a chain of the plan's items whose rows nest (see cpu_attention.h): its keys
+  // are their keys in turn, its rows ordered so each one's rows are a suffix; segment k of item i
+  // (seg_ptr[i] <= k < seg_ptr[i + 1]) starts at key seg_key[k] and is attended by rows >= seg_lane[k].
+  const int64_t* seg_ptr;
+  const int64_t* seg_key;
+  const int64_t* seg_lane;
+
+  // the first query vector of item `item` that attends to its key t (lower ones do not)
+  int64_t first_qv(int64_t item, int64_t t) const {
+    int64_t k = seg_ptr[item];
+    while (k + 1 < seg_ptr[item + 1] && seg_key[k + 1] <= t) ++k;
+    return seg_lane[k] * grp;
+  }
 
   // query vector qv of item `item` under KV head h: its decode row and query head
   void locate(int64_t item, int64_t h, int64_t qv, int64_t* row, int64_t* head, int64_t* part) const {

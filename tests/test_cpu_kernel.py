@@ -148,6 +148,58 @@ def test_own_tail_layouts(case, dtype, path):
     assert torch.equal(plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, num_threads=1), out)
 
 
+def mrt_fork_tree(seed, *, hkv, grp, dh, bs, dtype, traces=2, forks=4, branches=3, seg=None):
+    """An MRT fork step's items: per trace, forks at increasing positions, each with `branches` rows;
+    segment k of the trace is shared by the rows of forks k.. (nested row sets: one chain), then
+    every fork's suffix and every row's own tail. seg: the segments' key counts (whole blocks)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    seg = seg or [2 * bs, bs, 3 * bs, bs]
+    nb = traces * (sum(-(-n // bs) for n in seg) + forks * 2) + traces * forks * branches * 2 + 4
+    k_cache = torch.randn(nb, bs, hkv, dh).to(dtype)
+    v_cache = torch.randn(nb, bs, hkv, dh).to(dtype)
+    free = list(range(nb))
+    rng.shuffle(free)
+    rows_per_trace = forks * branches
+    q = torch.randn(traces * rows_per_trace, hkv * grp, dh).to(dtype)
+    items = []
+    for tr in range(traces):
+        base = tr * rows_per_trace
+        fork_rows = [list(range(base + f * branches, base + (f + 1) * branches)) for f in range(forks)]
+        for k in range(forks):
+            n = seg[k % len(seg)]
+            items.append(([free.pop() for _ in range(-(-n // bs))], n, sum(fork_rows[k:], [])))
+            if k < forks - 1:   # the fork's own suffix, a sibling of the next segment
+                n = rng.randint(1, 2 * bs)
+                items.append(([free.pop() for _ in range(-(-n // bs))], n, fork_rows[k]))
+        for r in range(base, base + rows_per_trace):
+            n = rng.randint(1, bs + 3)
+            items.append(([free.pop() for _ in range(-(-n // bs))], n, [r]))
+    return q, k_cache, v_cache, items
+
+
+# The plan runs each trace's nested segments as one chain (one partial per row instead of one per
+# segment): the chained plan must equal the oracle on every path, whatever the thread count, and
+# segments that do not end on a 16-key tile and block boundary must stay unchained (and correct).
+@over_cases_dtypes_paths([dict(hkv=2, grp=3, dh=64, bs=16), dict(hkv=2, grp=7, dh=64, bs=16),
+                          dict(hkv=1, grp=5, dh=32, bs=8), dict(hkv=2, grp=2, dh=48, bs=5)])
+def test_fork_tree_chains(case, dtype, path):
+    simd, bf16_dot = path_flags(path, dtype)
+    for seed, seg, branches in ((1, None, 3), (2, [3 * 16, 5 * 16, 16, 2 * 16], 40), (3, [40, 16, 80], 2)):
+        bs = case["bs"]
+        seg_len = [max(bs, n // bs * bs) for n in seg] if seg else None
+        q, k_cache, v_cache, items = mrt_fork_tree(seed, **case, dtype=dtype, seg=seg_len, branches=branches)
+        plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+        chainable = all(n % bs == 0 and n % 16 == 0 for n in (seg_len or [2 * bs, bs, 3 * bs, bs])[:3])
+        if chainable:   # each trace's 4 segments one unit
+            assert plan._plan.num_units == plan._plan.num_items - 2 * 3
+        out = plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot)
+        assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, 0.2), bf16_dot)
+        for threads in (1, 3):
+            assert torch.equal(plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot,
+                                        num_threads=threads), out)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_thread_count_does_not_change_the_result(path):
     simd, bf16_dot = path
