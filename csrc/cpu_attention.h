@@ -6,7 +6,10 @@
 // per row for its own tail. Every (item, row) yields a partial result (o, lse); a row's partials
 // are then LSE-merged in a fixed order per row, so the result does not depend on the thread count
 // or timing. On the SIMD paths a row's own tail (its first item of that row alone) is computed in
-// that merge pass, straight into the row's output, instead of as a task with a partial.
+// that merge pass, straight into the row's output, instead of as a task with a partial. Items whose
+// row sets nest (a segment and the deeper segment of a subset of its rows: an MRT trace's forks at
+// increasing positions) are chained into one unit that a task runs through in one pass, the rows
+// that leave the chain masked for its later keys, so such a row gets one partial per chain.
 //
 // Why C++: on a CPU the work is many small attention problems (a few to a few hundred query
 // vectors against 16 to a few thousand keys). PyTorch's fused kernel pays a fixed cost per problem

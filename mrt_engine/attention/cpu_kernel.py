@@ -5,8 +5,9 @@ bfloat16 caches with a head size that is a multiple of 16 (else it keeps its PyT
 is also the kernel's oracle in the tests). `MRT_ENGINE_CPU_KERNEL=0` turns it off.
 
 A plan is built once per step from work items (blocks, length, rows) and run by every layer: the
-kernel reads the paged caches in place, gives every (item, row) a partial result and LSE-merges
-each row's partials in item order, on `torch.get_num_threads()` threads.
+kernel reads the paged caches in place, runs items whose row sets nest (a prefix tree's segments
+along one path) as one chain, gives every (chain or item, row) a partial result and LSE-merges each
+row's partials in item order, on `torch.get_num_threads()` threads.
 """
 from __future__ import annotations
 
