@@ -19,7 +19,10 @@ struct Case {
   int64_t rows = 11, hkv = 2, grp = 3, dh = 32, bs = 5, blocks = 24;
   Vec row_ptr{0}, item_rows, block_ptr{0}, item_blocks, lens;
   std::vector<float> q, k, v;
-  explicit Case(unsigned seed) {
+  // chain: bs 16 and nested segments (an MRT trace's forks at increasing positions), which the plan
+  // runs as one unit with the rows that leave it masked
+  explicit Case(unsigned seed, bool chain = false) {
+    if (chain) bs = 16;
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd;
     q.resize(rows * hkv * grp * dh);
@@ -35,6 +38,14 @@ struct Case {
       lens.push_back(n);
     };
     for (int64_t r = 0; r < rows; ++r) add({r}, 1 + static_cast<int64_t>(rng() % (3 * bs)));
+    if (chain) {
+      add({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, 2 * bs);
+      add({1, 2}, bs + 3);                  // a fork's own suffix: a sibling, not in the chain
+      add({3, 4, 5, 6, 7, 8, 9, 10}, bs);
+      add({6, 7, 8, 9, 10}, 3 * bs);
+      add({9, 10}, bs - 4);                 // the chain's last segment may end mid-block
+      return;
+    }
     add({0, 3, 4, 7, 10}, 2 * bs);
     add({1, 2, 3, 4, 5, 6, 7, 8, 9}, 3 * bs);
   }
@@ -58,6 +69,22 @@ int main() {
     CHECK_EQ(p.num_items(), c.rows + 2);
     const auto scalar = c.run(p, 1, false);
     CHECK(c.run(p, 3, false) == scalar);  // the thread count never changes a bit
+    for (float x : scalar) CHECK(std::isfinite(x));
+    if (mrt::CpuDecodeAttention::simd_available()) {
+      const auto simd = c.run(p, 2, true);
+      CHECK(c.run(p, 1, true) == simd);
+      double worst = 0;
+      for (size_t i = 0; i < simd.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(simd[i] - scalar[i])));
+      CHECK(worst < 1e-5);
+    }
+  }
+  {  // a chain of nested segments: one unit, the same results on both paths and any thread count
+    Case c(2, true);
+    auto p = c.plan();
+    CHECK_EQ(p.num_items(), c.rows + 5);
+    CHECK_EQ(p.num_units(), c.rows + 2);
+    const auto scalar = c.run(p, 1, false);
+    CHECK(c.run(p, 3, false) == scalar);
     for (float x : scalar) CHECK(std::isfinite(x));
     if (mrt::CpuDecodeAttention::simd_available()) {
       const auto simd = c.run(p, 2, true);
