@@ -165,30 +165,24 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
   for (int64_t p = 0; p < static_cast<int64_t>(item_rows_.size()); ++p) row_parts_[fill[item_rows_[p]]++] = p;
   // tasks: (unit, KV head, chunk of query vectors); big units are split so both cores get work
   const int64_t grp = hq_ / hkv_, chunk = kLanes * kLaneGroups;
-  std::vector<int64_t> work;
   for (int64_t u = 0; u < units; ++u) {
     const int64_t m = (item_row_ptr_[u + 1] - item_row_ptr_[u]) * grp;
     for (int64_t h = 0; h < hkv_; ++h)
-      for (int64_t a = 0; a < m; a += chunk) {
-        const int64_t b = std::min(m, a + chunk);
-        tasks_.push_back({u, h, a, b});
-        // lane groups x keys over the unit's segments, counting only the groups that attend
-        int64_t w = 0;
-        for (int64_t k = seg_ptr_[u]; k < seg_ptr_[u + 1]; ++k) {
-          const int64_t keys = (k + 1 < seg_ptr_[u + 1] ? seg_key_[k + 1] : item_len_[u]) - seg_key_[k];
-          const int64_t from = std::max(a, seg_lane_[k] * grp);
-          if (from < b) w += ((b - a + kLanes - 1) / kLanes - (from - a) / kLanes) * keys;
-        }
-        work.push_back(w);
-      }
+      for (int64_t a = 0; a < m; a += chunk) tasks_.push_back({u, h, a, std::min(m, a + chunk)});
   }
+  // a task's work: lane groups x keys over its unit's segments, counting only the groups that attend
+  auto work = [&](const Task& t) {
+    int64_t w = 0;
+    for (int64_t k = seg_ptr_[t.item]; k < seg_ptr_[t.item + 1]; ++k) {
+      const int64_t keys = (k + 1 < seg_ptr_[t.item + 1] ? seg_key_[k + 1] : item_len_[t.item]) - seg_key_[k];
+      const int64_t from = std::max(t.qv_begin, seg_lane_[k] * grp);
+      if (from < t.qv_end)
+        w += ((t.qv_end - t.qv_begin + kLanes - 1) / kLanes - (from - t.qv_begin) / kLanes) * keys;
+    }
+    return w;
+  };
   // most work first, so the last tasks to start are short
-  std::vector<int64_t> order(tasks_.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
-  std::vector<Task> sorted;
-  for (int64_t i : order) sorted.push_back(tasks_[i]);
-  tasks_.swap(sorted);
+  std::stable_sort(tasks_.begin(), tasks_.end(), [&](const Task& a, const Task& b) { return work(a) > work(b); });
   own_item_.assign(num_rows, -1);
   std::vector<char> is_own(units, 0);
   for (int64_t u = 0; u < units; ++u) {
@@ -215,8 +209,8 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
 }
 
 // Chains: an item of two or more rows continues the chain of the latest earlier item (of whole
-// blocks and whole 16-key tiles) that holds all its rows, if it is that item's child with the most rows; a chain is one
-// unit: its keys the items' keys in turn, its rows ordered by how deep into the chain they go, so
+// blocks and whole 16-key tiles) that holds all its rows, if it is that item's child with the most
+// rows; a chain is one unit: its keys the items' keys in turn, its rows ordered by how deep into the chain they go, so
 // each item's rows are a suffix of them (the lanes below it sit that item out). A row then gets one
 // partial per chain instead of one per prefix-tree segment: an MRT trace's forks at increasing
 // positions are one chain. Every other item is a unit of its own.

@@ -59,7 +59,7 @@ class CpuDecodeAttention {
 
  private:
   struct Task {
-    int64_t item, head, qv_begin, qv_end;  // query vectors (row-in-item * group + head-in-group)
+    int64_t item, head, qv_begin, qv_end;  // item: a unit; query vectors (row-in-unit * group + head-in-group)
   };
   int64_t num_rows_, hq_, hkv_, dh_, bs_, num_cache_blocks_;
   // the items as given, then (build_units) the units the tasks run: chains of items with nested

@@ -162,6 +162,14 @@ struct FloatTiles {
   }
 };
 
+// The lanes of lane group g at or past lane `first` (relative to the task): the ones that attend to
+// a tile whose first attending query vector is `first` (a chain's later segments leave rows out)
+inline __mmask16 lanes_from(int64_t first, int g) {
+  const int64_t skip = first - static_cast<int64_t>(g) * kLanes;
+  if (skip <= 0) return 0xFFFF;
+  return skip >= kLanes ? __mmask16(0) : static_cast<__mmask16>(0xFFFFu << skip);
+}
+
 MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
   const int64_t dh = c.dh;
   const int groups = static_cast<int>((qv1 - qv0 + kLanes - 1) / kLanes);
@@ -201,7 +209,7 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
     const int n = tiles.load(t0);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int g = first > 0 ? static_cast<int>(first / kLanes) : 0; g < groups; ++g) {
-      const __mmask16 active = first > g * kLanes ? static_cast<__mmask16>(0xFFFFu << (first - g * kLanes)) : 0xFFFF;
+      const __mmask16 active = lanes_from(first, g);
       // the fully unrolled j loops keep the 16 score vectors in registers; keys in two halves
       // of 8, so their row pointers stay in registers too (K is read in place, not copied)
       __m512 sc[kLanes];
@@ -405,11 +413,7 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
       __m512 mx = neg_inf;
       for (int t = 0; t < tiles; ++t) {
         const int n = std::min(kLanes, nk - t * kLanes);
-        const __mmask16 active = tile_first[t] > g * kLanes
-                                     ? (tile_first[t] - g * kLanes >= kLanes
-                                            ? __mmask16(0)
-                                            : static_cast<__mmask16>(0xFFFFu << (tile_first[t] - g * kLanes)))
-                                     : __mmask16(0xFFFF);
+        const __mmask16 active = lanes_from(tile_first[t], g);
         // keys in two halves of 8 so their row pointers stay in registers (K read in place)
         __m512 sc[kLanes];
 #pragma GCC unroll 2
