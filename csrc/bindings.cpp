@@ -140,6 +140,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ldo"), py::arg("num_threads"),
       "out [m, n] = a [m, k] . w^T, all bf16, w packed as cpu_gemm.h describes (raw CPU buffers).");
 
+  m.def("gemm_f32_available", &mrt::gemm_f32_available);
+  m.def(
+      "gemm_f32",
+      [](uintptr_t a, int64_t lda, int64_t m, int64_t k, uintptr_t w_packed, int64_t n, uintptr_t bias, uintptr_t out,
+         int64_t ldo, int num_threads, bool silu_mul, uintptr_t residual, int64_t ldr) {
+        py::gil_scoped_release release;
+        mrt::gemm_f32(reinterpret_cast<const float*>(a), lda, m, k, reinterpret_cast<const float*>(w_packed), n,
+                      reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), ldo, num_threads, silu_mul,
+                      reinterpret_cast<const float*>(residual), ldr);
+      },
+      py::arg("a"), py::arg("lda"), py::arg("m"), py::arg("k"), py::arg("w_packed"), py::arg("n"), py::arg("bias"),
+      py::arg("out"), py::arg("ldo"), py::arg("num_threads"), py::arg("silu_mul") = false, py::arg("residual") = 0,
+      py::arg("ldr") = 0,
+      "out [m, n] = a [m, k] . w^T (+ bias; 0 for none) (+ residual [m, n]; 0 for none), all float32, w packed as "
+      "cpu_gemm.h describes; silu_mul: out [m, n / 2] = silu(gate) * up of a gated MLP's packed gate/up pairs.");
+
   m.def("cpu_ops_available", &mrt::cpu_ops_available);
   m.def(
       "rms_norm",

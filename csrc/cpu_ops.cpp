@@ -105,21 +105,16 @@ MRT_OPS void rms_norm_row_f32(const float* x, const float* w, float* out, int64_
   }
 }
 
-MRT_OPS inline __m512 silu(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.f), neg_log2e = _mm512_set1_ps(-1.4426950408889634f);
-  return _mm512_div_ps(x, _mm512_add_ps(one, cpu::exp2_avx512(_mm512_mul_ps(x, neg_log2e))));
-}
-
 MRT_OPS void silu_mul_row(const uint16_t* g, const uint16_t* u, uint16_t* out, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const Bf16Pair x = load_bf16x32(g + i), up = load_bf16x32(u + i);
-    store_bf16x32(out + i, _mm512_mul_ps(round_bf16(silu(x.even)), up.even),
-                  _mm512_mul_ps(round_bf16(silu(x.odd)), up.odd));
+    store_bf16x32(out + i, _mm512_mul_ps(round_bf16(cpu::silu_avx512(x.even)), up.even),
+                  _mm512_mul_ps(round_bf16(cpu::silu_avx512(x.odd)), up.odd));
   }
   for (; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
-    const __m512 sb = round_bf16(silu(load_bf16x16(g + i, m)));
+    const __m512 sb = round_bf16(cpu::silu_avx512(load_bf16x16(g + i, m)));
     store_bf16(out + i, _mm512_mul_ps(sb, load_bf16x16(u + i, m)), m);
   }
 }

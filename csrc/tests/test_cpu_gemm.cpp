@@ -1,9 +1,10 @@
-// Unit tests of mrt::gemm_bf16 at odd shapes against a double-precision reference, with every
-// buffer allocated to its exact size (under the sanitizer build this checks each index the kernel
+// Unit tests of mrt::gemm_bf16 and mrt::gemm_f32 (plain, with bias, the SiLU*up epilogue, a residual) at odd
+// shapes against a double-precision reference, with every buffer allocated to its exact size (under the sanitizer build this checks each index the kernel
 // reads or writes: row tails, the last k pass, the padded panel, the output's row stride), the
 // row split and the panel split, and bad input.
 #include "cpu_gemm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -65,14 +66,121 @@ int run_case(int64_t m, int64_t k, int64_t n, int64_t pad_a, int64_t pad_o, int 
   return bad;
 }
 
+// cpu_gemm.h's float32 layout, [n_pad / 96][k][96]; glu: column c of panel p is gate column 48p + c
+// for c < 48, else up column 48p + c - 48 (the last panel: the rest of each, then zeros)
+std::vector<float> pack_f32(const std::vector<float>& w, int64_t n, int64_t k, bool glu, std::vector<int64_t>* order) {
+  const int64_t p = mrt::kGemmPanel, n_pad = (n + p - 1) / p * p, half = n / 2;
+  order->clear();
+  if (glu) {
+    for (int64_t c0 = 0; c0 < half; c0 += p / 2) {
+      const int64_t cols = std::min<int64_t>(p / 2, half - c0);
+      for (int64_t c = 0; c < cols; ++c) order->push_back(c0 + c);
+      for (int64_t c = 0; c < cols; ++c) order->push_back(half + c0 + c);
+    }
+  } else {
+    for (int64_t c = 0; c < n; ++c) order->push_back(c);
+  }
+  std::vector<float> out(static_cast<size_t>(n_pad * k), 0.f);
+  for (int64_t c = 0; c < n; ++c)
+    for (int64_t i = 0; i < k; ++i) out[(c / p) * p * k + i * p + c % p] = w[(*order)[c] * k + i];
+  return out;
+}
+
+// One float32 product (glu: silu(gate) * up; res: plus a residual [m, n] at row stride n + 2, or
+// (res_in_place) in the output buffer itself) with lda = k + pad_a and ldo = n_out + pad_o; returns
+// the number of bad elements.
+int run_case_f32(int64_t m, int64_t k, int64_t n, int64_t pad_a, int64_t pad_o, bool bias, bool glu, int threads,
+                 std::mt19937& rng, bool res = false, bool res_in_place = false) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int64_t n_out = glu ? n / 2 : n, lda = k + pad_a, ldo = n_out + pad_o;
+  std::vector<float> a(static_cast<size_t>(m * lda)), w(static_cast<size_t>(n * k)), b(static_cast<size_t>(n));
+  for (auto& x : a) x = nd(rng);
+  for (auto& x : w) x = 0.05f * nd(rng);
+  for (auto& x : b) x = nd(rng);
+  std::vector<int64_t> order;
+  const std::vector<float> packed = pack_f32(w, n, k, glu, &order);
+  std::vector<float> b_packed(static_cast<size_t>(n));
+  for (int64_t c = 0; c < n; ++c) b_packed[c] = b[order[c]];
+  std::vector<float> out(static_cast<size_t>(m * ldo), 7.f);
+  const int64_t ldr = res_in_place ? ldo : n + 2;
+  std::vector<float> residual(static_cast<size_t>(res && !res_in_place ? m * ldr : 0));
+  for (auto& x : residual) x = nd(rng);
+  if (res_in_place)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) out[i * ldo + j] = nd(rng);
+  const std::vector<float> res_before = res_in_place ? out : residual;
+  mrt::gemm_f32(a.data(), lda, m, k, packed.data(), n, bias ? b_packed.data() : nullptr, out.data(), ldo, threads, glu,
+                res ? (res_in_place ? out.data() : residual.data()) : nullptr, res ? ldr : 0);
+  auto dot = [&](int64_t i, int64_t col, double* scale) {
+    double ref = (bias ? b[col] : 0.0) + (res ? res_before[i * ldr + col] : 0.0);
+    *scale = std::fabs(ref);
+    for (int64_t q = 0; q < k; ++q) {
+      const double p = static_cast<double>(a[i * lda + q]) * w[col * k + q];
+      ref += p;
+      *scale += std::fabs(p);
+    }
+    return ref;
+  };
+  int bad = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n_out; ++j) {
+      double ref, bound;
+      if (glu) {
+        double sg, su;
+        const double g = dot(i, j, &sg), u = dot(i, n_out + j, &su), silu = g / (1.0 + std::exp(-g));
+        ref = silu * u;
+        bound = 1e-6 * (1.1 * std::fabs(u) * sg + std::fabs(silu) * su) + 1e-6 * std::fabs(ref) + 1e-30;
+      } else {
+        double scale;
+        ref = dot(i, j, &scale);
+        bound = 1e-6 * scale + 1e-6 * std::fabs(ref) + 1e-30;
+      }
+      if (!(std::fabs(out[i * ldo + j] - ref) <= bound)) ++bad;
+    }
+    for (int64_t j = n_out; j < ldo; ++j) bad += out[i * ldo + j] != 7.f;  // untouched
+  }
+  return bad;
+}
+
 }  // namespace
 
 int main() {
+  std::mt19937 rng(5);
+  if (mrt::gemm_f32_available()) {
+    // (m, k, n): row tails, k across the 448-value pass (900), panels of 16-96 columns (glu: I % 48
+    // of 0, 16, 32), a weight split over panels for few rows
+    const int64_t shapes_f32[][3] = {{1, 1, 32}, {3, 30, 96}, {5, 900, 160}, {7, 64, 64}, {130, 96, 224},
+                                     {257, 500, 96}, {9, 130, 1056}};
+    for (const auto& s : shapes_f32)
+      for (int threads : {1, 2, 3})
+        for (int variant = 0; variant < 4; ++variant) {
+          const bool bias = variant & 1, glu = variant & 2;
+          CHECK_EQ(run_case_f32(s[0], s[1], s[2], 0, 0, bias, glu, threads, rng), 0);
+          CHECK_EQ(run_case_f32(s[0], s[1], s[2], 3, 5, bias, glu, threads, rng), 0);
+          if (!glu) {
+            CHECK_EQ(run_case_f32(s[0], s[1], s[2], 0, 0, bias, false, threads, rng, true), 0);
+            CHECK_EQ(run_case_f32(s[0], s[1], s[2], 2, 3, bias, false, threads, rng, true, true), 0);
+          }
+        }
+    CHECK_EQ(run_case_f32(0, 8, 16, 0, 0, false, false, 2, rng), 0);  // no rows: nothing to do
+    std::vector<float> a(64, 0.f), w(96 * 4, 0.f), out(64, 0.f);
+    CHECK_THROWS(mrt::gemm_f32(a.data(), 4, 1, 4, w.data(), 20, nullptr, out.data(), 20, 1), std::invalid_argument);
+    CHECK_THROWS(mrt::gemm_f32(a.data(), 4, 1, 4, w.data(), 48, nullptr, out.data(), 24, 1, true),
+                 std::invalid_argument);
+    CHECK_THROWS(mrt::gemm_f32(a.data(), 3, 1, 4, w.data(), 16, nullptr, out.data(), 16, 1), std::invalid_argument);
+    CHECK_THROWS(mrt::gemm_f32(a.data(), 4, 1, 4, w.data(), 32, nullptr, out.data(), 8, 1, true),
+                 std::invalid_argument);
+    CHECK_THROWS(mrt::gemm_f32(a.data(), 4, 1, 4, w.data(), 32, nullptr, out.data(), 32, 1, false, out.data(), 16),
+                 std::invalid_argument);
+    CHECK_THROWS(mrt::gemm_f32(a.data(), 4, 1, 4, w.data(), 32, nullptr, out.data(), 16, 1, true, out.data(), 32),
+                 std::invalid_argument);
+  } else {
+    CHECK_THROWS(mrt::gemm_f32(nullptr, 2, 1, 2, nullptr, 16, nullptr, nullptr, 16, 1), std::invalid_argument);
+  }
   if (!mrt::gemm_bf16_available()) {
     CHECK_THROWS(mrt::gemm_bf16(nullptr, 2, 1, 2, nullptr, 16, nullptr, 16, 1), std::invalid_argument);
     return CHECK_MAIN_RESULT();
   }
-  std::mt19937 rng(5);
   // (m, k, n): row tails of 1-3, k across the 448-pair pass (900, 2000), panels of 16-96 columns
   const int64_t shapes[][3] = {{1, 2, 16}, {3, 30, 80}, {5, 900, 112}, {7, 64, 96}, {130, 96, 208},
                                {257, 2000, 48}, {9, 130, 1040}};

@@ -6,8 +6,8 @@ RMSNorm normalises in float32, rounds to bf16, then scales by the weight in bf16
 silu(gate) to bf16 before the product; RoPE rounds after each multiply and the add, in float32 or
 bf16 (no fused multiply-add), so it is bit-identical in both dtypes. The float32 RMSNorm is the same
 arithmetic with the sum of squares in another order, so it matches PyTorch's to rounding (the
-float32 engine is held to transformers within tolerances anyway); float32 models keep PyTorch's
-SiLU (an exp of ours would round differently). `MRT_ENGINE_CPU_OPS=0` turns them off.
+float32 engine is held to transformers within tolerances anyway); float32 models get SiLU*up in
+the epilogue of our float32 GEMM (packed_linear.py) instead, or PyTorch's where it does not apply. `MRT_ENGINE_CPU_OPS=0` turns them off.
 """
 from __future__ import annotations
 

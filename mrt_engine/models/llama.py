@@ -84,16 +84,31 @@ class DecoderLayer(nn.Module):
     def post_attention(self, o, h):
         """Attention output o [N, Hq, Dh] and the layer's input h [N, H] -> the layer's output [N, H]."""
         n = o.shape[0]
-        # residual adds and SiLU * up in place on fresh GEMM outputs (y + h == h + y bit for bit):
-        # fewer [N, H] / [N, I] temporaries per layer
-        h = self.o_proj(o.reshape(n, self.q_size)).add_(h)
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(h))
-        if triton_ops.usable(gate_up):
-            return self.down_proj(triton_ops.silu_mul(gate_up)).add_(h)
-        if cpu_ops.usable(gate_up):  # bf16 on a CPU: silu(gate) * up in one pass, same roundings
-            return self.down_proj(cpu_ops.silu_mul_bf16(gate_up)).add_(h)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up)).add_(h)
+        o = o.reshape(n, self.q_size)
+        # float32 on a CPU: the residual adds and SiLU*up run inside our GEMM (each call is None
+        # where it does not apply); else they run in place on fresh GEMM outputs (y + h == h + y
+        # bit for bit): fewer [N, H] / [N, I] temporaries per layer
+        with section("gemm"):
+            y = self.o_proj.add_to(o, h)
+        h = y if y is not None else self.o_proj(o).add_(h)
+        x = self.post_attention_layernorm(h)
+        with section("gemm"):
+            act = self.gate_up_proj.silu_mul(x)
+        if act is None:
+            act = _silu_mul(self.gate_up_proj(x))
+        with section("gemm"):
+            y = self.down_proj.add_to(act, h)
+        return y if y is not None else self.down_proj(act).add_(h)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [N, 2I] (gate first)."""
+    if triton_ops.usable(gate_up):
+        return triton_ops.silu_mul(gate_up)
+    if cpu_ops.usable(gate_up):  # bf16 on a CPU: silu(gate) * up in one pass, same roundings
+        return cpu_ops.silu_mul_bf16(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
 
 
 class ModelSpec:

@@ -1,4 +1,5 @@
-"""Linear layers with oneDNN-prepacked weights on the CPU, and our bf16 GEMM for the LM head.
+"""Linear layers with prepacked weights on the CPU: our float32 GEMM, oneDNN's bf16 one for the
+layers, our bf16 GEMM for the bf16 LM head.
 
 PyTorch's plain CPU GEMM repacks the weight on every call; at decode sizes (a few hundred rows)
 that repacking is a large part of the call. oneDNN's prepacked layout (the one torch.compile's
@@ -19,7 +20,18 @@ oneDNN's prepacked one ~360 but only into a fresh tensor (a vocab-sized copy aft
 the layers' copies, it costs a second copy of the head (272 MB at that shape). The decoder layers
 keep oneDNN's: with their weights streamed from memory (a real model's layers do not stay in
 cache) both GEMMs ran at the same ~410 GFLOP/s, and whole fork calls at the Qwen shape with ours on
-the layers as well ran 0.99x. `MRT_ENGINE_CPU_GEMM=0` turns ours off.
+the layers as well ran 0.99x.
+
+Float32 weights (layers and LM head, columns a multiple of 16) use our float32 GEMM on an AVX-512F
+CPU (`Fp32Panels`, csrc/cpu_gemm.cpp): at the small benchmark model's shapes (256 rows, k 384-1024)
+it ran at 219-223 GFLOP/s against oneDNN's prepacked 211-222 (FMA peak 234, dev box; 126 before its
+weight loads were kept out of the FMAs). What it adds is the epilogue: the bias, a residual (o_proj
+and down_proj start their sums from the layer's residual stream) and a gated MLP's SiLU*up
+(`PackedLinear.silu_mul`: gate and up columns packed in pairs, the [N, 2I] product never written)
+run inside the GEMM, and the LM head's logits go straight into the runner's buffer. Whole fork
+calls of the small benchmark model (float32) ran 1.023x faster than with oneDNN and PyTorch's
+SiLU, mul and adds (12 alternated rounds in one process). `MRT_ENGINE_CPU_GEMM=0` turns ours off
+(oneDNN's then takes float32 too).
 """
 from __future__ import annotations
 
@@ -34,8 +46,9 @@ from mrt_engine.models import triton_ops
 try:
     from mrt_engine import _C  # type: ignore[attr-defined]
     _GEMM_OK = bool(getattr(_C, "gemm_bf16_available", lambda: False)())
+    _GEMM_F32_OK = bool(getattr(_C, "gemm_f32_available", lambda: False)())
 except ImportError:  # the extension is optional
-    _C, _GEMM_OK = None, False
+    _C, _GEMM_OK, _GEMM_F32_OK = None, False, False
 
 ENV = "MRT_ENGINE_PACKED_LINEAR"
 GEMM_ENV = "MRT_ENGINE_CPU_GEMM"
@@ -53,6 +66,83 @@ _AVAILABLE = _ops_available()
 def enabled_for(weight: torch.Tensor) -> bool:
     return (_AVAILABLE and os.environ.get(ENV, "1") != "0" and weight.device.type == "cpu"
             and weight.dtype in (torch.float32, torch.bfloat16))
+
+
+class Fp32Panels:
+    """A float32 weight [n, k] packed for `_C.gemm_f32`: [n_pad / 96, k, 96], columns padded with
+    zeros to a multiple of 96. `glu`: the weight is a gated MLP's gate rows then up rows, packed
+    with each panel holding 48 gate columns then the same 48 up columns (for the fused SiLU*up)."""
+
+    __slots__ = ("data", "n", "k", "glu", "order")
+
+    def __init__(self, weight: torch.Tensor, glu: bool = False):
+        n, k = weight.shape
+        width = _C.GEMM_PANEL
+        n_pad = -(-n // width) * width
+        w = weight.detach().contiguous()
+        self.order = None
+        if glu:
+            half = n // 2
+            cols = torch.arange(n).view(2, half)
+            self.order = torch.cat([cols[:, c:c + width // 2].reshape(-1) for c in range(0, half, width // 2)])
+            w = w[self.order]
+        if n_pad != n:
+            w = torch.cat([w, w.new_zeros(n_pad - n, k)])
+        self.data = w.view(n_pad // width, width, k).transpose(1, 2).contiguous()
+        self.n, self.k, self.glu = n, k, glu
+
+    def bias_for(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias in the packed column order."""
+        return bias if bias is None or self.order is None else bias[self.order]
+
+
+def f32_gemm_packable(weight: torch.Tensor, glu: bool = False) -> bool:
+    """Whether our float32 GEMM takes this [n, k] weight (n % 16 == 0; glu: n % 32 == 0) on this CPU."""
+    return (_GEMM_F32_OK and os.environ.get(GEMM_ENV, "1") != "0" and weight.device.type == "cpu"
+            and weight.dtype == torch.float32 and weight.dim() == 2 and weight.shape[0] % (32 if glu else 16) == 0)
+
+
+def f32_out_usable(out: torch.Tensor, m: int, panels: Fp32Panels) -> bool:
+    n_out = panels.n // 2 if panels.glu else panels.n
+    return (out.dtype == torch.float32 and out.device.type == "cpu" and out.dim() == 2
+            and tuple(out.shape) == (m, n_out) and out.stride(1) == 1)
+
+
+def gemm_f32(x: torch.Tensor, panels: Fp32Panels, bias: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., k] . w^T (+ bias) in float32 with our GEMM, into `out` [m, n] (2-D x) if given; for
+    `glu` panels, silu(gate) * up [..., n / 2] instead (the product itself is never written).
+    `residual` [m, n] (2-D x, not glu): added to the product, as the accumulators' starting value
+    (`out` may be `residual` itself)."""
+    k, n = panels.k, panels.n
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"gemm_f32 expects a float32 CPU x [..., {k}], got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or tuple(bias.shape) != (n,)):
+        raise ValueError(f"gemm_f32 expects a float32 CPU bias [{n}], got {tuple(bias.shape)} {bias.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    n_out = n // 2 if panels.glu else n
+    if residual is not None and (panels.glu or x.dim() != 2 or residual.dtype != torch.float32
+                                 or residual.device.type != "cpu" or tuple(residual.shape) != (m, n)
+                                 or residual.stride(1) != 1):
+        raise ValueError(f"gemm_f32 expects residual as a float32 CPU [{m}, {n}] with contiguous rows (2-D x, "
+                         f"not a gate/up pair), got {tuple(residual.shape)} {residual.dtype}")
+    if out is None:
+        out = torch.empty(*lead, n_out, dtype=torch.float32)
+        o2 = out.view(m, n_out)
+    elif x.dim() == 2 and f32_out_usable(out, m, panels):
+        o2 = out
+    else:
+        raise ValueError(f"gemm_f32 expects out as a float32 CPU [{m}, {n_out}] with contiguous rows (and a 2-D x)")
+    b = panels.bias_for(bias)
+    b = b.contiguous() if b is not None else None
+    _C.gemm_f32(x2.data_ptr(), x2.stride(0), m, k, panels.data.data_ptr(), n, b.data_ptr() if b is not None else 0,
+                o2.data_ptr(), o2.stride(0), torch.get_num_threads(), panels.glu,
+                residual.data_ptr() if residual is not None else 0, residual.stride(0) if residual is not None else 0)
+    return out
 
 
 class Bf16Panels:
@@ -106,12 +196,17 @@ def gemm_bf16(x: torch.Tensor, panels: Bf16Panels, out: torch.Tensor | None = No
     return out
 
 
-def pack(weight: torch.Tensor, lm_head: bool = False) -> torch.Tensor | Bf16Panels | None:
-    """The prepacked copy of a [N, K] weight (oneDNN's), or None where packing is off or unavailable.
-    For the LM head in bf16: `Bf16Panels` where our GEMM applies, else None (oneDNN's bf16 gain is
-    smaller than the copy of its vocab-sized output into the runner's buffer)."""
+def pack(weight: torch.Tensor, lm_head: bool = False, glu: bool = False) -> torch.Tensor | Bf16Panels | Fp32Panels | None:
+    """The prepacked copy of a [N, K] weight, or None where packing is off or unavailable: float32
+    `Fp32Panels` where our GEMM applies, else oneDNN's. For the LM head in bf16: `Bf16Panels` where
+    our GEMM applies, else None (oneDNN's bf16 gain is smaller than the copy of its vocab-sized
+    output into the runner's buffer). `glu`: only `Fp32Panels` in the gate/up layout, else None."""
     if not enabled_for(weight):
         return None
+    if glu:
+        return Fp32Panels(weight, glu=True) if f32_gemm_packable(weight, glu=True) else None
+    if f32_gemm_packable(weight):
+        return Fp32Panels(weight)
     if lm_head and weight.dtype == torch.bfloat16:
         return Bf16Panels(weight) if bf16_gemm_packable(weight) else None
     try:
@@ -120,10 +215,15 @@ def pack(weight: torch.Tensor, lm_head: bool = False) -> torch.Tensor | Bf16Pane
         return None
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor | Bf16Panels | None, weight: torch.Tensor,
+def linear(x: torch.Tensor, packed: torch.Tensor | Bf16Panels | Fp32Panels | None, weight: torch.Tensor,
            bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) through `packed` where it applies. `out` [m, n] (2-D x): the result
-    goes there: in place by our GEMM or torch.mm, copied after oneDNN's (which returns a new tensor)."""
+    goes there: in place by our GEMMs or torch.mm, copied after oneDNN's (which returns a new tensor)."""
+    if isinstance(packed, Fp32Panels) and not packed.glu:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[-1] == packed.k and (
+                out is None or (x.dim() == 2 and f32_out_usable(out, x.shape[0], packed))):
+            return gemm_f32(x, packed, bias, out=out)
+        packed = None
     if (isinstance(packed, Bf16Panels) and bias is None and gemm_usable(x, packed)
             and out_usable(out, x.shape[0], packed)):
         return gemm_bf16(x, packed, out=out)
@@ -140,10 +240,10 @@ class LazyPacked:
     """A weight's prepacked copy, made on first use (None where packing is off or unavailable);
     `drop()` when the weight has changed."""
 
-    __slots__ = ("packed", "_tried", "lm_head")
+    __slots__ = ("packed", "_tried", "lm_head", "glu")
 
-    def __init__(self, lm_head: bool = False):
-        self.lm_head = lm_head
+    def __init__(self, lm_head: bool = False, glu: bool = False):
+        self.lm_head, self.glu = lm_head, glu
         self.drop()
 
     def drop(self) -> None:
@@ -151,7 +251,7 @@ class LazyPacked:
 
     def get(self, weight: torch.Tensor) -> torch.Tensor | None:
         if not self._tried:
-            self.packed, self._tried = pack(weight, self.lm_head), True
+            self.packed, self._tried = pack(weight, self.lm_head, self.glu), True
         return self.packed
 
 
@@ -164,10 +264,33 @@ class PackedLinear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.packed_weight = LazyPacked()
+        self.glu_weight = LazyPacked(glu=True)    # packed only if silu_mul is called
         self.batch_invariant = False
 
     def unpack(self) -> None:
         self.packed_weight.drop()
+        self.glu_weight.drop()
+
+    def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """residual + x . w^T (+ bias) [m, n] for a 2-D x, from one float32 GEMM whose sums start
+        from the residual, where our float32 GEMM applies; else None (the caller adds)."""
+        if self.batch_invariant or triton_ops.FORCE or x.dtype != torch.float32 or x.device.type != "cpu" \
+                or x.dim() != 2 or residual.dtype != torch.float32 or residual.stride(-1) != 1:
+            return None
+        packed = self.packed_weight.get(self.weight)
+        if not isinstance(packed, Fp32Panels) or tuple(residual.shape) != (x.shape[0], packed.n):
+            return None
+        return gemm_f32(x, packed, self.bias, residual=residual)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For a gated MLP's gate|up projection (gate rows first): silu(gate) * up [..., n / 2] from
+        one float32 GEMM with the activation in its epilogue, where our float32 GEMM applies (a
+        float32 CPU x, n % 32 == 0); else None (the caller runs forward and its own SiLU*up)."""
+        # (triton_ops.FORCE: the tests' CUDA path on CPU tensors takes its own kernels)
+        if self.batch_invariant or triton_ops.FORCE or x.dtype != torch.float32 or x.device.type != "cpu":
+            return None
+        packed = self.glu_weight.get(self.weight)
+        return None if packed is None else gemm_f32(x, packed, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_invariant and x.dim() == 2:
