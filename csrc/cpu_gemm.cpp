@@ -34,7 +34,12 @@ struct Tile {
 };
 
 template <int R, int NB>
-MRT_GEMM_ISA void tile_kernel(const Tile& t) {
+struct Bf16Tile {
+  static MRT_GEMM_ISA void run(const Tile& t);
+};
+
+template <int R, int NB>
+MRT_GEMM_ISA void Bf16Tile<R, NB>::run(const Tile& t) {
   __m512 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j)
@@ -62,27 +67,6 @@ MRT_GEMM_ISA void tile_kernel(const Tile& t) {
                           (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
 }
 
-template <int R>
-MRT_GEMM_ISA void tile_rows(const Tile& t, int nb) {
-  switch (nb) {
-    case 6: return tile_kernel<R, 6>(t);
-    case 5: return tile_kernel<R, 5>(t);
-    case 4: return tile_kernel<R, 4>(t);
-    case 3: return tile_kernel<R, 3>(t);
-    case 2: return tile_kernel<R, 2>(t);
-    default: return tile_kernel<R, 1>(t);
-  }
-}
-
-MRT_GEMM_ISA void run_tile(const Tile& t, int rows, int nb) {
-  switch (rows) {
-    case 4: return tile_rows<4>(t, nb);
-    case 3: return tile_rows<3>(t, nb);
-    case 2: return tile_rows<2>(t, nb);
-    default: return tile_rows<1>(t, nb);
-  }
-}
-
 struct TileF32 {
   const float* a;         // the tile's first row
   int64_t lda;
@@ -99,7 +83,12 @@ struct TileF32 {
 };
 
 template <int R, int NB>
-MRT_AVX512 void tile_kernel_f32(const TileF32& t) {
+struct F32Tile {
+  static MRT_AVX512 void run(const TileF32& t);
+};
+
+template <int R, int NB>
+MRT_AVX512 void F32Tile<R, NB>::run(const TileF32& t) {
   __m512 acc[R][NB];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) {
@@ -142,24 +131,26 @@ MRT_AVX512 void tile_kernel_f32(const TileF32& t) {
   }
 }
 
-template <int R>
-MRT_AVX512 void tile_rows_f32(const TileF32& t, int nb) {
+// K<R, NB>::run(t) for a register tile of R = rows (1-4) rows and NB = nb (1-6) 16-column blocks
+template <template <int, int> class K, int R, class T>
+void run_tile_rows(const T& t, int nb) {
   switch (nb) {
-    case 6: return tile_kernel_f32<R, 6>(t);
-    case 5: return tile_kernel_f32<R, 5>(t);
-    case 4: return tile_kernel_f32<R, 4>(t);
-    case 3: return tile_kernel_f32<R, 3>(t);
-    case 2: return tile_kernel_f32<R, 2>(t);
-    default: return tile_kernel_f32<R, 1>(t);
+    case 6: return K<R, 6>::run(t);
+    case 5: return K<R, 5>::run(t);
+    case 4: return K<R, 4>::run(t);
+    case 3: return K<R, 3>::run(t);
+    case 2: return K<R, 2>::run(t);
+    default: return K<R, 1>::run(t);
   }
 }
 
-MRT_AVX512 void run_tile_f32(const TileF32& t, int rows, int nb) {
+template <template <int, int> class K, class T>
+void run_tile(const T& t, int rows, int nb) {
   switch (rows) {
-    case 4: return tile_rows_f32<4>(t, nb);
-    case 3: return tile_rows_f32<3>(t, nb);
-    case 2: return tile_rows_f32<2>(t, nb);
-    default: return tile_rows_f32<1>(t, nb);
+    case 4: return run_tile_rows<K, 4>(t, nb);
+    case 3: return run_tile_rows<K, 3>(t, nb);
+    case 2: return run_tile_rows<K, 2>(t, nb);
+    default: return run_tile_rows<K, 1>(t, nb);
   }
 }
 
@@ -224,7 +215,7 @@ void gemm_bf16(const uint16_t* a, int64_t lda, int64_t m, int64_t k, const uint3
                   const int64_t c0 = p * kGemmPanel;
                   Tile t{reinterpret_cast<const uint32_t*>(a + r * lda), lda / 2, w_packed + c0 * kp_total, kp0,
                          kp1, acc, kp0 == 0, kp1 == kp_total, out + r * ldo + c0, ldo};
-                  run_tile(t, rows, static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16));
+                  run_tile<Bf16Tile>(t, rows, static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16));
                 });
 #else
   (void)a, (void)w_packed, (void)out, (void)num_threads;
@@ -259,7 +250,7 @@ void gemm_f32(const float* a, int64_t lda, int64_t m, int64_t k, const float* w_
                   TileF32 t{a + r * lda, lda, w_packed + c0 * k, k0, k1, acc, k0 == 0, k1 == k,
                             bias ? bias + c0 : nullptr, out + r * ldo + (silu_mul ? c0 / 2 : c0), ldo, silu_mul,
                             residual ? residual + r * ldr + c0 : nullptr, ldr};
-                  run_tile_f32(t, rows, static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16));
+                  run_tile<F32Tile>(t, rows, static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16));
                 });
 #else
   (void)a, (void)w_packed, (void)bias, (void)out, (void)num_threads;

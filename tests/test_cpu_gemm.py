@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gemm_helpers import assert_rows_independent_of_batch_and_threads
 
 from mrt_engine.models import packed_linear
 from mrt_engine.models.packed_linear import Bf16Panels, PackedLinear, gemm_bf16
@@ -46,22 +47,10 @@ def test_strided_rows_and_out_buffer():
 
 
 def test_a_row_does_not_depend_on_the_batch_or_threads():
-    """Bit for bit: rows computed in a batch of 300 (rows split between threads), alone (weight
-    panels split), at another position, and on one thread."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 896, generator=g).bfloat16()
     w = (torch.randn(1152, 896, generator=g) * 0.05).bfloat16()
-    p = Bf16Panels(w)
-    full = gemm_bf16(x, p)
-    for i in (0, 5, 131, 299):
-        assert torch.equal(gemm_bf16(x[i:i + 1], p), full[i:i + 1])
-    assert torch.equal(gemm_bf16(x[3:70], p), full[3:70])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(gemm_bf16(x, p), full)
-    finally:
-        torch.set_num_threads(threads)
+    assert_rows_independent_of_batch_and_threads(gemm_bf16, x, Bf16Panels(w))
 
 
 def test_bad_input_is_a_clear_error():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from gemm_helpers import assert_rows_independent_of_batch_and_threads
 
 from mrt_engine.models import packed_linear
 from mrt_engine.models.packed_linear import Fp32Panels, PackedLinear, gemm_f32
@@ -105,22 +106,10 @@ def test_strided_rows_out_buffer_and_leading_dims():
 
 @pytest.mark.parametrize("glu", [False, True])
 def test_a_row_does_not_depend_on_the_batch_or_threads(glu):
-    """Bit for bit: rows computed in a batch of 300 (rows split between threads), alone (weight
-    panels split), at another position, and on one thread."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 896, generator=g)
     w = torch.randn(1152, 896, generator=g) * 0.05
-    p = Fp32Panels(w, glu=glu)
-    full = gemm_f32(x, p)
-    for i in (0, 5, 131, 299):
-        assert torch.equal(gemm_f32(x[i:i + 1], p), full[i:i + 1])
-    assert torch.equal(gemm_f32(x[3:70], p), full[3:70])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(gemm_f32(x, p), full)
-    finally:
-        torch.set_num_threads(threads)
+    assert_rows_independent_of_batch_and_threads(gemm_f32, x, Fp32Panels(w, glu=glu))
 
 
 def test_bad_input_is_a_clear_error():
