@@ -38,7 +38,11 @@ void task_scalar(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1
     std::fill(acc.begin(), acc.end(), 0.f);
     float m = -std::numeric_limits<float>::infinity(), l = 0.f;
     for (int64_t t = 0; t < len; ++t) {
-      if (c.first_qv(item, t) > qv) break;  // a chain's later keys that this row does not attend to
+      const Ctx::Span sp = c.span(item, t);
+      if (qv < sp.qv0 || qv >= sp.qv1) {  // a chain's segment of other rows
+        t = sp.key_end - 1;
+        continue;
+      }
       const int64_t kb = c.kv_index(blocks[t / c.bs], t % c.bs, h);
       float s = 0.f;
       for (int64_t d = 0; d < c.dh; ++d) s += qf[d] * c.load(c.k, kb + d);
@@ -175,9 +179,8 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
     int64_t w = 0;
     for (int64_t k = seg_ptr_[t.item]; k < seg_ptr_[t.item + 1]; ++k) {
       const int64_t keys = (k + 1 < seg_ptr_[t.item + 1] ? seg_key_[k + 1] : item_len_[t.item]) - seg_key_[k];
-      const int64_t from = std::max(t.qv_begin, seg_lane_[k] * grp);
-      if (from < t.qv_end)
-        w += ((t.qv_end - t.qv_begin + kLanes - 1) / kLanes - (from - t.qv_begin) / kLanes) * keys;
+      const int64_t from = std::max(t.qv_begin, seg_lane_[k] * grp), to = std::min(t.qv_end, seg_lane_end_[k] * grp);
+      if (from < to) w += ((to - t.qv_begin + kLanes - 1) / kLanes - (from - t.qv_begin) / kLanes) * keys;
     }
     return w;
   };
@@ -210,14 +213,19 @@ CpuDecodeAttention::CpuDecodeAttention(int64_t num_rows, int64_t num_heads, int6
 
 // Chains: an item of two or more rows continues the chain of the latest earlier item (of whole
 // blocks and whole 16-key tiles) that holds all its rows, if it is that item's child with the most
-// rows; a chain is one unit: its keys the items' keys in turn, its rows ordered by how deep into the chain they go, so
-// each item's rows are a suffix of them (the lanes below it sit that item out). A row then gets one
-// partial per chain instead of one per prefix-tree segment: an MRT trace's forks at increasing
-// positions are one chain. Every other item is a unit of its own.
+// rows; a chain is one unit: its keys the items' keys in turn, its rows ordered by how deep into
+// the chain they go, so each item's rows are a suffix of them (the lanes below it sit that item
+// out). A chain item's other children that have no children of their own and are whole tiles and
+// blocks (each fork's own suffix, shared by its branches) join the unit too, ahead of the chain's
+// keys: their rows all leave the chain at one depth, so ordered by (depth, child) each child's rows
+// are a lane range of their own. A row then gets one partial per chain instead of one per
+// prefix-tree segment: an MRT trace's forks at increasing positions and their suffixes are one
+// unit. Every other item is a unit of its own.
 void CpuDecodeAttention::build_units() {
   const int64_t items = num_items_;
   auto rows_of = [&](int64_t i) { return item_rows_.data() + item_row_ptr_[i]; };
   auto nrows = [&](int64_t i) { return item_row_ptr_[i + 1] - item_row_ptr_[i]; };
+  auto whole = [&](int64_t i) { return item_len_[i] % bs_ == 0 && item_len_[i] % kLanes == 0; };
   std::vector<int64_t> parent(items, -1), heavy(items, -1), stamp(num_rows_, -1);
   std::vector<std::vector<int64_t>> row_items(num_rows_);   // multi-row items holding the row, in order
   for (int64_t i = 0; i < items; ++i) {
@@ -226,7 +234,7 @@ void CpuDecodeAttention::build_units() {
     int checked = 0;
     for (auto a = cand.rbegin(); a != cand.rend() && checked < 8; ++a, ++checked) {
       // keys after a partial block would not line up, nor a segment starting inside a 16-key tile
-      if (item_len_[*a] % bs_ != 0 || item_len_[*a] % kLanes != 0) continue;
+      if (!whole(*a)) continue;
       for (int64_t j = 0; j < nrows(*a); ++j) stamp[rows_of(*a)[j]] = *a;
       bool subset = true;
       for (int64_t j = 0; j < nrows(i) && subset; ++j) subset = stamp[rows_of(i)[j]] == *a;
@@ -238,31 +246,74 @@ void CpuDecodeAttention::build_units() {
     for (int64_t j = 0; j < nrows(i); ++j) row_items[rows_of(i)[j]].push_back(i);
     if (parent[i] >= 0 && (heavy[parent[i]] < 0 || nrows(i) > nrows(heavy[parent[i]]))) heavy[parent[i]] = i;
   }
+  // a child joins its parent's unit only if its rows meet no sibling's (any items may come in, not
+  // only a prefix tree's): then its rows are exactly those that leave the chain at its parent with it
+  std::vector<char> has_child(items, 0), overlaps(items, 0);
+  std::vector<int64_t> seen_parent(num_rows_, -1), seen_kid(num_rows_, -1);
+  for (int64_t i = 0; i < items; ++i) {
+    if (parent[i] < 0) continue;
+    has_child[parent[i]] = 1;
+    for (int64_t j = 0; j < nrows(i); ++j) {
+      const int64_t r = rows_of(i)[j];
+      if (seen_parent[r] == parent[i]) overlaps[i] = overlaps[seen_kid[r]] = 1;
+      seen_parent[r] = parent[i];
+      seen_kid[r] = i;
+    }
+  }
+  std::vector<char> joins(items, 0);                 // inside a unit headed by another item
+  std::vector<std::vector<int64_t>> light(items);   // the children that join their parent's unit
+  for (int64_t i = 0; i < items; ++i) {
+    if (parent[i] < 0) continue;
+    if (heavy[parent[i]] == i) {
+      joins[i] = 1;
+    } else if (!has_child[i] && !overlaps[i] && whole(i)) {
+      joins[i] = 1;
+      light[parent[i]].push_back(i);
+    }
+  }
   std::vector<int64_t> u_row_ptr{0}, u_rows, u_block_ptr{0}, u_blocks, u_len;
-  std::vector<int64_t> depth(num_rows_, 0);
+  std::vector<int64_t> depth(num_rows_, 0), child(num_rows_, 0), lane(num_rows_, 0);
   seg_ptr_.assign(1, 0);
   seg_key_.clear();
   seg_lane_.clear();
+  seg_lane_end_.clear();
   for (int64_t i = 0; i < items; ++i) {
-    if (parent[i] >= 0 && heavy[parent[i]] == i) continue;  // inside its parent's chain
-    std::vector<int64_t> chain{i};
+    if (joins[i]) continue;
+    std::vector<int64_t> chain{i}, joined;
     while (heavy[chain.back()] >= 0) chain.push_back(heavy[chain.back()]);
+    for (int64_t x : chain) joined.insert(joined.end(), light[x].begin(), light[x].end());
     const int64_t* r0 = rows_of(i);
-    for (int64_t j = 0; j < nrows(i); ++j) depth[r0[j]] = 0;
+    for (int64_t j = 0; j < nrows(i); ++j) depth[r0[j]] = 0, child[r0[j]] = -1;
     for (int64_t x : chain)
       for (int64_t j = 0; j < nrows(x); ++j) ++depth[rows_of(x)[j]];
+    for (int64_t q = 0; q < static_cast<int64_t>(joined.size()); ++q)
+      for (int64_t j = 0; j < nrows(joined[q]); ++j) child[rows_of(joined[q])[j]] = q;
     std::vector<int64_t> lanes(r0, r0 + nrows(i));
-    std::stable_sort(lanes.begin(), lanes.end(), [&](int64_t a, int64_t b) { return depth[a] < depth[b]; });
+    std::stable_sort(lanes.begin(), lanes.end(), [&](int64_t a, int64_t b) {
+      return depth[a] != depth[b] ? depth[a] < depth[b] : child[a] < child[b];
+    });
+    for (int64_t j = 0; j < nrows(i); ++j) lane[lanes[j]] = j;
     u_rows.insert(u_rows.end(), lanes.begin(), lanes.end());
     u_row_ptr.push_back(static_cast<int64_t>(u_rows.size()));
     int64_t keys = 0;
-    for (int64_t x : chain) {
+    auto add_segment = [&](int64_t x, int64_t lane0, int64_t lane1) {
       seg_key_.push_back(keys);
-      seg_lane_.push_back(nrows(i) - nrows(x));
+      seg_lane_.push_back(lane0);
+      seg_lane_end_.push_back(lane1);
       u_blocks.insert(u_blocks.end(), item_blocks_.begin() + item_block_ptr_[x],
                       item_blocks_.begin() + item_block_ptr_[x + 1]);
       keys += item_len_[x];
+    };
+    // the joined children first: every segment but the unit's last must be whole, as they are
+    for (int64_t x : joined) {
+      int64_t lo = nrows(i), hi = 0;
+      for (int64_t j = 0; j < nrows(x); ++j) {
+        lo = std::min(lo, lane[rows_of(x)[j]]);
+        hi = std::max(hi, lane[rows_of(x)[j]] + 1);
+      }
+      add_segment(x, lo, hi);
     }
+    for (int64_t x : chain) add_segment(x, nrows(i) - nrows(x), nrows(i));
     seg_ptr_.push_back(static_cast<int64_t>(seg_key_.size()));
     u_block_ptr.push_back(static_cast<int64_t>(u_blocks.size()));
     u_len.push_back(keys);
@@ -312,7 +363,8 @@ void CpuDecodeAttention::run(const void* q, int64_t q_row_stride, int64_t q_head
   if (simd && !simd_available()) throw std::invalid_argument("the SIMD path needs AVX-512F");
   Ctx c{q, k_cache, v_cache, dtype, scale * kLog2e, hq_, hkv_, hq_ / hkv_, dh_, bs_, q_row_stride, q_head_stride,
         item_row_ptr_.data(), item_rows_.data(), item_block_ptr_.data(), item_blocks_.data(),
-        item_len_.data(), part_o_.data(), part_lse_.data(), seg_ptr_.data(), seg_key_.data(), seg_lane_.data()};
+        item_len_.data(), part_o_.data(), part_lse_.data(), seg_ptr_.data(), seg_key_.data(), seg_lane_.data(),
+        seg_lane_end_.data()};
   const int threads = std::max(1, num_threads);
   const int64_t hq = hq_, dh = dh_, grp = c.grp;
 #if MRT_HAVE_X86

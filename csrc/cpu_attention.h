@@ -9,7 +9,9 @@
 // that merge pass, straight into the row's output, instead of as a task with a partial. Items whose
 // row sets nest (a segment and the deeper segment of a subset of its rows: an MRT trace's forks at
 // increasing positions) are chained into one unit that a task runs through in one pass, the rows
-// that leave the chain masked for its later keys, so such a row gets one partial per chain.
+// that leave the chain masked for its later keys, so such a row gets one partial per chain; the
+// chain's other children that end the tree there (each fork's own suffix) join it as segments of
+// their rows' lane range.
 //
 // Why C++: on a CPU the work is many small attention problems (a few to a few hundred query
 // vectors against 16 to a few thousand keys). PyTorch's fused kernel pays a fixed cost per problem
@@ -63,9 +65,9 @@ class CpuDecodeAttention {
   };
   int64_t num_rows_, hq_, hkv_, dh_, bs_, num_cache_blocks_;
   // the items as given, then (build_units) the units the tasks run: chains of items with nested
-  // rows, or single items; seg_*: each unit's segments (first key, first attending row)
+  // rows, or single items; seg_*: each unit's segments (first key, attending rows [lane, lane_end))
   std::vector<int64_t> item_row_ptr_, item_rows_, item_block_ptr_, item_blocks_, item_len_;
-  std::vector<int64_t> seg_ptr_, seg_key_, seg_lane_;
+  std::vector<int64_t> seg_ptr_, seg_key_, seg_lane_, seg_lane_end_;
   int64_t num_items_ = 0;
   void build_units();
   std::vector<int64_t> row_part_ptr_, row_parts_;  // partial slots of each row, in item order

@@ -162,12 +162,21 @@ struct FloatTiles {
   }
 };
 
-// The lanes of lane group g at or past lane `first` (relative to the task): the ones that attend to
-// a tile whose first attending query vector is `first` (a chain's later segments leave rows out)
-inline __mmask16 lanes_from(int64_t first, int g) {
-  const int64_t skip = first - static_cast<int64_t>(g) * kLanes;
-  if (skip <= 0) return 0xFFFF;
-  return skip >= kLanes ? __mmask16(0) : static_cast<__mmask16>(0xFFFFu << skip);
+// The lanes of lane group g in [lo, hi) (relative to the task): the ones that attend to a segment
+// whose attending query vectors are those (a chain's segments leave rows out)
+inline __mmask16 lanes_in(int64_t lo, int64_t hi, int g) {
+  lo -= static_cast<int64_t>(g) * kLanes;
+  hi -= static_cast<int64_t>(g) * kLanes;
+  uint32_t m = 0xFFFFu;
+  if (lo > 0) m = lo >= kLanes ? 0u : (m << lo) & 0xFFFFu;
+  if (hi < kLanes) m &= hi <= 0 ? 0u : (1u << hi) - 1u;
+  return static_cast<__mmask16>(m);
+}
+
+// The lane groups [*g0, *g1) of a task of `groups` groups that hold lanes in [lo, hi)
+inline void groups_in(int64_t lo, int64_t hi, int groups, int* g0, int* g1) {
+  *g0 = lo > 0 ? static_cast<int>(lo / kLanes) : 0;
+  *g1 = static_cast<int>(std::min<int64_t>(groups, (hi + kLanes - 1) / kLanes));
 }
 
 MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, int64_t qv1, SimdScratch& s) {
@@ -203,13 +212,20 @@ MRT_AVX512 void task_avx512(const Ctx& c, int64_t item, int64_t h, int64_t qv0, 
   const float* const* krow = tiles.krow;
   const float* const* vrow = tiles.vrow;
   for (int64_t t0 = 0; t0 < tiles.len; t0 += kLanes) {
-    // lanes below `first` do not attend to this tile (a chain's later segments); none past it either
-    const int64_t first = c.first_qv(item, t0) - qv0;
-    if (first >= qv1 - qv0) break;
+    // only the task's lanes in [lo, hi) attend to this tile (a chain's segments leave rows out)
+    const Ctx::Span sp = c.span(item, t0);
+    const int64_t lo = sp.qv0 - qv0, hi = std::min(sp.qv1, qv1) - qv0;
+    if (lo >= hi) {   // none of them: on to the segment's end (whole tiles, or the item's end)
+      prefetch_tile(c, tiles.blocks, tiles.len, sp.key_end, h);
+      t0 = sp.key_end - kLanes;
+      continue;
+    }
     const int n = tiles.load(t0);
     const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int g = first > 0 ? static_cast<int>(first / kLanes) : 0; g < groups; ++g) {
-      const __mmask16 active = lanes_from(first, g);
+    int g0, g1;
+    groups_in(lo, hi, groups, &g0, &g1);
+    for (int g = g0; g < g1; ++g) {
+      const __mmask16 active = lanes_in(lo, hi, g);
       // the fully unrolled j loops keep the 16 score vectors in registers; keys in two halves
       // of 8, so their row pointers stay in registers too (K is read in place, not copied)
       __m512 sc[kLanes];
@@ -393,27 +409,33 @@ MRT_AVX512_BF16 void task_avx512_bf16(const Ctx& c, int64_t item, int64_t h, int
   const uint16_t* krow[kChunk];
   const uint16_t* vrow[kChunk];
   for (int64_t t = 0; t < std::min<int64_t>(len, kChunk); t += kLanes) prefetch_tile(c, blocks, len, t, h);
-  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
-    // lanes below `first` do not attend to the chunk's first keys (a chain's later segments), so
-    // their groups sit the chunk out; none of this task's lanes attends past the last segment
-    const int64_t first = c.first_qv(item, c0) - qv0;
-    if (first >= qv1 - qv0) break;
-    const int nk = static_cast<int>(std::min<int64_t>(kChunk, len - c0));
+  for (int64_t c0 = 0, c1 = 0; c0 < len; c0 = c1) {
+    // a chunk lies in one segment (of whole tiles, or the item's last), so its keys have one range
+    // of attending lanes [lo, hi): the groups outside it sit the chunk out (a chain's segments
+    // leave rows out)
+    const Ctx::Span sp = c.span(item, c0);
+    c1 = std::min<int64_t>(sp.key_end, c0 + kChunk);
+    const int64_t lo = sp.qv0 - qv0, hi = std::min(sp.qv1, qv1) - qv0;
+    if (lo >= hi) {
+      c1 = sp.key_end;
+      for (int64_t t = c1; t < std::min<int64_t>(len, c1 + kChunk); t += kLanes) prefetch_tile(c, blocks, len, t, h);
+      continue;
+    }
+    const int nk = static_cast<int>(c1 - c0);
     const int tiles = (nk + kLanes - 1) / kLanes, pairs = (nk + 1) / 2;
     for (int t = 0; t < tiles; ++t)
       bf16_tile_rows(c, blocks, c0 + t * kLanes, std::min(kLanes, nk - t * kLanes), h, s.zero, krow + t * kLanes,
                      vrow + t * kLanes);
     // the next chunk's rows are asked for now: this chunk's arithmetic hides their latency
-    for (int64_t t = c0 + kChunk; t < std::min<int64_t>(len, c0 + 2 * kChunk); t += kLanes)
-      prefetch_tile(c, blocks, len, t, h);
+    for (int64_t t = c1; t < std::min<int64_t>(len, c1 + kChunk); t += kLanes) prefetch_tile(c, blocks, len, t, h);
     pair_v_rows(vrow, pairs, dh, ix, s.vpair);
-    int64_t tile_first[kChunk / kLanes];  // per tile: its first attending lane, relative to qv0
-    for (int t = 0; t < tiles; ++t) tile_first[t] = c.first_qv(item, c0 + t * kLanes) - qv0;
-    for (int g = first > 0 ? static_cast<int>(first / kLanes) : 0; g < groups; ++g) {
+    int g0, g1;
+    groups_in(lo, hi, groups, &g0, &g1);
+    for (int g = g0; g < g1; ++g) {
+      const __mmask16 active = lanes_in(lo, hi, g);
       __m512 mx = neg_inf;
       for (int t = 0; t < tiles; ++t) {
         const int n = std::min(kLanes, nk - t * kLanes);
-        const __mmask16 active = lanes_from(tile_first[t], g);
         // keys in two halves of 8 so their row pointers stay in registers (K read in place)
         __m512 sc[kLanes];
 #pragma GCC unroll 2

@@ -37,18 +37,26 @@ struct Ctx {
   const int64_t* item_len;
   float* part_o;
   float* part_lse;
-  // An item here may be a chain of the plan's items whose rows nest (see cpu_attention.h): its keys
-  // are their keys in turn, its rows ordered so each one's rows are a suffix; segment k of item i
-  // (seg_ptr[i] <= k < seg_ptr[i + 1]) starts at key seg_key[k] and is attended by rows >= seg_lane[k].
+  // An item here may be a chain of the plan's items (see cpu_attention.h): its keys are their keys
+  // in turn, its rows ordered so each one's rows are a contiguous range; segment k of item i
+  // (seg_ptr[i] <= k < seg_ptr[i + 1]) starts at key seg_key[k] and is attended by the rows
+  // seg_lane[k] <= row < seg_lane_end[k] (of the item's rows). Every segment but an item's last
+  // starts and ends on a 16-key tile and a block boundary.
   const int64_t* seg_ptr;
   const int64_t* seg_key;
   const int64_t* seg_lane;
+  const int64_t* seg_lane_end;
 
-  // the first query vector of item `item` that attends to its key t (lower ones do not)
-  int64_t first_qv(int64_t item, int64_t t) const {
+  struct Span {
+    int64_t qv0, qv1;   // the query vectors that attend to the segment
+    int64_t key_end;    // the segment's end (its next segment's first key, or the item's length)
+  };
+  // the segment of item `item` holding its key t
+  Span span(int64_t item, int64_t t) const {
     int64_t k = seg_ptr[item];
     while (k + 1 < seg_ptr[item + 1] && seg_key[k + 1] <= t) ++k;
-    return seg_lane[k] * grp;
+    const int64_t end = k + 1 < seg_ptr[item + 1] ? seg_key[k + 1] : item_len[item];
+    return {seg_lane[k] * grp, seg_lane_end[k] * grp, end};
   }
 
   // query vector qv of item `item` under KV head h: its decode row and query head

@@ -148,14 +148,16 @@ def test_own_tail_layouts(case, dtype, path):
     assert torch.equal(plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot, num_threads=1), out)
 
 
-def mrt_fork_tree(seed, *, hkv, grp, dh, bs, dtype, traces=2, forks=4, branches=3, seg=None):
+def mrt_fork_tree(seed, *, hkv, grp, dh, bs, dtype, traces=2, forks=4, branches=3, seg=None, suffix=None):
     """An MRT fork step's items: per trace, forks at increasing positions, each with `branches` rows;
     segment k of the trace is shared by the rows of forks k.. (nested row sets: one chain), then
-    every fork's suffix and every row's own tail. seg: the segments' key counts (whole blocks)."""
+    every fork's suffix and every row's own tail. seg: the segments' key counts (whole blocks);
+    suffix: the suffixes' key count (default: random, 1 to 2 blocks)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     seg = seg or [2 * bs, bs, 3 * bs, bs]
-    nb = traces * (sum(-(-n // bs) for n in seg) + forks * 2) + traces * forks * branches * 2 + 4
+    nb = traces * (sum(-(-n // bs) for n in seg) + forks * -(-max(suffix or 0, 2 * bs) // bs)) \
+        + traces * forks * branches * 2 + 4
     k_cache = torch.randn(nb, bs, hkv, dh).to(dtype)
     v_cache = torch.randn(nb, bs, hkv, dh).to(dtype)
     free = list(range(nb))
@@ -170,7 +172,7 @@ def mrt_fork_tree(seed, *, hkv, grp, dh, bs, dtype, traces=2, forks=4, branches=
             n = seg[k % len(seg)]
             items.append(([free.pop() for _ in range(-(-n // bs))], n, sum(fork_rows[k:], [])))
             if k < forks - 1:   # the fork's own suffix, a sibling of the next segment
-                n = rng.randint(1, 2 * bs)
+                n = suffix or rng.randint(1, 2 * bs)
                 items.append(([free.pop() for _ in range(-(-n // bs))], n, fork_rows[k]))
         for r in range(base, base + rows_per_trace):
             n = rng.randint(1, bs + 3)
@@ -179,8 +181,10 @@ def mrt_fork_tree(seed, *, hkv, grp, dh, bs, dtype, traces=2, forks=4, branches=
 
 
 # The plan runs each trace's nested segments as one chain (one partial per row instead of one per
-# segment): the chained plan must equal the oracle on every path, whatever the thread count, and
-# segments that do not end on a 16-key tile and block boundary must stay unchained (and correct).
+# segment), with the forks' suffixes of whole tiles and blocks joined to it as segments of their
+# rows' lane range: the chained plan must equal the oracle on every path, whatever the thread
+# count, and segments that do not end on a 16-key tile and block boundary must stay unchained (and
+# correct).
 @over_cases_dtypes_paths([dict(hkv=2, grp=3, dh=64, bs=16), dict(hkv=2, grp=7, dh=64, bs=16),
                           dict(hkv=1, grp=5, dh=32, bs=8), dict(hkv=2, grp=2, dh=48, bs=5)])
 def test_fork_tree_chains(case, dtype, path):
@@ -191,8 +195,33 @@ def test_fork_tree_chains(case, dtype, path):
         q, k_cache, v_cache, items = mrt_fork_tree(seed, **case, dtype=dtype, seg=seg_len, branches=branches)
         plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
         chainable = all(n % bs == 0 and n % 16 == 0 for n in (seg_len or [2 * bs, bs, 3 * bs, bs])[:3])
-        if chainable:   # each trace's 4 segments one unit
-            assert plan._plan.num_units == plan._plan.num_items - 2 * 3
+        if chainable:
+            # each trace's chain is its segments 0-2 and fork 2's suffix (the first of the two
+            # 1-fork children: fork 2's suffix and segment 3), joined by the other 1-fork items
+            # (forks 0 and 1's suffixes, segment 3) that are whole tiles and blocks
+            in_chain = [set(range(b + 2 * branches, b + 3 * branches)) for b in (0, 4 * branches)]
+            joined = sum(1 for _, n, rs in items if len(rs) == branches and set(rs) not in in_chain
+                         and n % bs == 0 and n % 16 == 0)
+            assert plan._plan.num_units == plan._plan.num_items - 2 * 3 - joined
+        out = plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot)
+        assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, 0.2), bf16_dot)
+        for threads in (1, 3):
+            assert torch.equal(plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot,
+                                        num_threads=threads), out)
+
+
+# As an MRT step builds them (the suffix and the fork point's copied block: 2 whole blocks): each
+# trace, its forks and their suffixes one unit; a row's partials are its chain's and its own tail.
+@over_cases_dtypes_paths([dict(hkv=2, grp=3, dh=64, bs=16), dict(hkv=2, grp=7, dh=64, bs=16),
+                          dict(hkv=1, grp=5, dh=32, bs=8)])
+def test_fork_suffixes_join_the_chain(case, dtype, path):
+    simd, bf16_dot = path_flags(path, dtype)
+    bs = case["bs"]
+    for seed, branches in ((4, 3), (5, 8)):
+        q, k_cache, v_cache, items = mrt_fork_tree(seed, **case, dtype=dtype, branches=branches, suffix=32,
+                                                   seg=[112, 128, 128, 160])
+        plan = cpu_kernel.DecodePlan(items, q.shape[0], q.shape[1], k_cache)
+        assert plan._plan.num_units == 2 + q.shape[0], (bs, plan._plan.num_units)
         out = plan.run(q, k_cache, v_cache, 0.2, simd=simd, bf16_dot=bf16_dot)
         assert_matches_oracle(out, oracle(q, k_cache, v_cache, items, 0.2), bf16_dot)
         for threads in (1, 3):

@@ -20,8 +20,9 @@ struct Case {
   Vec row_ptr{0}, item_rows, block_ptr{0}, item_blocks, lens;
   std::vector<float> q, k, v;
   // chain: bs 16 and nested segments (an MRT trace's forks at increasing positions), which the plan
-  // runs as one unit with the rows that leave it masked
-  explicit Case(unsigned seed, bool chain = false) {
+  // runs as one unit with the rows that leave it masked; joined: the forks' own suffixes are whole
+  // blocks, so they join the unit as segments of their rows' lane range
+  explicit Case(unsigned seed, bool chain = false, bool joined = false) {
     if (chain) bs = 16;
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd;
@@ -40,10 +41,11 @@ struct Case {
     for (int64_t r = 0; r < rows; ++r) add({r}, 1 + static_cast<int64_t>(rng() % (3 * bs)));
     if (chain) {
       add({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10}, 2 * bs);
-      add({1, 2}, bs + 3);                  // a fork's own suffix: a sibling, not in the chain
+      add({1, 2}, joined ? 2 * bs : bs + 3);   // a fork's own suffix: joins only if whole blocks
       add({3, 4, 5, 6, 7, 8, 9, 10}, bs);
-      add({6, 7, 8, 9, 10}, 3 * bs);
-      add({9, 10}, bs - 4);                 // the chain's last segment may end mid-block
+      add({4, 6, 7}, bs);                       // lanes 3, 5, 8, 9, 10 attend neither side of it
+      add({5, 8, 9, 10}, 3 * bs);               // (this one is the heavy child)
+      add({9, 10}, bs - 4);                     // the chain's last segment may end mid-block
       return;
     }
     add({0, 3, 4, 7, 10}, 2 * bs);
@@ -82,11 +84,18 @@ int main() {
     CHECK_EQ(p.num_items(), c.rows + 2);
     check_paths(c, p);
   }
-  {  // a chain of nested segments: one unit, the same results on both paths and any thread count
+  {  // a chain of nested segments: one unit, the same results on both paths and any thread count;
+     // its whole leaf child joins it, the suffix of bs + 3 keys does not
     Case c(2, true);
     auto p = c.plan();
-    CHECK_EQ(p.num_items(), c.rows + 5);
+    CHECK_EQ(p.num_items(), c.rows + 6);
     CHECK_EQ(p.num_units(), c.rows + 2);
+    check_paths(c, p);
+  }
+  {  // the suffix of whole blocks joins too: every shared item in one unit
+    Case c(3, true, true);
+    auto p = c.plan();
+    CHECK_EQ(p.num_units(), c.rows + 1);
     check_paths(c, p);
   }
   {  // input checks

@@ -6,8 +6,9 @@ is also the kernel's oracle in the tests). `MRT_ENGINE_CPU_KERNEL=0` turns it of
 
 A plan is built once per step from work items (blocks, length, rows) and run by every layer: the
 kernel reads the paged caches in place, runs items whose row sets nest (a prefix tree's segments
-along one path) as one chain, gives every (chain or item, row) a partial result and LSE-merges each
-row's partials in item order, on `torch.get_num_threads()` threads.
+along one path, with the leaves beside it that are whole blocks: each fork's suffix) as one chain,
+gives every (chain or item, row) a partial result and LSE-merges each row's partials in item order,
+on `torch.get_num_threads()` threads.
 """
 from __future__ import annotations
 
