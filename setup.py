@@ -17,6 +17,7 @@ if core_sources and os.environ.get("MRT_ENGINE_NO_EXT", "0") != "1":
             "mrt_engine._C",
             core_sources,
             include_dirs=["csrc"],
+            depends=sorted(glob.glob("csrc/*.h")),   # a header edit rebuilds the extension
             cxx_std=17,
             extra_compile_args=["-O3"],
         )

@@ -298,7 +298,7 @@ MRT_AVX512_BF16 inline __m512 dp_bcast(__m512 acc, __m512bh a, const void* p) {
 
 // 2^x for x <= 0 (or -inf) to ~3e-6 relative: the bf16 kernel's probabilities, which PV rounds to
 // bf16 (2^-9) anyway; a degree-4 fit and no upper clamp (x <= 0: every score minus the running
-// max) save 3 of exp2_avx512's 11 instructions per 16 scores
+// max) save 3 of exp2_avx512's 11 instructions per 16 scores; NaN gives 0 as in exp2_avx512
 constexpr float kProbExp2Coeffs[5] = {0.013520603197216251f, 0.05203742877441495f, 0.24142749325120402f,
                                       0.6930066206638731f, 1.0000025181301366f};
 MRT_AVX512 inline __m512 exp2_probs(__m512 x) {

@@ -155,7 +155,10 @@ constexpr float kExp2Coeffs[7] = {0.00021690608991775662f, 0.0012443081941455603
                                   0.05548352375626564f,    0.2402298003435135f,    0.6931470036506653f,
                                   1.0f};
 
-// 2^x, x in log2 units; relative error ~1e-7; x <= -200 gives exactly 0 (masked keys are -inf)
+// 2^x, x in log2 units; relative error ~1e-7; x <= -200 gives exactly 0 (masked keys are -inf),
+// and so does NaN: vmaxps returns its second operand when the first is NaN, and the attention
+// kernels rely on it for -inf - -inf (a lane masked out of every key it has met so far: a chain's
+// segment of other rows comes first), whose p and rescale factor must be 0
 MRT_AVX512 inline __m512 exp2_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
   return exp2_poly(_mm512_min_ps(x, _mm512_set1_ps(127.f)), kExp2Coeffs);

@@ -12,6 +12,7 @@ pinned by kept handles) frees what it allocated before re-raising.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import numbers
 import os
@@ -340,6 +341,7 @@ class LLM:
         self.kv_caches[:] = [(empty, empty)] * len(self.kv_caches)
         if level == 2:
             self.model.drop_packed_weights()
+        gc.collect()   # a cache tensor still reachable only from garbage cycles goes now, not at some later collection
         if self.config.device.startswith("cuda"):
             torch.cuda.empty_cache()
         self._asleep = set(self._SLEEP_TAGS)
