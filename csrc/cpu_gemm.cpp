@@ -19,64 +19,60 @@ namespace {
 
 constexpr int kRows = 4;            // rows per register tile
 constexpr int kBlocks = 6;          // 16-column blocks per panel
-constexpr int64_t kKBlock = 448;    // k pairs (float32: k values) per pass over a panel (a 172 KB slice of it: L2-resident)
+// k pairs (float32: k values) per pass over a panel: a 172 KB slice of it, L2-resident
+constexpr int64_t kKBlock = 448;
 static_assert(kBlocks * 16 == kGemmPanel, "panel width");
 
-struct Tile {
-  const uint32_t* a;      // the tile's first row, as k pairs
-  int64_t lda32;          // row stride in pairs
-  const uint32_t* b;      // the panel
-  int64_t kp0, kp1;       // the k pairs of this pass
+// One pass of a register tile over a panel: rows a (k values, or bf16 k pairs as 32-bit words),
+// the panel b, the pass's k range; partial sums go through acc_buf between passes
+template <class In, class Out>
+struct TilePass {
+  const In* a;            // the tile's first row
+  int64_t lda;            // row stride in In units
+  const In* b;            // the panel, [k][kGemmPanel]
+  int64_t k0, k1;         // the k values (bf16: pairs) of this pass
   float* acc_buf;         // float32 partial sums between passes, [kRows][kGemmPanel]
-  bool first, last;       // the pass starts from zero / ends in bf16 output
-  uint16_t* out;
+  bool first, last;       // the pass starts the sums / ends in the output
+  Out* out;
   int64_t ldo;
 };
+
+using Tile = TilePass<uint32_t, uint16_t>;
 
 template <int R, int NB>
 struct Bf16Tile {
-  static MRT_GEMM_ISA void run(const Tile& t);
+  static MRT_GEMM_ISA void run(const Tile& t) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+        acc[r][j] = t.first ? _mm512_setzero_ps() : _mm512_loadu_ps(t.acc_buf + r * kGemmPanel + j * 16);
+    const uint32_t* b = t.b + t.k0 * kGemmPanel;
+    for (int64_t kp = t.k0; kp < t.k1; ++kp, b += kGemmPanel) {
+      __m512bh bv[NB];
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + j * 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(t.a[r * t.lda + kp]));
+#pragma GCC unroll 8
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+      }
+    }
+    if (!t.last) {
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.acc_buf + r * kGemmPanel + j * 16, acc[r][j]);
+      return;
+    }
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.out + r * t.ldo + j * 16),
+                            (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
+  }
 };
 
-template <int R, int NB>
-MRT_GEMM_ISA void Bf16Tile<R, NB>::run(const Tile& t) {
-  __m512 acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j)
-      acc[r][j] = t.first ? _mm512_setzero_ps() : _mm512_loadu_ps(t.acc_buf + r * kGemmPanel + j * 16);
-  const uint32_t* b = t.b + t.kp0 * kGemmPanel;
-  for (int64_t kp = t.kp0; kp < t.kp1; ++kp, b += kGemmPanel) {
-    __m512bh bv[NB];
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + j * 16);
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(t.a[r * t.lda32 + kp]));
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
-    }
-  }
-  if (!t.last) {
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.acc_buf + r * kGemmPanel + j * 16, acc[r][j]);
-    return;
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.out + r * t.ldo + j * 16),
-                          (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
-}
-
-struct TileF32 {
-  const float* a;         // the tile's first row
-  int64_t lda;
-  const float* b;         // the panel, [k][kGemmPanel]
-  int64_t k0, k1;         // the k values of this pass
-  float* acc_buf;         // partial sums between passes, [kRows][kGemmPanel]
-  bool first, last;       // the pass starts from the bias (or zero) / ends in the output
+// the float32 pass, with the output's epilogue
+struct TileF32 : TilePass<float, float> {
   const float* bias;      // the panel's first column's bias, or null
-  float* out;
-  int64_t ldo;
   bool silu_mul;          // the panel is gate columns then as many up columns: out = silu(gate) * up
   const float* res;       // the tile's first row of the residual added to the product, or null
   int64_t ldr;
@@ -84,52 +80,49 @@ struct TileF32 {
 
 template <int R, int NB>
 struct F32Tile {
-  static MRT_AVX512 void run(const TileF32& t);
-};
-
-template <int R, int NB>
-MRT_AVX512 void F32Tile<R, NB>::run(const TileF32& t) {
-  __m512 acc[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) {
-      if (!t.first) {
-        acc[r][j] = _mm512_loadu_ps(t.acc_buf + r * kGemmPanel + j * 16);
-        continue;
+  static MRT_AVX512 void run(const TileF32& t) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) {
+        if (!t.first) {
+          acc[r][j] = _mm512_loadu_ps(t.acc_buf + r * kGemmPanel + j * 16);
+          continue;
+        }
+        // the sum starts from the residual (+ bias): the residual add costs no pass of its own
+        acc[r][j] = t.bias ? _mm512_loadu_ps(t.bias + j * 16) : _mm512_setzero_ps();
+        if (t.res) acc[r][j] = _mm512_add_ps(acc[r][j], _mm512_loadu_ps(t.res + r * t.ldr + j * 16));
       }
-      // the sum starts from the residual (+ bias): the residual add costs no pass of its own
-      acc[r][j] = t.bias ? _mm512_loadu_ps(t.bias + j * 16) : _mm512_setzero_ps();
-      if (t.res) acc[r][j] = _mm512_add_ps(acc[r][j], _mm512_loadu_ps(t.res + r * t.ldr + j * 16));
-    }
-  const float* b = t.b + t.k0 * kGemmPanel;
-  for (int64_t kk = t.k0; kk < t.k1; ++kk, b += kGemmPanel) {
-    __m512 bv[NB];
+    const float* b = t.b + t.k0 * kGemmPanel;
+    for (int64_t kk = t.k0; kk < t.k1; ++kk, b += kGemmPanel) {
+      __m512 bv[NB];
 #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) {
-      bv[j] = _mm512_loadu_ps(b + j * 16);
-      // in a register, loaded once per k: else GCC folds the load into every row's FMA, and R
-      // times the loads (from L1) halve the FMA rate (126 vs 227 GFLOP/s measured on Zen 4)
-      asm("" : "+v"(bv[j]));
-    }
+      for (int j = 0; j < NB; ++j) {
+        bv[j] = _mm512_loadu_ps(b + j * 16);
+        // in a register, loaded once per k: else GCC folds the load into every row's FMA, and R
+        // times the loads (from L1) halve the FMA rate (126 vs 227 GFLOP/s measured on Zen 4)
+        asm("" : "+v"(bv[j]));
+      }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(t.a[r * t.lda + kk]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 av = _mm512_set1_ps(t.a[r * t.lda + kk]);
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+      }
+    }
+    if (!t.last) {
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.acc_buf + r * kGemmPanel + j * 16, acc[r][j]);
+    } else if (t.silu_mul) {
+      constexpr int H = NB / 2;   // NB is even here (the packing pairs 16-column blocks)
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < H; ++j)
+          _mm512_storeu_ps(t.out + r * t.ldo + j * 16, _mm512_mul_ps(cpu::silu_avx512(acc[r][j]), acc[r][j + H]));
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.out + r * t.ldo + j * 16, acc[r][j]);
     }
   }
-  if (!t.last) {
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.acc_buf + r * kGemmPanel + j * 16, acc[r][j]);
-  } else if (t.silu_mul) {
-    constexpr int H = NB / 2;   // NB is even here (the packing pairs 16-column blocks)
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < H; ++j)
-        _mm512_storeu_ps(t.out + r * t.ldo + j * 16, _mm512_mul_ps(cpu::silu_avx512(acc[r][j]), acc[r][j + H]));
-  } else {
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(t.out + r * t.ldo + j * 16, acc[r][j]);
-  }
-}
+};
 
 // K<R, NB>::run(t) for a register tile of R = rows (1-4) rows and NB = nb (1-6) 16-column blocks
 template <template <int, int> class K, int R, class T>
@@ -247,9 +240,9 @@ void gemm_f32(const float* a, int64_t lda, int64_t m, int64_t k, const float* w_
   for_each_tile(m, panels, k, kKBlock, num_threads,
                 [&](int64_t r, int rows, int64_t p, int64_t k0, int64_t k1, float* acc) {
                   const int64_t c0 = p * kGemmPanel;
-                  TileF32 t{a + r * lda, lda, w_packed + c0 * k, k0, k1, acc, k0 == 0, k1 == k,
-                            bias ? bias + c0 : nullptr, out + r * ldo + (silu_mul ? c0 / 2 : c0), ldo, silu_mul,
-                            residual ? residual + r * ldr + c0 : nullptr, ldr};
+                  TileF32 t{{a + r * lda, lda, w_packed + c0 * k, k0, k1, acc, k0 == 0, k1 == k,
+                             out + r * ldo + (silu_mul ? c0 / 2 : c0), ldo},
+                            bias ? bias + c0 : nullptr, silu_mul, residual ? residual + r * ldr + c0 : nullptr, ldr};
                   run_tile<F32Tile>(t, rows, static_cast<int>(std::min<int64_t>(kGemmPanel, n - c0) / 16));
                 });
 #else

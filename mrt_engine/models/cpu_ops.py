@@ -7,7 +7,8 @@ silu(gate) to bf16 before the product; RoPE rounds after each multiply and the a
 bf16 (no fused multiply-add), so it is bit-identical in both dtypes. The float32 RMSNorm is the same
 arithmetic with the sum of squares in another order, so it matches PyTorch's to rounding (the
 float32 engine is held to transformers within tolerances anyway); float32 models get SiLU*up in
-the epilogue of our float32 GEMM (packed_linear.py) instead, or PyTorch's where it does not apply. `MRT_ENGINE_CPU_OPS=0` turns them off.
+the epilogue of our float32 GEMM (packed_linear.py) instead, or PyTorch's where it does not apply.
+`MRT_ENGINE_CPU_OPS=0` turns them off.
 """
 from __future__ import annotations
 

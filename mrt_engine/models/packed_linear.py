@@ -91,6 +91,11 @@ class Fp32Panels:
         self.data = w.view(n_pad // width, width, k).transpose(1, 2).contiguous()
         self.n, self.k, self.glu = n, k, glu
 
+    @property
+    def n_out(self) -> int:
+        """Columns of the result: n, or n / 2 for a gate/up pair (silu(gate) * up)."""
+        return self.n // 2 if self.glu else self.n
+
     def bias_for(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The bias in the packed column order."""
         return bias if bias is None or self.order is None else bias[self.order]
@@ -103,9 +108,8 @@ def f32_gemm_packable(weight: torch.Tensor, glu: bool = False) -> bool:
 
 
 def f32_out_usable(out: torch.Tensor, m: int, panels: Fp32Panels) -> bool:
-    n_out = panels.n // 2 if panels.glu else panels.n
     return (out.dtype == torch.float32 and out.device.type == "cpu" and out.dim() == 2
-            and tuple(out.shape) == (m, n_out) and out.stride(1) == 1)
+            and tuple(out.shape) == (m, panels.n_out) and out.stride(1) == 1)
 
 
 def gemm_f32(x: torch.Tensor, panels: Fp32Panels, bias: torch.Tensor | None = None,
@@ -123,8 +127,7 @@ def gemm_f32(x: torch.Tensor, panels: Fp32Panels, bias: torch.Tensor | None = No
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    n_out = n // 2 if panels.glu else n
+    m, n_out = x2.shape[0], panels.n_out
     if residual is not None and (panels.glu or x.dim() != 2 or residual.dtype != torch.float32
                                  or residual.device.type != "cpu" or tuple(residual.shape) != (m, n)
                                  or residual.stride(1) != 1):
@@ -271,11 +274,16 @@ class PackedLinear(nn.Linear):
         self.packed_weight.drop()
         self.glu_weight.drop()
 
+    def _epilogue_ok(self, x: torch.Tensor) -> bool:
+        """Whether the fused epilogues may take x: float32 on the CPU, not batch-invariant mode, and
+        not a tensor the layer's Triton kernels take (CUDA, or the tests' FORCE on CPU tensors)."""
+        return (not self.batch_invariant and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not triton_ops.usable(x))
+
     def add_to(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """residual + x . w^T (+ bias) [m, n] for a 2-D x, from one float32 GEMM whose sums start
         from the residual, where our float32 GEMM applies; else None (the caller adds)."""
-        if self.batch_invariant or triton_ops.FORCE or x.dtype != torch.float32 or x.device.type != "cpu" \
-                or x.dim() != 2 or residual.dtype != torch.float32 or residual.stride(-1) != 1:
+        if not self._epilogue_ok(x) or x.dim() != 2 or residual.dtype != torch.float32 or residual.stride(-1) != 1:
             return None
         packed = self.packed_weight.get(self.weight)
         if not isinstance(packed, Fp32Panels) or tuple(residual.shape) != (x.shape[0], packed.n):
@@ -286,8 +294,7 @@ class PackedLinear(nn.Linear):
         """For a gated MLP's gate|up projection (gate rows first): silu(gate) * up [..., n / 2] from
         one float32 GEMM with the activation in its epilogue, where our float32 GEMM applies (a
         float32 CPU x, n % 32 == 0); else None (the caller runs forward and its own SiLU*up)."""
-        # (triton_ops.FORCE: the tests' CUDA path on CPU tensors takes its own kernels)
-        if self.batch_invariant or triton_ops.FORCE or x.dtype != torch.float32 or x.device.type != "cpu":
+        if not self._epilogue_ok(x):
             return None
         packed = self.glu_weight.get(self.weight)
         return None if packed is None else gemm_f32(x, packed, self.bias)
