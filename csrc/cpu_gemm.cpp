@@ -4,6 +4,7 @@
 #include "cpu_gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -147,40 +148,108 @@ void run_tile(const T& t, int rows, int nb) {
   }
 }
 
+// A thread's share of a product's work units, claimed one at a time from the front by its owner
+// and from the back by threads that have finished their own share (both ends in one word, so a
+// unit is claimed exactly once).
+class alignas(64) UnitRange {
+ public:
+  void reset(int64_t n) { ends_.store(static_cast<uint64_t>(n), std::memory_order_relaxed); }
+  int64_t take_front() { return take(true); }
+  int64_t take_back() { return take(false); }
+
+ private:
+  int64_t take(bool front) {
+    uint64_t v = ends_.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t f = v >> 32, b = v & 0xFFFFFFFFu;
+      if (f >= b) return -1;
+      const uint64_t next = front ? ((f + 1) << 32) | b : (f << 32) | (b - 1);
+      if (ends_.compare_exchange_weak(v, next, std::memory_order_relaxed)) return static_cast<int64_t>(front ? f : b - 1);
+    }
+  }
+  std::atomic<uint64_t> ends_{0};  // (first unclaimed << 32) | one past the last unclaimed
+};
+
+std::atomic<int64_t> g_units_stolen{0};
+
+constexpr int kMaxGemmThreads = 256;
+// pieces of a thread's rows per panel when rows are split: a unit is small enough to even out the
+// threads' finishing times, large enough that each keeps its rows' A in its L2
+constexpr int kRowPieces = 4;
+
 // Runs tile(r, rows, p, k0, k1, acc_buf) over every register tile (rows r .. r+rows-1, panel p) and
 // pass (k values [k0, k1)) of an [m, panels] product on `threads` threads. Rows are split when each
 // thread gets at least 16 register tiles of them: the threads then read the same weight panels at
 // about the same time (one pass over the weights from memory), each kept in its L2 for all its row
 // tiles. Few rows: the panels are split, each weight read by one core.
+//
+// Each thread's share is a list of units (split rows: each panel's share of its rows, in
+// kRowPieces pieces; else one of its panels) that it runs in order; a thread done with its own
+// share takes units from the end of the others'. A core slowed by another tenant of the host then
+// no longer holds the other idle at the end of every GEMM (on the 2-vCPU dev box the two threads
+// of the static split finished 2-17% of a GEMM's time apart, varying by the minute). Measured in
+// whole fork calls of the small model, alternated in one process: float32 1.019x as the box was,
+// 1.026x with a process keeping one core 20% busy (GEMM threads' finishing spread 18% -> 6%);
+// bf16 1.007x (only its LM head is ours). A unit runs all its passes over k, so which thread runs
+// it never changes a result.
 template <class F>
 void for_each_tile(int64_t m, int64_t panels, int64_t k_total, int64_t k_block, int num_threads, F&& tile) {
-  const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
+  const int threads = static_cast<int>(std::min<int64_t>(kMaxGemmThreads, std::max<int64_t>(1, num_threads)));
   const bool split_rows = m >= 16 * kRows * threads || panels < 2 * threads;
-  cpu::parallel_for(threads, threads, [&](int64_t part) {
-    int64_t r0 = 0, r1 = m, p0 = 0, p1 = panels;
-    if (split_rows) {
-      const int64_t tiles = (m + kRows - 1) / kRows;
-      r0 = std::min(m, tiles * part / threads * kRows);
-      r1 = std::min(m, tiles * (part + 1) / threads * kRows);
-    } else {
-      p0 = panels * part / threads;
-      p1 = panels * (part + 1) / threads;
+  const int64_t row_tiles = (m + kRows - 1) / kRows;
+  const int pieces = split_rows ? kRowPieces : 1;
+  // unit u of thread t's share: panel *p, rows [*r0, *r1)
+  auto unit = [&](int t, int64_t u, int64_t* p, int64_t* r0, int64_t* r1) {
+    if (!split_rows) {
+      *p = panels * t / threads + u;
+      *r0 = 0;
+      *r1 = m;
+      return;
     }
-    if (r0 >= r1 || p0 >= p1) return;
+    const int64_t t0 = row_tiles * t / threads, n = row_tiles * (t + 1) / threads - t0, piece = u % pieces;
+    *p = u / pieces;
+    *r0 = std::min(m, (t0 + n * piece / pieces) * kRows);
+    *r1 = std::min(m, (t0 + n * (piece + 1) / pieces) * kRows);
+  };
+  UnitRange shares[kMaxGemmThreads];
+  for (int t = 0; t < threads; ++t)
+    shares[t].reset(split_rows ? panels * pieces : panels * (t + 1) / threads - panels * t / threads);
+  cpu::parallel_for(threads, threads, [&](int64_t part) {
     thread_local std::vector<float> acc_buf;   // used only when k takes more than one pass
-    acc_buf.resize(static_cast<size_t>((r1 - r0 + kRows) * kGemmPanel));
-    for (int64_t p = p0; p < p1; ++p)
+    auto run = [&](int owner, int64_t u) {
+      int64_t p, r0, r1;
+      unit(owner, u, &p, &r0, &r1);
+      if (r0 >= r1) return;
+      acc_buf.resize(static_cast<size_t>((r1 - r0 + kRows) * kGemmPanel));
       for (int64_t k0 = 0; k0 < k_total; k0 += k_block) {
         const int64_t k1 = std::min(k_total, k0 + k_block);
         for (int64_t r = r0; r < r1; r += kRows)
           tile(r, static_cast<int>(std::min<int64_t>(kRows, r1 - r)), p, k0, k1,
                acc_buf.data() + (r - r0) * kGemmPanel);
       }
+    };
+    const int me = static_cast<int>(part);
+    for (int64_t u; (u = shares[me].take_front()) >= 0;) run(me, u);
+    for (int d = 1; d < threads; ++d) {
+      const int other = (me + d) % threads;
+      for (int64_t u; (u = shares[other].take_back()) >= 0;) {
+        run(other, u);
+        g_units_stolen.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
   });
 }
 
 }  // namespace
 #endif
+
+int64_t gemm_units_stolen() {
+#if MRT_HAVE_X86
+  return g_units_stolen.load(std::memory_order_relaxed);
+#else
+  return 0;
+#endif
+}
 
 bool gemm_bf16_available() {
 #if MRT_HAVE_X86

@@ -11,8 +11,9 @@
 //
 // Every output element is one chain of dot products over k in a fixed order (k blocks of
 // 448 pairs, accumulated in float32, rounded to bf16 once; float32: from the bias, k in blocks of
-// 448), whatever the row count, the row's position or the thread split: a row's result does not
-// depend on the batch.
+// 448), whatever the row count, the row's position, the thread split or which thread ends up
+// running it (a thread done early takes work from the others'): a row's result does not depend
+// on the batch.
 //
 // The float32 one is used for every float32 linear layer and LM head (packed_linear.py): its
 // 4 x 96 tile runs at 94-97% of the FMA peak at the small benchmark model's shapes (M = 256, hot;
@@ -54,5 +55,9 @@ void gemm_f32(const float* a, int64_t lda, int64_t m, int64_t k, const float* w_
               int64_t ldr = 0);
 
 bool gemm_f32_available();
+
+// Work units of both GEMMs run by a thread that took them from another's share, since the process
+// started (see for_each_tile in cpu_gemm.cpp; for the tests, which check that stealing changes no result).
+int64_t gemm_units_stolen();
 
 }  // namespace mrt

@@ -1,12 +1,14 @@
 // Unit tests of mrt::gemm_bf16 and mrt::gemm_f32 (plain, with bias, the SiLU*up epilogue, a residual) at odd
 // shapes against a double-precision reference, with every buffer allocated to its exact size (under the sanitizer build this checks each index the kernel
 // reads or writes: row tails, the last k pass, the padded panel, the output's row stride), the
-// row split and the panel split, and bad input.
+// row split and the panel split, threads taking work from others' shares (results unchanged, bit
+// for bit), and bad input.
 #include "cpu_gemm.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -142,6 +144,44 @@ int run_case_f32(int64_t m, int64_t k, int64_t n, int64_t pad_a, int64_t pad_o, 
   return bad;
 }
 
+// The float32 product (glu or a residual in place) and the bf16 one of the same inputs on `threads`
+// threads, as raw bits, for comparing thread counts.
+std::vector<uint32_t> product_bits(int64_t m, int64_t k, int64_t n, bool glu, bool res, int threads) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> a(static_cast<size_t>(m * k)), w(static_cast<size_t>(n * k)), out(static_cast<size_t>(m * n));
+  for (auto& x : a) x = nd(rng);
+  for (auto& x : w) x = 0.05f * nd(rng);
+  for (auto& x : out) x = nd(rng);
+  std::vector<int64_t> order;
+  const std::vector<float> packed = pack_f32(w, n, k, glu, &order);
+  mrt::gemm_f32(a.data(), k, m, k, packed.data(), n, nullptr, out.data(), n, threads, glu, res ? out.data() : nullptr,
+                res ? n : 0);
+  std::vector<uint16_t> a16(a.size()), w16(w.size()), out16(static_cast<size_t>(m * n));
+  for (size_t i = 0; i < a.size(); ++i) a16[i] = to_bf16(a[i]);
+  for (size_t i = 0; i < w.size(); ++i) w16[i] = to_bf16(w[i]);
+  const std::vector<uint32_t> packed16 = pack(w16, n, k);
+  mrt::gemm_bf16(a16.data(), k, m, k, packed16.data(), n, out16.data(), n, threads);
+  std::vector<uint32_t> bits(out.size() + out16.size());
+  std::memcpy(bits.data(), out.data(), sizeof(float) * out.size());
+  for (size_t i = 0; i < out16.size(); ++i) bits[out.size() + i] = out16[i];
+  return bits;
+}
+
+// More threads than cores: threads finish their own share at different times and take units of
+// the others' (from the end); every result must be what one thread computes, bit for bit.
+void check_stolen_units_change_nothing() {
+  const int64_t stolen_before = mrt::gemm_units_stolen();
+  // (m, k, n, glu, residual): rows split (k in three passes), panels split (few rows)
+  const int64_t cases[][5] = {{257, 900, 1056, 0, 1}, {257, 300, 1056, 1, 0}, {9, 130, 1056, 0, 0}};
+  for (int round = 0; round < 5; ++round)
+    for (const auto& c : cases)
+      for (int threads : {3, 8})
+        CHECK(product_bits(c[0], c[1], c[2], c[3], c[4], threads) == product_bits(c[0], c[1], c[2], c[3], c[4], 1));
+  CHECK(mrt::gemm_units_stolen() > stolen_before);
+  std::printf("units stolen: %lld\n", static_cast<long long>(mrt::gemm_units_stolen() - stolen_before));
+}
+
 }  // namespace
 
 int main() {
@@ -181,6 +221,7 @@ int main() {
     CHECK_THROWS(mrt::gemm_bf16(nullptr, 2, 1, 2, nullptr, 16, nullptr, 16, 1), std::invalid_argument);
     return CHECK_MAIN_RESULT();
   }
+  check_stolen_units_change_nothing();
   // (m, k, n): row tails of 1-3, k across the 448-pair pass (900, 2000), panels of 16-96 columns
   const int64_t shapes[][3] = {{1, 2, 16}, {3, 30, 80}, {5, 900, 112}, {7, 64, 96}, {130, 96, 208},
                                {257, 2000, 48}, {9, 130, 1040}};
