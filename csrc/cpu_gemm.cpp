@@ -216,10 +216,10 @@ void for_each_tile(int64_t m, int64_t panels, int64_t k_total, int64_t k_block, 
     shares[t].reset(split_rows ? panels * pieces : panels * (t + 1) / threads - panels * t / threads);
   cpu::parallel_for(threads, threads, [&](int64_t part) {
     thread_local std::vector<float> acc_buf;   // used only when k takes more than one pass
-    auto run = [&](int owner, int64_t u) {
+    auto run = [&](int owner, int64_t u) {   // false: the unit has no rows
       int64_t p, r0, r1;
       unit(owner, u, &p, &r0, &r1);
-      if (r0 >= r1) return;
+      if (r0 >= r1) return false;
       acc_buf.resize(static_cast<size_t>((r1 - r0 + kRows) * kGemmPanel));
       for (int64_t k0 = 0; k0 < k_total; k0 += k_block) {
         const int64_t k1 = std::min(k_total, k0 + k_block);
@@ -227,15 +227,14 @@ void for_each_tile(int64_t m, int64_t panels, int64_t k_total, int64_t k_block, 
           tile(r, static_cast<int>(std::min<int64_t>(kRows, r1 - r)), p, k0, k1,
                acc_buf.data() + (r - r0) * kGemmPanel);
       }
+      return true;
     };
     const int me = static_cast<int>(part);
     for (int64_t u; (u = shares[me].take_front()) >= 0;) run(me, u);
     for (int d = 1; d < threads; ++d) {
       const int other = (me + d) % threads;
-      for (int64_t u; (u = shares[other].take_back()) >= 0;) {
-        run(other, u);
-        g_units_stolen.fetch_add(1, std::memory_order_relaxed);
-      }
+      for (int64_t u; (u = shares[other].take_back()) >= 0;)
+        if (run(other, u)) g_units_stolen.fetch_add(1, std::memory_order_relaxed);
     }
   });
 }

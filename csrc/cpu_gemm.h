@@ -56,7 +56,7 @@ void gemm_f32(const float* a, int64_t lda, int64_t m, int64_t k, const float* w_
 
 bool gemm_f32_available();
 
-// Work units of both GEMMs run by a thread that took them from another's share, since the process
+// Work units (with rows) of both GEMMs run by a thread that took them from another's share, since the process
 // started (see for_each_tile in cpu_gemm.cpp; for the tests, which check that stealing changes no result).
 int64_t gemm_units_stolen();
 
