@@ -3,6 +3,7 @@ import json
 import os
 import random
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -534,8 +535,14 @@ def test_verl_rollout_with_dummy_weights_and_sleep_mode(tiny_qwen2_dir, tmp_path
     ref = LLM(tiny_qwen2_dir, num_blocks=64)
     sp = SamplingParams(n=2, logprobs=0, max_tokens=8, temperature=1.0, seed=5, detokenize=False)
     prompts = [{"prompt_token_ids": _prompt(i)} for i in range(3)]
+    refs = [weakref.ref(t) for kv in llm.kv_caches for t in kv]
+    for kv in llm.kv_caches:   # every page resident now, so RSS counts all of it (CI twice saw only half come back)
+        for t in kv:
+            t.zero_()
+    del kv, t
     rss = _rss_bytes()
     llm.sleep(level=1)
+    assert all(r() is None for r in refs), "sleep left a reference to a KV cache tensor"
     assert rss - _rss_bytes() > blocks * llm.bytes_per_block * 3 // 4
     assert all(k.numel() == 0 and v.numel() == 0 for k, v in llm.kv_caches)
     weights = load_file(os.path.join(tiny_qwen2_dir, "model.safetensors"))
