@@ -12,7 +12,6 @@ pinned by kept handles) frees what it allocated before re-raising.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import hashlib
@@ -44,9 +43,8 @@ def _trim_heap() -> None:
     their RSS."""
     global _malloc_trim
     if _malloc_trim is None:
-        name = ctypes.util.find_library("c")
-        fn = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-        _malloc_trim = fn if fn is not None else False
+        # the process's own symbols (libc among them): no library search, which spawns ldconfig
+        _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None) or False
     if _malloc_trim:
         _malloc_trim(0)
 

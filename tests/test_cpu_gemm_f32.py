@@ -63,6 +63,29 @@ def test_silu_mul_epilogue(m, k, i, bias):
     assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
 
 
+def test_silu_mul_follows_a_changed_bias():
+    """The gate/up bias is permuted into the packed order once and reused: a bias changed in place,
+    or replaced, must still reach the next product."""
+    x, w, b = _case(5, 64, 96, 7, bias=True)
+    lin = PackedLinear(64, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+
+    def ref():
+        gate, up = (x.double() @ w.double().t() + lin.bias.double()).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    first = lin.silu_mul(x)
+    assert torch.allclose(first.double(), ref(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        lin.bias.add_(0.5)
+    assert torch.allclose(lin.silu_mul(x).double(), ref(), rtol=1e-5, atol=1e-5)
+    lin.bias = torch.nn.Parameter(torch.randn(96), requires_grad=False)
+    assert torch.allclose(lin.silu_mul(x).double(), ref(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(lin.silu_mul(x), first)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 8, 16), (5, 898, 112), (130, 96, 384), (257, 1024, 96)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])

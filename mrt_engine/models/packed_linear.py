@@ -73,7 +73,7 @@ class Fp32Panels:
     zeros to a multiple of 96. `glu`: the weight is a gated MLP's gate rows then up rows, packed
     with each panel holding 48 gate columns then the same 48 up columns (for the fused SiLU*up)."""
 
-    __slots__ = ("data", "n", "k", "glu", "order")
+    __slots__ = ("data", "n", "k", "glu", "order", "_bias")
 
     def __init__(self, weight: torch.Tensor, glu: bool = False):
         n, k = weight.shape
@@ -90,6 +90,7 @@ class Fp32Panels:
             w = torch.cat([w, w.new_zeros(n_pad - n, k)])
         self.data = w.view(n_pad // width, width, k).transpose(1, 2).contiguous()
         self.n, self.k, self.glu = n, k, glu
+        self._bias = (None, -1, None)   # the last bias permuted: (it, its version, the copy)
 
     @property
     def n_out(self) -> int:
@@ -97,8 +98,15 @@ class Fp32Panels:
         return self.n // 2 if self.glu else self.n
 
     def bias_for(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """The bias in the packed column order."""
-        return bias if bias is None or self.order is None else bias[self.order]
+        """The bias in the packed column order; the permuted copy is kept until the bias is another
+        tensor or changes in place (its version counter), not made again on every call."""
+        if bias is None or self.order is None:
+            return bias
+        src, version, packed = self._bias
+        if src is not bias or version != bias._version:
+            packed = bias[self.order]
+            self._bias = (bias, bias._version, packed)
+        return packed
 
 
 def f32_gemm_packable(weight: torch.Tensor, glu: bool = False) -> bool:
