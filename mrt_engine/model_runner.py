@@ -28,6 +28,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.sampler = Sampler()
         self._logits_buf: torch.Tensor | None = None
+        self._st_cache = None   # _sampling_tensors' knobs of the last all-decode step
         self.graphs = self._decode_graphs(model)
 
     def _decode_graphs(self, model):
@@ -182,7 +183,7 @@ class ModelRunner:
                                            out=self._logits_buffer(logits_idx.shape[0], hidden.dtype))
 
         with section("step_build"):
-            st, alt_counts = self._sampling_tensors(sample_rows)
+            st, alt_counts = self._sampling_tensors(sample_rows, None if batch.prefills else meta.decode_context_lens_host)
         with section("sampler"):
             tokens, logprobs = self.sampler(logits, st, processed=self.logprobs_mode == "processed_logprobs")
             if self.logprobs_mode == "raw_logprobs" and want_logprobs:
@@ -288,9 +289,21 @@ class ModelRunner:
         for (i, _), (_, rank, alts) in zip(alt_counts, records):
             out_lps[i] = (out_lps[i], rank, alts)
 
-    def _sampling_tensors(self, sample_rows) -> tuple[SamplingTensors, list[tuple[int, int]]]:
+    def _sampling_tensors(self, sample_rows, decode_ctx=None) -> tuple[SamplingTensors, list[tuple[int, int]]]:
         """The step's sampling inputs, and (sample row, k) for samples whose request asked for
-        logprobs in vLLM's spelling (`logprobs=k`: ranks and k alternatives to add)."""
+        logprobs in vLLM's spelling (`logprobs=k`: ranks and k alternatives to add). decode_ctx:
+        in a step of decode rows only, their context lengths (sample row i is decode row i)."""
+        # A decode step samples the same sequences as the step before, one sample each: their
+        # knobs are kept from that step and only the step counters (the uniforms) are new. The
+        # check compares the sequence objects by identity and the counters come from the context
+        # lengths: the sequences themselves are not read (after the forward pass they are out of
+        # the CPU caches, and reading 256 of them cost more than the rest of this method).
+        seqs = [s for s, _ in sample_rows]
+        cached = self._st_cache
+        if decode_ctx is not None and cached is not None and cached[0] == seqs:
+            _, prompt_lens, seeds, sample_idx, alt_counts, knobs = cached
+            steps = np.array(decode_ctx, dtype=np.int64) - prompt_lens
+            return SamplingTensors.build(None, None, seeds, sample_idx, steps, self.device, knobs), alt_counts
         rows, params, seeds, sample_idx, steps, alt_counts = [], [], [], [], [], []
         for m, (s, k) in enumerate(sample_rows):
             req = s.request
@@ -308,6 +321,10 @@ class ModelRunner:
                 seeds.extend([req.seed] * k)
                 sample_idx.extend(range(k))
                 steps.extend([0] * k)
-        st = SamplingTensors.build(None if len(rows) == len(sample_rows) else rows, params, seeds,
-                                   sample_idx, steps, self.device)
-        return st, alt_counts
+        all_single = len(rows) == len(sample_rows)
+        rows = None if all_single else rows
+        knobs = SamplingTensors.knobs(rows, params)
+        # kept for the next step only when every row is one sample of its own (a decode row then)
+        self._st_cache = None if not all_single else (
+            seqs, np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64), seeds, sample_idx, alt_counts, knobs)
+        return SamplingTensors.build(rows, params, seeds, sample_idx, steps, self.device, knobs), alt_counts

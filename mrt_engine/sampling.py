@@ -225,20 +225,37 @@ class SamplingTensors:
             any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
             all_unit_temperature=all(t == 1.0 for t in temps), host=(temps, top_k, top_p, min_p))
 
-    @classmethod
-    def build(cls, rows, params, seeds, sample_indices, steps, device) -> "SamplingTensors":
-        """rows: logits row per sample row (None when row i samples logits row i); params: one
-        SamplingParams per row."""
+    @staticmethod
+    def knobs(rows, params) -> tuple:
+        """What build() reads from the rows' params (and logits rows), not from their step counters:
+        (host knobs, [5, R] float32 array of temperature, top_p, min_p, top_k, logits row, the step's
+        flags). A caller that samples the same rows again passes it back to build() instead of the
+        params."""
         temps = [p.temperature for p in params]
-        all_greedy = all(t == 0.0 for t in temps)
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
-        r = len(params)
-        uniform = [0.0] * r if all_greedy else counter_uniforms(seeds, sample_indices, steps).tolist()
-        # one [6, R] float32 buffer, one host-to-device copy; ids and top-k are exact in float32
-        buf = torch.tensor([temps, top_p, min_p, uniform, top_k, rows if rows is not None else [0] * r],
-                           dtype=torch.float32)
+        # ids and top-k are exact in float32
+        fixed = np.array([temps, top_p, min_p, top_k, rows if rows is not None else [0] * len(params)],
+                         dtype=np.float32)
+        all_greedy = all(t == 0.0 for t in temps)
+        flags = dict(all_greedy=all_greedy, any_greedy=any(t == 0.0 for t in temps),
+                     any_top_k=not all_greedy and any(k != -1 for k in top_k),
+                     any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
+                     any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
+                     all_unit_temperature=all(t == 1.0 for t in temps))
+        return (temps, top_k, top_p, min_p), fixed, flags
+
+    @classmethod
+    def build(cls, rows, params, seeds, sample_indices, steps, device, knobs=None) -> "SamplingTensors":
+        """rows: logits row per sample row (None when row i samples logits row i); params: one
+        SamplingParams per row (unused when `knobs`, from knobs(rows, params), is given)."""
+        host, fixed, flags = knobs if knobs is not None else cls.knobs(rows, params)
+        # one [6, R] float32 buffer, one host-to-device copy
+        arr = np.empty((6, fixed.shape[1]), dtype=np.float32)
+        arr[[0, 1, 2, 4, 5]] = fixed
+        arr[3] = 0.0 if flags["all_greedy"] else counter_uniforms(seeds, sample_indices, steps)
+        buf = torch.from_numpy(arr)
         if torch.device(device).type != "cpu":
             buf = buf.to(device, non_blocking=True)
         return cls(
@@ -248,13 +265,8 @@ class SamplingTensors:
             top_k=buf[4].long(),
             min_p=buf[2],
             uniform=buf[3],
-            all_greedy=all_greedy,
-            any_greedy=any(t == 0.0 for t in temps),
-            any_top_k=not all_greedy and any(k != -1 for k in top_k),
-            any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
-            any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
-            all_unit_temperature=all(t == 1.0 for t in temps),
-            host=(temps, top_k, top_p, min_p),
+            host=host,
+            **flags,
         )
 
 

@@ -92,6 +92,29 @@ def test_prefix_tree_segments():
         assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 
 
+def test_segment_blocks_repeats_equal_steps_without_sharing_state():
+    """segment_blocks keeps the last step's tree: an equal step gets equal segments in a list of its
+    own (a caller sorting it changes nothing for the next), a changed step gets its own tree."""
+    from mrt_engine.attention.share_tree import prefix_tree_segments, segment_blocks
+
+    def expected(items):
+        blocks_of = {r: b for b, rows in items for r in rows}
+        return [(blocks_of[rows[0]][s:e], rows) for s, e, rows, _ in prefix_tree_segments(items)]
+
+    trunk = [10, 11, 12, 13, 14, 15]
+    items = [(trunk, [0, 1]), (trunk[:3], [2, 3]), (trunk[:2] + [40, 41], [4])]
+    first = segment_blocks([(list(b), list(r)) for b, r in items])
+    assert first == expected(items)
+    first.sort(key=lambda seg: -len(seg[0]))             # callers may reorder their list
+    first.append(([99], [9]))
+    again = segment_blocks([(list(b), list(r)) for b, r in items])
+    assert again == expected(items) and again is not first
+    moved = [(trunk, [0, 1]), (trunk[:3] + [50], [2, 3]), (trunk[:2] + [40, 41], [4])]
+    assert segment_blocks(moved) == expected(moved) != expected(items)
+    items[0][0][1] = 77                                  # the caller's lists change after the call
+    assert segment_blocks([(list(b), list(r)) for b, r in items]) == expected(items)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_groups_forked_from_one_trace_read_the_trunk_once(deterministic):
     bs, hkv, grp, dh = 16, 2, 4, 64

@@ -3,7 +3,9 @@
 - the sampler skips the logits * (1/T) multiply when every row has T == 1: tokens and logprobs
   must equal the general path bit for bit (with and without top-k/top-p/min-p);
 - the bf16 RMSNorm uses the fused fp32 normalisation, then casts and scales like transformers;
-- the LM head writes into a reused buffer in the model dtype: same values as fresh fp32 logits.
+- the LM head writes into a reused buffer in the model dtype: same values as fresh fp32 logits;
+- a decode step over the same sequences as the step before reuses that step's sampling knobs and
+  takes its step counters from the context lengths: the same sampling inputs as a fresh build.
 """
 import dataclasses
 
@@ -65,3 +67,48 @@ def test_lm_head_into_reused_buffer_matches_fresh_logits(tiny_llama_dir, dtype):
         assert fresh.dtype == torch.float32 and out.dtype == dtype
         assert out.data_ptr() == buf.data_ptr()
         assert torch.equal(out.float(), fresh)
+
+
+def _fresh_runner():
+    from mrt_engine.model_runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)     # only what _sampling_tensors reads
+    runner._st_cache, runner.device = None, torch.device("cpu")
+    return runner
+
+
+def _assert_same_sampling_inputs(a, b):
+    (sa, ca), (sb, cb) = a, b
+    assert ca == cb
+    for f in dataclasses.fields(SamplingTensors):
+        x, y = getattr(sa, f.name), getattr(sb, f.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+
+
+def test_repeated_decode_step_reuses_knobs_and_matches_a_fresh_build():
+    from types import SimpleNamespace
+
+    from mrt_engine.sequence import Sequence
+
+    kinds = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=0.0),
+             dict(temperature=1.3, top_p=0.8, logprobs=2), dict(temperature=1.0, min_p=0.1)]
+    seqs = []
+    for i in range(11):
+        req = SimpleNamespace(params=SamplingParams(seed=i, **kinds[i % len(kinds)]), seed=977 * i + 5,
+                              prompt_token_ids=list(range(3 + i)))
+        seqs.append(Sequence(100 + i, req, i % 3, req.prompt_token_ids + [7] * (i % 4)))
+    runner = _fresh_runner()
+    for step in range(4):
+        rows = [(s, 1) for s in seqs]
+        ctx = [len(s.token_ids) for s in seqs]
+        got = runner._sampling_tensors(rows, ctx)
+        assert runner._st_cache is not None and runner._st_cache[0] == seqs
+        _assert_same_sampling_inputs(got, _fresh_runner()._sampling_tensors(rows))
+        for s in seqs:
+            s.token_ids.append(3)
+        if step == 1:
+            seqs = seqs[:4] + seqs[5:]      # one sequence finished: the next step builds afresh
+    # a leader at its prompt end (k > 1) is not cached; the next step is built afresh
+    rows = [(seqs[0], 3)] + [(s, 1) for s in seqs[1:]]
+    runner._sampling_tensors(rows)
+    assert runner._st_cache is None

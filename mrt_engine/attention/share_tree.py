@@ -41,7 +41,18 @@ def prefix_tree_segments(items: list[tuple[list[int], list[int]]]) -> list[tuple
     return out
 
 
+# the last (items, segments): decode steps in a row usually share the same groups and blocks, and
+# comparing the items is far cheaper than walking the tree again (a pure function of its input)
+_last: tuple = ([], [])
+
+
 def segment_blocks(items: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
-    """The prefix tree's segments as (block ids, rows): each run of blocks once, with every row below it."""
-    blocks_of = {r: blocks for blocks, rows in items for r in rows}
-    return [(blocks_of[rows[0]][start:end], rows) for start, end, rows, _ in prefix_tree_segments(items)]
+    """The prefix tree's segments as (block ids, rows): each run of blocks once, with every row below it.
+    The list is the caller's (a fresh list each call); its block and row lists must not be changed."""
+    global _last
+    key, segments = _last
+    if items != key:
+        blocks_of = {r: blocks for blocks, rows in items for r in rows}
+        segments = [(blocks_of[rows[0]][start:end], rows) for start, end, rows, _ in prefix_tree_segments(items)]
+        _last = ([(list(b), list(r)) for b, r in items], segments)
+    return list(segments)
