@@ -125,6 +125,16 @@ def _kernel_items(meta: AttentionMetadata, block_size: int) -> list:
     return items
 
 
+def cpu_decode_plan(meta: AttentionMetadata, num_rows: int, num_heads: int, k_cache: torch.Tensor):
+    """The step's C++ decode-attention plan, made on first use and kept in meta.backend_cache for
+    every layer."""
+    kplan = meta.backend_cache.get("cpu_kernel_plan")
+    if kplan is None:
+        kplan = cpu_kernel.DecodePlan(_kernel_items(meta, k_cache.shape[1]), num_rows, num_heads, k_cache)
+        meta.backend_cache["cpu_kernel_plan"] = kplan
+    return kplan
+
+
 # extends of at most this many tokens over a cached prefix (a fork's suffix) share their prefix
 # across sequences through the prefix tree; longer prefills go in query blocks (below)
 _KERNEL_EXTEND_MAX = 64
@@ -414,12 +424,8 @@ class TorchAttentionBackend:
         """Decode rows: own parts, prefix-tree segment parts, LSE-merged; returns [D, Hq, Dh] (fp32
         after a merge, q's dtype when no row shares), or `out` filled in by the C++ kernel."""
         if cpu_kernel.usable(q, k_cache):
-            kplan = meta.backend_cache.get("cpu_kernel_plan")
-            if kplan is None:
-                with section("attn_plan"):
-                    kplan = cpu_kernel.DecodePlan(_kernel_items(meta, k_cache.shape[1]), q.shape[0], q.shape[1],
-                                                  k_cache)
-                meta.backend_cache["cpu_kernel_plan"] = kplan
+            with section("attn_plan"):
+                kplan = cpu_decode_plan(meta, q.shape[0], q.shape[1], k_cache)
             with section("attn_decode"):
                 return kplan.run(q, k_cache, v_cache, scale, out=out)
         plan = meta.backend_cache.get("torch_decode_plan")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mrt_engine.models import cpu_ops, packed_linear, triton_ops
+from mrt_engine.models import cpu_decode, cpu_ops, packed_linear, triton_ops
 from mrt_engine.models.packed_linear import PackedLinear
 from mrt_engine.models.rope import Rope, apply_rope
 from mrt_engine.profiling import section
@@ -200,6 +200,10 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         with section("layer_other"):
             cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
+        if cpu_decode.usable(self, h, meta, kv_caches):
+            out = cpu_decode.forward(self, h, cos, sin, meta, kv_caches)
+            if out is not None:
+                return out
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, k_cache, v_cache, meta, self.attn_backend)
         return h

@@ -1,0 +1,142 @@
+"""A float32 CPU decode step with no per-op Python between the kernels.
+
+`DecoderLayer.forward` is the reference: per layer it makes ~40 PyTorch calls besides its kernels
+(views, fresh outputs, argument checks, module calls). In a fork call of the small benchmark model
+that Python took ~430 us per layer (~3 ms of a ~52 ms step), and it runs with cold CPU caches: the
+kernels before it have streamed the weights and the KV cache through them. This path checks once
+per step that every kernel applies, makes the step's buffers once, and then calls the same C++
+kernels on raw pointers, layer after layer: RMSNorm, our float32 GEMM (bias, and the residual add
+or SiLU*up in its epilogue), RoPE, the KV store and the step's decode-attention plan. The kernels,
+their inputs and their order are the reference's, so the hidden states are bit-identical
+(tests/test_cpu_decode.py); the residual adds write into the step's hidden buffer in place (the
+GEMM reads each output tile's residual before writing it), where the reference makes new tensors.
+
+Taken for decode-only steps (no prefill rows) of float32 models on a CPU where all of those
+kernels apply; anything else (bf16, CUDA, deterministic mode, a prefill in the step, a kernel
+switched off by its environment variable) runs the reference path. `MRT_ENGINE_LEAN_DECODE=0`
+turns it off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mrt_engine.attention import cpu_kernel
+from mrt_engine.models import cpu_ops, triton_ops
+from mrt_engine.models.packed_linear import Fp32Panels
+from mrt_engine.profiling import section
+
+ENV = "MRT_ENGINE_LEAN_DECODE"
+
+
+def _panels(lin, glu: bool = False):
+    """The layer's float32 GEMM panels (glu: the gate|up pair for SiLU*up), or None."""
+    packed = (lin.glu_weight if glu else lin.packed_weight).get(lin.weight)
+    return packed if isinstance(packed, Fp32Panels) and packed.glu == glu else None
+
+
+def _bias(lin, panels: Fp32Panels) -> int:
+    b = panels.bias_for(lin.bias)
+    return 0 if b is None else b.contiguous().data_ptr()
+
+
+class _LayerArgs:
+    """A layer's weights as the kernels take them (pointers; tensors kept alive here)."""
+
+    __slots__ = ("ln1", "ln2", "qkv", "o", "gate_up", "down", "keep")
+
+    def __init__(self, layer):
+        p_qkv, p_o = _panels(layer.qkv_proj), _panels(layer.o_proj)
+        p_gu, p_down = _panels(layer.gate_up_proj, glu=True), _panels(layer.down_proj)
+        if None in (p_qkv, p_o, p_gu, p_down):
+            raise LookupError("a projection is not on our float32 GEMM")
+        self.keep = (p_qkv, p_o, p_gu, p_down)
+        self.ln1 = layer.input_layernorm.weight.data_ptr()
+        self.ln2 = layer.post_attention_layernorm.weight.data_ptr()
+        self.qkv = (p_qkv.data.data_ptr(), p_qkv.n, _bias(layer.qkv_proj, p_qkv))
+        self.o = (p_o.data.data_ptr(), p_o.n, _bias(layer.o_proj, p_o))
+        self.gate_up = (p_gu.data.data_ptr(), p_gu.n, _bias(layer.gate_up_proj, p_gu))
+        self.down = (p_down.data.data_ptr(), p_down.n, _bias(layer.down_proj, p_down))
+
+
+def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
+    """Whether `forward` below applies to this step (see the module docstring)."""
+    if os.environ.get(ENV, "1") == "0" or meta.num_prefill_tokens or not meta.num_decode:
+        return False
+    if h.dtype != torch.float32 or h.device.type != "cpu" or h.dim() != 2 or model.batch_invariant:
+        return False
+    if triton_ops.usable(h) or not cpu_ops.usable(h, torch.float32) or cpu_kernel._store is None:
+        return False
+    from mrt_engine.attention.torch_backend import TorchAttentionBackend
+
+    if type(model.attn_backend) is not TorchAttentionBackend:
+        return False
+    s = model.spec
+    k_cache = kv_caches[0][0]
+    q_probe = h.new_empty(0, s.num_heads, s.head_dim)
+    if not cpu_kernel.usable(q_probe, k_cache) or s.head_dim % 32:
+        return False
+    return all(k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+               and k.shape == v.shape == k_cache.shape for k, v in kv_caches)
+
+
+def forward(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_caches) -> torch.Tensor:
+    """The layers over h [N, H] (updated in place and returned), as DecoderLayer.forward would."""
+    from mrt_engine import _C
+    from mrt_engine.attention.torch_backend import cpu_decode_plan
+
+    s = model.spec
+    n, hid = h.shape
+    hq, hkv, dh = s.num_heads, s.num_kv_heads, s.head_dim
+    q_size, kv_size = hq * dh, hkv * dh
+    n_qkv = q_size + 2 * kv_size
+    try:
+        layers = [_LayerArgs(layer) for layer in model.layers]
+    except LookupError:
+        return None
+    threads = torch.get_num_threads()
+    eps = float(s.rms_norm_eps)
+    k0 = kv_caches[0][0]
+    with section("attn_plan"):
+        plan = cpu_decode_plan(meta, n, hq, k0)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots = meta.slot_mapping
+    if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (n,):
+        return None
+    total_slots = k0.shape[0] * k0.shape[1]
+    # the step's buffers, reused by every layer
+    x = torch.empty(n, hid, dtype=torch.float32)
+    qkv = torch.empty(n, n_qkv, dtype=torch.float32)
+    qk = torch.empty(n, hq + hkv, dh, dtype=torch.float32)        # RoPE'd q | k
+    att = torch.empty(n, q_size, dtype=torch.float32)
+    act = torch.empty(n, s.intermediate_size, dtype=torch.float32)
+    hp, xp, qkvp, qkp, attp, actp = (t.data_ptr() for t in (h, x, qkv, qk, att, act))
+    f4 = 4
+    k_ptr, k_stride = qkp + q_size * f4, (hq + hkv) * dh
+    v_ptr = qkvp + (q_size + kv_size) * f4
+    scale = float(s.scale)
+    run = plan._plan.run
+    for a, (k_cache, v_cache) in zip(layers, kv_caches):
+        kc, vc = k_cache.data_ptr(), v_cache.data_ptr()
+        with section("norm"):
+            _C.rms_norm(hp, hid, a.ln1, xp, hid, n, hid, eps, False, threads)
+        with section("gemm"):
+            _C.gemm_f32(xp, hid, n, hid, a.qkv[0], a.qkv[1], a.qkv[2], qkvp, n_qkv, threads, False, 0, 0)
+        with section("layer_other"):
+            _C.rope(qkvp, n_qkv, cos.data_ptr(), sin.data_ptr(), qkp, n, hq + hkv, dh, False, threads)
+        with section("attn_store"):
+            cpu_kernel._store(k_ptr, k_stride, v_ptr, n_qkv, kc, vc, slots.data_ptr(), n, kv_size, f4, total_slots)
+        with section("attn_decode"):
+            run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 0, scale, threads, True, True, False)
+        with section("gemm"):
+            _C.gemm_f32(attp, q_size, n, q_size, a.o[0], a.o[1], a.o[2], hp, hid, threads, False, hp, hid)
+        with section("norm"):
+            _C.rms_norm(hp, hid, a.ln2, xp, hid, n, hid, eps, False, threads)
+        with section("gemm"):
+            _C.gemm_f32(xp, hid, n, hid, a.gate_up[0], a.gate_up[1], a.gate_up[2], actp, s.intermediate_size,
+                        threads, True, 0, 0)
+        with section("gemm"):
+            _C.gemm_f32(actp, s.intermediate_size, n, s.intermediate_size, a.down[0], a.down[1], a.down[2], hp,
+                        hid, threads, False, hp, hid)
+    return h
