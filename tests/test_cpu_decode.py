@@ -1,8 +1,9 @@
-"""The lean float32 CPU decode step (models/cpu_decode.py) runs the layers' own kernels in their
+"""The lean CPU decode step (models/cpu_decode.py) runs the layers' own kernels in their
 order, so an engine with it must give exactly what the reference layers give: the same tokens and
 the same logprobs bit for bit, on shared fork prefixes, own tails, sampled branches and greedy rows;
-Llama, Qwen2 (q/k/v bias, tied embeddings) and Llama with attention and MLP biases; and the steps it
-does not take (a prefill in the step, bf16, the switch off) go through the reference layers."""
+Llama, Qwen2 (q/k/v bias, tied embeddings) and Llama with attention and MLP biases, in float32 and
+bf16; and the steps it does not take (a prefill in the step, head_dim 16, the switch off) go
+through the reference layers."""
 import random
 
 import pytest
@@ -71,20 +72,22 @@ def _fork_workload(llm):
     return [(c.token_ids, c.logprobs) for o in base + sampled + greedy for c in o.outputs]
 
 
-def test_lean_decode_gives_the_reference_layers_outputs_bit_for_bit(model_dir, lean_steps, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_decode_gives_the_reference_layers_outputs_bit_for_bit(model_dir, dtype, lean_steps, monkeypatch):
     # two fresh engines: a second run in one engine would find its first run's prefixes cached
-    lean = _fork_workload(LLM(model_dir, dtype="float32", block_size=8, num_blocks=512, seed=0))
+    lean = _fork_workload(LLM(model_dir, dtype=dtype, block_size=8, num_blocks=512, seed=0))
     assert lean_steps["n"] > 30                 # the decode steps took it
     monkeypatch.setenv(cpu_decode.ENV, "0")
     taken = lean_steps["n"]
-    ref = _fork_workload(LLM(model_dir, dtype="float32", block_size=8, num_blocks=512, seed=0))
+    ref = _fork_workload(LLM(model_dir, dtype=dtype, block_size=8, num_blocks=512, seed=0))
     assert lean_steps["n"] == taken             # ... and now none did
     assert lean == ref
 
 
-def test_lean_decode_writes_the_same_kv_and_hidden_states(model_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_decode_writes_the_same_kv_and_hidden_states(model_dir, dtype, monkeypatch):
     """One decode step run twice on the same inputs: hidden states and every layer's KV equal."""
-    llm = LLM(model_dir, dtype="float32", block_size=8, num_blocks=128, seed=0)
+    llm = LLM(model_dir, dtype=dtype, block_size=8, num_blocks=128, seed=0)
     runner, captured = llm.runner, {}
     real_forward = runner.model.forward
 
@@ -111,9 +114,9 @@ def test_lean_decode_writes_the_same_kv_and_hidden_states(model_dir, monkeypatch
 
 
 def test_steps_the_lean_path_does_not_take(tiny_llama_dir, model_dir, lean_steps):
-    # bf16, and head_dim 16 (the C++ RoPE needs multiples of 32): the reference layers
-    for path, dtype in ((model_dir, "bfloat16"), (tiny_llama_dir, "float32")):
-        llm = LLM(path, dtype=dtype, block_size=8, num_blocks=128)
+    # head_dim 16 (the C++ RoPE needs multiples of 32): the reference layers
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(tiny_llama_dir, dtype=dtype, block_size=8, num_blocks=128)
         llm.generate([[1, 2, 3, 4, 5]], SamplingParams(n=2, max_tokens=6, temperature=0, ignore_eos=True))
     assert lean_steps["n"] == 0
     # a step with a prefill row: the reference layers (the lean path is for decode-only steps)

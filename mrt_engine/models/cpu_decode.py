@@ -1,20 +1,21 @@
-"""A float32 CPU decode step with no per-op Python between the kernels.
+"""A CPU decode step with no per-op Python between the kernels (float32 and bf16 models).
 
 `DecoderLayer.forward` is the reference: per layer it makes ~40 PyTorch calls besides its kernels
 (views, fresh outputs, argument checks, module calls). In a fork call of the small benchmark model
 that Python took ~430 us per layer (~3 ms of a ~52 ms step), and it runs with cold CPU caches: the
 kernels before it have streamed the weights and the KV cache through them. This path checks once
-per step that every kernel applies, makes the step's buffers once, and then calls the same C++
-kernels on raw pointers, layer after layer: RMSNorm, our float32 GEMM (bias, and the residual add
-or SiLU*up in its epilogue), RoPE, the KV store and the step's decode-attention plan. The kernels,
-their inputs and their order are the reference's, so the hidden states are bit-identical
-(tests/test_cpu_decode.py); the residual adds write into the step's hidden buffer in place (the
-GEMM reads each output tile's residual before writing it), where the reference makes new tensors.
+per step that every kernel applies, makes the step's buffers once, and then calls the same
+kernels, layer after layer: RMSNorm, RoPE, the KV store and the step's decode-attention plan (C++,
+on raw pointers), and the projections: float32, our GEMM (bias, and the residual add or SiLU*up in
+its epilogue); bf16, the reference's own `packed_linear.linear` (oneDNN), its residual `add_` and
+the C++ SiLU*up. The kernels, their inputs and their order are the reference's, so the hidden
+states are bit-identical (tests/test_cpu_decode.py); float32's residual adds write into the step's
+hidden buffer in place (the GEMM reads each output tile's residual before writing it), where the
+reference makes new tensors.
 
-Taken for decode-only steps (no prefill rows) of float32 models on a CPU where all of those
-kernels apply; anything else (bf16, CUDA, deterministic mode, a prefill in the step, a kernel
-switched off by its environment variable) runs the reference path. `MRT_ENGINE_LEAN_DECODE=0`
-turns it off.
+Taken for decode-only steps (no prefill rows) on a CPU where all of those kernels apply; anything
+else (CUDA, deterministic mode, a prefill in the step, a kernel switched off by its environment
+variable) runs the reference path. `MRT_ENGINE_LEAN_DECODE=0` turns it off.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 from mrt_engine.attention import cpu_kernel
 from mrt_engine.models import cpu_ops, triton_ops
-from mrt_engine.models.packed_linear import Fp32Panels
+from mrt_engine.models.packed_linear import Fp32Panels, linear
 from mrt_engine.profiling import section
 
 ENV = "MRT_ENGINE_LEAN_DECODE"
@@ -64,9 +65,10 @@ def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
     """Whether `forward` below applies to this step (see the module docstring)."""
     if os.environ.get(ENV, "1") == "0" or meta.num_prefill_tokens or not meta.num_decode:
         return False
-    if h.dtype != torch.float32 or h.device.type != "cpu" or h.dim() != 2 or model.batch_invariant:
+    if h.dtype not in (torch.float32, torch.bfloat16) or h.device.type != "cpu" or h.dim() != 2 \
+            or model.batch_invariant:
         return False
-    if triton_ops.usable(h) or not cpu_ops.usable(h, torch.float32) or cpu_kernel._store is None:
+    if triton_ops.usable(h) or not cpu_ops.usable(h, h.dtype) or cpu_kernel._store is None:
         return False
     from mrt_engine.attention.torch_backend import TorchAttentionBackend
 
@@ -77,12 +79,20 @@ def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
     q_probe = h.new_empty(0, s.num_heads, s.head_dim)
     if not cpu_kernel.usable(q_probe, k_cache) or s.head_dim % 32:
         return False
-    return all(k.dtype == v.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+    return all(k.dtype == v.dtype == h.dtype and k.is_contiguous() and v.is_contiguous()
                and k.shape == v.shape == k_cache.shape for k, v in kv_caches)
 
 
-def forward(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_caches) -> torch.Tensor:
-    """The layers over h [N, H] (updated in place and returned), as DecoderLayer.forward would."""
+def forward(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_caches) -> torch.Tensor | None:
+    """The layers over h [N, H], as DecoderLayer.forward would; None (h untouched) where a
+    projection is not on the expected GEMM."""
+    if h.dtype == torch.bfloat16:
+        return _forward_bf16(model, h, cos, sin, meta, kv_caches)
+    return _forward_f32(model, h, cos, sin, meta, kv_caches)
+
+
+def _forward_f32(model, h, cos, sin, meta, kv_caches):
+    """float32: h is updated in place and returned."""
     from mrt_engine import _C
     from mrt_engine.attention.torch_backend import cpu_decode_plan
 
@@ -139,4 +149,68 @@ def forward(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, 
         with section("gemm"):
             _C.gemm_f32(actp, s.intermediate_size, n, s.intermediate_size, a.down[0], a.down[1], a.down[2], hp,
                         hid, threads, False, hp, hid)
+    return h
+
+
+def _forward_bf16(model, h, cos, sin, meta, kv_caches):
+    """bf16: projections and residual adds as the reference makes them (new tensors)."""
+    from mrt_engine import _C
+    from mrt_engine.attention.torch_backend import cpu_decode_plan
+
+    s = model.spec
+    n, hid = h.shape
+    hq, hkv, dh, inter = s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size
+    q_size, kv_size = hq * dh, hkv * dh
+    slots = meta.slot_mapping
+    if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (n,):
+        return None
+    projs = [tuple((lin.packed_weight.get(lin.weight), lin.weight, lin.bias)
+                   for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+             for layer in model.layers]
+    threads = torch.get_num_threads()
+    eps = float(s.rms_norm_eps)
+    k0 = kv_caches[0][0]
+    with section("attn_plan"):
+        plan = cpu_decode_plan(meta, n, hq, k0)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    total_slots = k0.shape[0] * k0.shape[1]
+    x = torch.empty(n, hid, dtype=torch.bfloat16)
+    qk = torch.empty(n, hq + hkv, dh, dtype=torch.bfloat16)       # RoPE'd q | k
+    att = torch.empty(n, q_size, dtype=torch.bfloat16)
+    act = torch.empty(n, inter, dtype=torch.bfloat16)
+    xp, qkp, attp, actp = (t.data_ptr() for t in (x, qk, att, act))
+    b2 = 2
+    k_ptr, k_stride = qkp + q_size * b2, (hq + hkv) * dh
+    scale = float(s.scale)
+    run = plan._plan.run
+    for layer, (qkv_w, o_w, gu_w, down_w), (k_cache, v_cache) in zip(model.layers, projs, kv_caches):
+        kc, vc = k_cache.data_ptr(), v_cache.data_ptr()
+        with section("norm"):
+            _C.rms_norm(h.data_ptr(), h.stride(0), layer.input_layernorm.weight.data_ptr(), xp, hid, n, hid, eps,
+                        True, threads)
+        with section("gemm"):
+            qkv = linear(x, *qkv_w)
+        qkvp, ld = qkv.data_ptr(), qkv.stride(0)
+        with section("layer_other"):
+            _C.rope(qkvp, ld, cos.data_ptr(), sin.data_ptr(), qkp, n, hq + hkv, dh, True, threads)
+        with section("attn_store"):
+            cpu_kernel._store(k_ptr, k_stride, qkvp + (q_size + kv_size) * b2, ld, kc, vc, slots.data_ptr(), n,
+                              kv_size, b2, total_slots)
+        with section("attn_decode"):
+            run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 1, scale, threads, True, True, True)
+        with section("gemm"):
+            y = linear(att, *o_w)
+        with section("layer_other"):
+            h = y.add_(h)
+        with section("norm"):
+            _C.rms_norm(h.data_ptr(), h.stride(0), layer.post_attention_layernorm.weight.data_ptr(), xp, hid, n,
+                        hid, eps, True, threads)
+        with section("gemm"):
+            gu = linear(x, *gu_w)
+        with section("layer_other"):
+            _C.silu_mul_bf16(gu.data_ptr(), gu.data_ptr() + inter * b2, gu.stride(0), actp, inter, n, inter, threads)
+        with section("gemm"):
+            y = linear(act, *down_w)
+        with section("layer_other"):
+            h = y.add_(h)
     return h
