@@ -37,9 +37,9 @@ def _panels(lin, glu: bool = False):
     return packed if isinstance(packed, Fp32Panels) and packed.glu == glu else None
 
 
-def _bias(lin, panels: Fp32Panels) -> int:
+def _bias(lin, panels: Fp32Panels) -> torch.Tensor | None:
     b = panels.bias_for(lin.bias)
-    return 0 if b is None else b.contiguous().data_ptr()
+    return None if b is None else b.contiguous()
 
 
 class _LayerArgs:
@@ -52,13 +52,14 @@ class _LayerArgs:
         p_gu, p_down = _panels(layer.gate_up_proj, glu=True), _panels(layer.down_proj)
         if None in (p_qkv, p_o, p_gu, p_down):
             raise LookupError("a projection is not on our float32 GEMM")
-        self.keep = (p_qkv, p_o, p_gu, p_down)
         self.ln1 = layer.input_layernorm.weight.data_ptr()
         self.ln2 = layer.post_attention_layernorm.weight.data_ptr()
-        self.qkv = (p_qkv.data.data_ptr(), p_qkv.n, _bias(layer.qkv_proj, p_qkv))
-        self.o = (p_o.data.data_ptr(), p_o.n, _bias(layer.o_proj, p_o))
-        self.gate_up = (p_gu.data.data_ptr(), p_gu.n, _bias(layer.gate_up_proj, p_gu))
-        self.down = (p_down.data.data_ptr(), p_down.n, _bias(layer.down_proj, p_down))
+        biases = [_bias(lin, p) for lin, p in ((layer.qkv_proj, p_qkv), (layer.o_proj, p_o),
+                                               (layer.gate_up_proj, p_gu), (layer.down_proj, p_down))]
+        self.keep = (p_qkv, p_o, p_gu, p_down, biases)   # what the pointers point into
+        self.qkv, self.o, self.gate_up, self.down = (
+            (p.data.data_ptr(), p.n, 0 if b is None else b.data_ptr())
+            for p, b in zip((p_qkv, p_o, p_gu, p_down), biases))
 
 
 def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
