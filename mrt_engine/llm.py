@@ -547,6 +547,7 @@ class LLM:
             sched.abort([s for r in reqs for s in r.seqs if s is not None])
             raise
         finally:
+            self.runner.end_call()
             if bar is not None:
                 bar.close()
         assert not sched.has_unfinished(), "a generate call left sequences behind"

@@ -57,6 +57,11 @@ class ModelRunner:
             buf = self._logits_buf = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n].view(rows, vocab)
 
+    def end_call(self) -> None:
+        """Drops what the runner kept from the last step for the next one (it holds that step's
+        sequences): called when a generate call ends, so nothing of it outlives the call."""
+        self._st_cache = None
+
     # 1. KV block copies ------------------------------------------------------------------------
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

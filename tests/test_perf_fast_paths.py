@@ -112,3 +112,22 @@ def test_repeated_decode_step_reuses_knobs_and_matches_a_fresh_build():
     rows = [(seqs[0], 3)] + [(s, 1) for s in seqs[1:]]
     runner._sampling_tensors(rows)
     assert runner._st_cache is None
+
+
+def test_the_step_cache_does_not_outlive_a_generate_call(tiny_llama_dir):
+    """The runner keeps the last step's sequences for the next step only within a call."""
+    from mrt_engine import LLM
+
+    llm = LLM(tiny_llama_dir, dtype="float32", block_size=8, num_blocks=64)
+    seen = []
+    real = llm.runner._sampling_tensors
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(llm.runner._st_cache is not None)
+        return out
+
+    llm.runner._sampling_tensors = spy
+    llm.generate([[1, 2, 3, 4]], SamplingParams(n=2, max_tokens=5, temperature=0, ignore_eos=True))
+    assert any(seen)                               # the decode steps kept it ...
+    assert llm.runner._st_cache is None            # ... and the call's end dropped it
