@@ -75,6 +75,9 @@ def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
 
     if type(model.attn_backend) is not TorchAttentionBackend:
         return False
+    slots = meta.slot_mapping
+    if slots.dtype != torch.int64 or not slots.is_contiguous() or tuple(slots.shape) != (h.shape[0],):
+        return False
     s = model.spec
     k_cache = kv_caches[0][0]
     q_probe = h.new_empty(0, s.num_heads, s.head_dim)
@@ -82,6 +85,27 @@ def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
         return False
     return all(k.dtype == v.dtype == h.dtype and k.is_contiguous() and v.is_contiguous()
                and k.shape == v.shape == k_cache.shape for k, v in kv_caches)
+
+
+class _Step:
+    """What both dtypes' layer loops read: shapes, the step's attention plan, RoPE tables, KV slots."""
+
+    def __init__(self, model, h, cos, sin, meta, kv_caches):
+        from mrt_engine.attention.torch_backend import cpu_decode_plan
+
+        s = model.spec
+        self.n, self.hid = h.shape
+        self.hq, self.hkv, self.dh, self.inter = s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size
+        self.q_size, self.kv_size = self.hq * self.dh, self.hkv * self.dh
+        self.threads = torch.get_num_threads()
+        self.eps, self.scale = float(s.rms_norm_eps), float(s.scale)
+        k0 = kv_caches[0][0]
+        with section("attn_plan"):
+            self.run = cpu_decode_plan(meta, self.n, self.hq, k0)._plan.run
+        self.cos, self.sin = cos.contiguous(), sin.contiguous()    # kept alive with their pointers
+        self.cos_p, self.sin_p = self.cos.data_ptr(), self.sin.data_ptr()
+        self.slots = meta.slot_mapping.data_ptr()
+        self.total_slots = k0.shape[0] * k0.shape[1]
 
 
 def forward(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_caches) -> torch.Tensor | None:
@@ -95,39 +119,25 @@ def forward(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, 
 def _forward_f32(model, h, cos, sin, meta, kv_caches):
     """float32: h is updated in place and returned."""
     from mrt_engine import _C
-    from mrt_engine.attention.torch_backend import cpu_decode_plan
 
-    s = model.spec
-    n, hid = h.shape
-    hq, hkv, dh = s.num_heads, s.num_kv_heads, s.head_dim
-    q_size, kv_size = hq * dh, hkv * dh
-    n_qkv = q_size + 2 * kv_size
     try:
         layers = [_LayerArgs(layer) for layer in model.layers]
     except LookupError:
         return None
-    threads = torch.get_num_threads()
-    eps = float(s.rms_norm_eps)
-    k0 = kv_caches[0][0]
-    with section("attn_plan"):
-        plan = cpu_decode_plan(meta, n, hq, k0)
-    cos, sin = cos.contiguous(), sin.contiguous()
-    slots = meta.slot_mapping
-    if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (n,):
-        return None
-    total_slots = k0.shape[0] * k0.shape[1]
+    st = _Step(model, h, cos, sin, meta, kv_caches)
+    n, hid, hq, hkv, dh, inter = st.n, st.hid, st.hq, st.hkv, st.dh, st.inter
+    q_size, kv_size, threads, eps = st.q_size, st.kv_size, st.threads, st.eps
+    n_qkv = q_size + 2 * kv_size
     # the step's buffers, reused by every layer
     x = torch.empty(n, hid, dtype=torch.float32)
     qkv = torch.empty(n, n_qkv, dtype=torch.float32)
     qk = torch.empty(n, hq + hkv, dh, dtype=torch.float32)        # RoPE'd q | k
     att = torch.empty(n, q_size, dtype=torch.float32)
-    act = torch.empty(n, s.intermediate_size, dtype=torch.float32)
+    act = torch.empty(n, inter, dtype=torch.float32)
     hp, xp, qkvp, qkp, attp, actp = (t.data_ptr() for t in (h, x, qkv, qk, att, act))
     f4 = 4
     k_ptr, k_stride = qkp + q_size * f4, (hq + hkv) * dh
     v_ptr = qkvp + (q_size + kv_size) * f4
-    scale = float(s.scale)
-    run = plan._plan.run
     for a, (k_cache, v_cache) in zip(layers, kv_caches):
         kc, vc = k_cache.data_ptr(), v_cache.data_ptr()
         with section("norm"):
@@ -135,46 +145,32 @@ def _forward_f32(model, h, cos, sin, meta, kv_caches):
         with section("gemm"):
             _C.gemm_f32(xp, hid, n, hid, a.qkv[0], a.qkv[1], a.qkv[2], qkvp, n_qkv, threads, False, 0, 0)
         with section("layer_other"):
-            _C.rope(qkvp, n_qkv, cos.data_ptr(), sin.data_ptr(), qkp, n, hq + hkv, dh, False, threads)
+            _C.rope(qkvp, n_qkv, st.cos_p, st.sin_p, qkp, n, hq + hkv, dh, False, threads)
         with section("attn_store"):
-            cpu_kernel._store(k_ptr, k_stride, v_ptr, n_qkv, kc, vc, slots.data_ptr(), n, kv_size, f4, total_slots)
+            cpu_kernel._store(k_ptr, k_stride, v_ptr, n_qkv, kc, vc, st.slots, n, kv_size, f4, st.total_slots)
         with section("attn_decode"):
-            run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 0, scale, threads, True, True, False)
+            st.run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 0, st.scale, threads, True, True, False)
         with section("gemm"):
             _C.gemm_f32(attp, q_size, n, q_size, a.o[0], a.o[1], a.o[2], hp, hid, threads, False, hp, hid)
         with section("norm"):
             _C.rms_norm(hp, hid, a.ln2, xp, hid, n, hid, eps, False, threads)
         with section("gemm"):
-            _C.gemm_f32(xp, hid, n, hid, a.gate_up[0], a.gate_up[1], a.gate_up[2], actp, s.intermediate_size,
-                        threads, True, 0, 0)
+            _C.gemm_f32(xp, hid, n, hid, a.gate_up[0], a.gate_up[1], a.gate_up[2], actp, inter, threads, True, 0, 0)
         with section("gemm"):
-            _C.gemm_f32(actp, s.intermediate_size, n, s.intermediate_size, a.down[0], a.down[1], a.down[2], hp,
-                        hid, threads, False, hp, hid)
+            _C.gemm_f32(actp, inter, n, inter, a.down[0], a.down[1], a.down[2], hp, hid, threads, False, hp, hid)
     return h
 
 
 def _forward_bf16(model, h, cos, sin, meta, kv_caches):
     """bf16: projections and residual adds as the reference makes them (new tensors)."""
     from mrt_engine import _C
-    from mrt_engine.attention.torch_backend import cpu_decode_plan
 
-    s = model.spec
-    n, hid = h.shape
-    hq, hkv, dh, inter = s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size
-    q_size, kv_size = hq * dh, hkv * dh
-    slots = meta.slot_mapping
-    if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.shape != (n,):
-        return None
     projs = [tuple((lin.packed_weight.get(lin.weight), lin.weight, lin.bias)
                    for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
              for layer in model.layers]
-    threads = torch.get_num_threads()
-    eps = float(s.rms_norm_eps)
-    k0 = kv_caches[0][0]
-    with section("attn_plan"):
-        plan = cpu_decode_plan(meta, n, hq, k0)
-    cos, sin = cos.contiguous(), sin.contiguous()
-    total_slots = k0.shape[0] * k0.shape[1]
+    st = _Step(model, h, cos, sin, meta, kv_caches)
+    n, hid, hq, hkv, dh, inter = st.n, st.hid, st.hq, st.hkv, st.dh, st.inter
+    q_size, kv_size, threads, eps = st.q_size, st.kv_size, st.threads, st.eps
     x = torch.empty(n, hid, dtype=torch.bfloat16)
     qk = torch.empty(n, hq + hkv, dh, dtype=torch.bfloat16)       # RoPE'd q | k
     att = torch.empty(n, q_size, dtype=torch.bfloat16)
@@ -182,8 +178,6 @@ def _forward_bf16(model, h, cos, sin, meta, kv_caches):
     xp, qkp, attp, actp = (t.data_ptr() for t in (x, qk, att, act))
     b2 = 2
     k_ptr, k_stride = qkp + q_size * b2, (hq + hkv) * dh
-    scale = float(s.scale)
-    run = plan._plan.run
     for layer, (qkv_w, o_w, gu_w, down_w), (k_cache, v_cache) in zip(model.layers, projs, kv_caches):
         kc, vc = k_cache.data_ptr(), v_cache.data_ptr()
         with section("norm"):
@@ -193,12 +187,12 @@ def _forward_bf16(model, h, cos, sin, meta, kv_caches):
             qkv = linear(x, *qkv_w)
         qkvp, ld = qkv.data_ptr(), qkv.stride(0)
         with section("layer_other"):
-            _C.rope(qkvp, ld, cos.data_ptr(), sin.data_ptr(), qkp, n, hq + hkv, dh, True, threads)
+            _C.rope(qkvp, ld, st.cos_p, st.sin_p, qkp, n, hq + hkv, dh, True, threads)
         with section("attn_store"):
-            cpu_kernel._store(k_ptr, k_stride, qkvp + (q_size + kv_size) * b2, ld, kc, vc, slots.data_ptr(), n,
-                              kv_size, b2, total_slots)
+            cpu_kernel._store(k_ptr, k_stride, qkvp + (q_size + kv_size) * b2, ld, kc, vc, st.slots, n, kv_size, b2,
+                              st.total_slots)
         with section("attn_decode"):
-            run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 1, scale, threads, True, True, True)
+            st.run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 1, st.scale, threads, True, True, True)
         with section("gemm"):
             y = linear(att, *o_w)
         with section("layer_other"):
