@@ -188,7 +188,8 @@ class ModelRunner:
                                            out=self._logits_buffer(logits_idx.shape[0], hidden.dtype))
 
         with section("step_build"):
-            st, alt_counts = self._sampling_tensors(sample_rows, None if batch.prefills else meta.decode_context_lens_host)
+            decode_ctx = None if batch.prefills else meta.decode_context_lens_host
+            st, alt_counts = self._sampling_tensors(sample_rows, decode_ctx)
         with section("sampler"):
             tokens, logprobs = self.sampler(logits, st, processed=self.logprobs_mode == "processed_logprobs")
             if self.logprobs_mode == "raw_logprobs" and want_logprobs:

@@ -105,7 +105,9 @@ def test_lean_decode_writes_the_same_kv_and_hidden_states(model_dir, dtype, monk
         monkeypatch.setenv(cpu_decode.ENV, env)
         kv = [(k.clone(), v.clone()) for k, v in caches]
         meta.backend_cache.clear()
-        assert cpu_decode.usable(runner.model, runner.model.embed_tokens(ids), meta, kv) == (env == "1")
+        h = runner.model.embed_tokens(ids)
+        cos, sin = runner.model.rope.cos_sin(meta.positions, h.dtype)
+        assert cpu_decode.usable(runner.model, h, cos, sin, meta, kv) == (env == "1")
         results.append((real_forward(ids, meta, kv), kv))
     (h_lean, kv_lean), (h_ref, kv_ref) = results
     assert torch.equal(h_lean, h_ref)

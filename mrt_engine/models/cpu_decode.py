@@ -7,7 +7,7 @@ kernels before it have streamed the weights and the KV cache through them. This 
 per step that every kernel applies, makes the step's buffers once, and then calls the same
 kernels, layer after layer: RMSNorm, RoPE, the KV store and the step's decode-attention plan (C++,
 on raw pointers), and the projections: float32, our GEMM (bias, and the residual add or SiLU*up in
-its epilogue); bf16, the reference's own `packed_linear.linear` (oneDNN), its residual `add_` and
+its epilogue); bf16, the layers' own `PackedLinear.forward` (oneDNN), the residual `add_` and
 the C++ SiLU*up. The kernels, their inputs and their order are the reference's, so the hidden
 states are bit-identical (tests/test_cpu_decode.py); float32's residual adds write into the step's
 hidden buffer in place (the GEMM reads each output tile's residual before writing it), where the
@@ -25,7 +25,7 @@ import torch
 
 from mrt_engine.attention import cpu_kernel
 from mrt_engine.models import cpu_ops, triton_ops
-from mrt_engine.models.packed_linear import Fp32Panels, linear
+from mrt_engine.models.packed_linear import Fp32Panels
 from mrt_engine.profiling import section
 
 ENV = "MRT_ENGINE_LEAN_DECODE"
@@ -62,29 +62,29 @@ class _LayerArgs:
             for p, b in zip((p_qkv, p_o, p_gu, p_down), biases))
 
 
-def usable(model, h: torch.Tensor, meta, kv_caches) -> bool:
-    """Whether `forward` below applies to this step (see the module docstring)."""
+def usable(model, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, kv_caches) -> bool:
+    """Whether `forward` below applies to this step (see the module docstring): each kernel's own
+    predicate, asked about tensors of the step's shapes (views without data)."""
     if os.environ.get(ENV, "1") == "0" or meta.num_prefill_tokens or not meta.num_decode:
         return False
     if h.dtype not in (torch.float32, torch.bfloat16) or h.device.type != "cpu" or h.dim() != 2 \
-            or model.batch_invariant:
-        return False
-    if triton_ops.usable(h) or not cpu_ops.usable(h, h.dtype) or cpu_kernel._store is None:
+            or model.batch_invariant or triton_ops.usable(h) or not cpu_ops.usable(h, h.dtype):
         return False
     from mrt_engine.attention.torch_backend import TorchAttentionBackend
 
     if type(model.attn_backend) is not TorchAttentionBackend:
         return False
-    slots = meta.slot_mapping
-    if slots.dtype != torch.int64 or not slots.is_contiguous() or tuple(slots.shape) != (h.shape[0],):
-        return False
     s = model.spec
+    n, hkv, dh = h.shape[0], s.num_kv_heads, s.head_dim
     k_cache = kv_caches[0][0]
-    q_probe = h.new_empty(0, s.num_heads, s.head_dim)
-    if not cpu_kernel.usable(q_probe, k_cache) or s.head_dim % 32:
+    if not cpu_kernel.usable(h.new_empty(0, s.num_heads, dh), k_cache) \
+            or not cpu_ops.rope_usable(h.new_empty(0, s.num_heads + hkv, dh), cos) \
+            or not sin.is_contiguous() or sin.shape != cos.shape:     # what cpu_ops.rope asks of sin
         return False
-    return all(k.dtype == v.dtype == h.dtype and k.is_contiguous() and v.is_contiguous()
-               and k.shape == v.shape == k_cache.shape for k, v in kv_caches)
+    kv_rows = h.new_empty(hkv * dh).as_strided((n, hkv, dh), (0, dh, 1))   # rows as the store reads them
+    # one attention plan serves every layer: their caches must have one shape
+    return all(k.shape == k_cache.shape and cpu_kernel.store_usable(kv_rows, kv_rows, k, v, meta.slot_mapping)
+               for k, v in kv_caches)
 
 
 class _Step:
@@ -102,8 +102,7 @@ class _Step:
         k0 = kv_caches[0][0]
         with section("attn_plan"):
             self.run = cpu_decode_plan(meta, self.n, self.hq, k0)._plan.run
-        self.cos, self.sin = cos.contiguous(), sin.contiguous()    # kept alive with their pointers
-        self.cos_p, self.sin_p = self.cos.data_ptr(), self.sin.data_ptr()
+        self.cos_p, self.sin_p = cos.data_ptr(), sin.data_ptr()   # contiguous (rope_usable), alive in forward
         self.slots = meta.slot_mapping.data_ptr()
         self.total_slots = k0.shape[0] * k0.shape[1]
 
@@ -165,9 +164,6 @@ def _forward_bf16(model, h, cos, sin, meta, kv_caches):
     """bf16: projections and residual adds as the reference makes them (new tensors)."""
     from mrt_engine import _C
 
-    projs = [tuple((lin.packed_weight.get(lin.weight), lin.weight, lin.bias)
-                   for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
-             for layer in model.layers]
     st = _Step(model, h, cos, sin, meta, kv_caches)
     n, hid, hq, hkv, dh, inter = st.n, st.hid, st.hq, st.hkv, st.dh, st.inter
     q_size, kv_size, threads, eps = st.q_size, st.kv_size, st.threads, st.eps
@@ -178,13 +174,13 @@ def _forward_bf16(model, h, cos, sin, meta, kv_caches):
     xp, qkp, attp, actp = (t.data_ptr() for t in (x, qk, att, act))
     b2 = 2
     k_ptr, k_stride = qkp + q_size * b2, (hq + hkv) * dh
-    for layer, (qkv_w, o_w, gu_w, down_w), (k_cache, v_cache) in zip(model.layers, projs, kv_caches):
+    for layer, (k_cache, v_cache) in zip(model.layers, kv_caches):
         kc, vc = k_cache.data_ptr(), v_cache.data_ptr()
         with section("norm"):
             _C.rms_norm(h.data_ptr(), h.stride(0), layer.input_layernorm.weight.data_ptr(), xp, hid, n, hid, eps,
                         True, threads)
         with section("gemm"):
-            qkv = linear(x, *qkv_w)
+            qkv = layer.qkv_proj.forward(x)
         qkvp, ld = qkv.data_ptr(), qkv.stride(0)
         with section("layer_other"):
             _C.rope(qkvp, ld, st.cos_p, st.sin_p, qkp, n, hq + hkv, dh, True, threads)
@@ -194,18 +190,18 @@ def _forward_bf16(model, h, cos, sin, meta, kv_caches):
         with section("attn_decode"):
             st.run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 1, st.scale, threads, True, True, True)
         with section("gemm"):
-            y = linear(att, *o_w)
+            y = layer.o_proj.forward(att)
         with section("layer_other"):
             h = y.add_(h)
         with section("norm"):
             _C.rms_norm(h.data_ptr(), h.stride(0), layer.post_attention_layernorm.weight.data_ptr(), xp, hid, n,
                         hid, eps, True, threads)
         with section("gemm"):
-            gu = linear(x, *gu_w)
+            gu = layer.gate_up_proj.forward(x)
         with section("layer_other"):
             _C.silu_mul_bf16(gu.data_ptr(), gu.data_ptr() + inter * b2, gu.stride(0), actp, inter, n, inter, threads)
         with section("gemm"):
-            y = linear(act, *down_w)
+            y = layer.down_proj.forward(act)
         with section("layer_other"):
             h = y.add_(h)
     return h

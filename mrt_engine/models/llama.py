@@ -200,7 +200,7 @@ class LlamaModel(nn.Module):
         h = self.embed_tokens(input_ids)
         with section("layer_other"):
             cos, sin = self.rope.cos_sin(meta.positions, h.dtype)
-        if cpu_decode.usable(self, h, meta, kv_caches):
+        if cpu_decode.usable(self, h, cos, sin, meta, kv_caches):
             out = cpu_decode.forward(self, h, cos, sin, meta, kv_caches)
             if out is not None:
                 return out
