@@ -10,12 +10,14 @@ Per step:
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
 from mrt_engine.attention.metadata import AttentionMetadata, PrefillSeq
 from mrt_engine.profiling import section
-from mrt_engine.sampling import Sampler, SamplingTensors
+from mrt_engine.sampling import Sampler, SamplingTensors, counter_keys
 from mrt_engine.kv.step_plan import plan_decode_groups
 
 
@@ -29,6 +31,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._logits_buf: torch.Tensor | None = None
         self._st_cache = None   # _sampling_tensors' knobs of the last all-decode step
+        self._groups_memo = None  # (tables, usable blocks, groups) of the last decode step
         self.graphs = self._decode_graphs(model)
 
     def _decode_graphs(self, model):
@@ -61,6 +64,7 @@ class ModelRunner:
         """Drops what the runner kept from the last step for the next one (it holds that step's
         sequences): called when a generate call ends, so nothing of it outlives the call."""
         self._st_cache = None
+        self._groups_memo = None
 
     # 1. KV block copies ------------------------------------------------------------------------
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
@@ -112,7 +116,7 @@ class ModelRunner:
         eager_tables = self.device.type != "cpu"
         if d:
             tables = batch.decode_block_tables
-            gptr, grows, gshared = plan_decode_groups(tables, ctx, self.block_size)
+            gptr, grows, gshared = self._decode_groups(tables, ctx)
             flat += gptr
             flat += grows
             flat += gshared
@@ -159,6 +163,21 @@ class ModelRunner:
             meta.prefill_seqs.append(PrefillSeq(token_start=a, num_new=n, context_len=c, block_table=take(len(t)),
                                                 block_table_host=t))
         return input_ids, meta, logits_idx
+
+    def _decode_groups(self, tables: list[list[int]], ctx: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """plan_decode_groups of the step's decode rows, or the last step's lists when they must be
+        the same: the plan depends only on each row's table up to its usable blocks, (ctx - 1) //
+        block_size, so the same table lists (the scheduler hands the same list objects while a
+        table is unchanged, and nothing writes them) with the same usable counts give the same
+        groups. Most decode steps of a call are such steps; planning reads every table entry."""
+        bs = self.block_size
+        usable = [(c - 1) // bs for c in ctx]
+        last = self._groups_memo
+        if last is not None and last[1] == usable and all(map(operator.is_, tables, last[0])):
+            return last[2]
+        groups = plan_decode_groups(tables, ctx, bs)
+        self._groups_memo = (tables, usable, groups)
+        return groups
 
     # 3. forward + sample -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -307,9 +326,9 @@ class ModelRunner:
         seqs = [s for s, _ in sample_rows]
         cached = self._st_cache
         if decode_ctx is not None and cached is not None and cached[0] == seqs:
-            _, prompt_lens, seeds, sample_idx, alt_counts, knobs = cached
+            _, prompt_lens, keys, alt_counts, knobs = cached
             steps = np.array(decode_ctx, dtype=np.int64) - prompt_lens
-            return SamplingTensors.build(None, None, seeds, sample_idx, steps, self.device, knobs), alt_counts
+            return SamplingTensors.build(None, None, None, None, steps, self.device, knobs, keys), alt_counts
         rows, params, seeds, sample_idx, steps, alt_counts = [], [], [], [], [], []
         for m, (s, k) in enumerate(sample_rows):
             req = s.request
@@ -332,5 +351,6 @@ class ModelRunner:
         knobs = SamplingTensors.knobs(rows, params)
         # kept for the next step only when every row is one sample of its own (a decode row then)
         self._st_cache = None if not all_single else (
-            seqs, np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64), seeds, sample_idx, alt_counts, knobs)
+            seqs, np.array([s.num_prompt_tokens for s in seqs], dtype=np.int64), counter_keys(seeds, sample_idx),
+            alt_counts, knobs)
         return SamplingTensors.build(rows, params, seeds, sample_idx, steps, self.device, knobs), alt_counts

@@ -174,14 +174,21 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def counter_uniforms(seeds: list[int], sample_indices: list[int], steps: list[int]) -> np.ndarray:
-    """One uniform in [0, 1) per row, a pure function of (seed, sample index, step).
+def counter_keys(seeds: list[int], sample_indices: list[int]) -> np.ndarray:
+    """The step-independent half of counter_uniforms: a uint64 key per row from (seed, sample
+    index). A caller that samples the same rows at several steps computes it once."""
+    s = np.array([x & _U64 for x in seeds], dtype=np.uint64)
+    return _splitmix64(_splitmix64(s) ^ np.array(sample_indices, dtype=np.uint64))
+
+
+def counter_uniforms(seeds: list[int], sample_indices: list[int], steps, keys: np.ndarray | None = None) -> np.ndarray:
+    """One uniform in [0, 1) per row, a pure function of (seed, sample index, step); `keys`, when
+    given, is counter_keys(seeds, sample_indices) (then those two are not read).
 
     23 random bits, so u * total stays strictly below total in float32 (see Sampler)."""
-    s = np.array([x & _U64 for x in seeds], dtype=np.uint64)
-    h = _splitmix64(s)
-    h = _splitmix64(h ^ np.array(sample_indices, dtype=np.uint64))
-    h = _splitmix64(h ^ np.array(steps, dtype=np.uint64))
+    if keys is None:
+        keys = counter_keys(seeds, sample_indices)
+    h = _splitmix64(keys ^ np.asarray(steps).astype(np.uint64))
     return (h >> np.uint64(41)).astype(np.float64) * (1.0 / (1 << 23))
 
 
@@ -247,14 +254,15 @@ class SamplingTensors:
         return (temps, top_k, top_p, min_p), fixed, flags
 
     @classmethod
-    def build(cls, rows, params, seeds, sample_indices, steps, device, knobs=None) -> "SamplingTensors":
+    def build(cls, rows, params, seeds, sample_indices, steps, device, knobs=None, keys=None) -> "SamplingTensors":
         """rows: logits row per sample row (None when row i samples logits row i); params: one
-        SamplingParams per row (unused when `knobs`, from knobs(rows, params), is given)."""
+        SamplingParams per row (unused when `knobs`, from knobs(rows, params), is given); keys:
+        counter_keys(seeds, sample_indices), when the caller kept it (then those are not read)."""
         host, fixed, flags = knobs if knobs is not None else cls.knobs(rows, params)
         # one [6, R] float32 buffer, one host-to-device copy
         arr = np.empty((6, fixed.shape[1]), dtype=np.float32)
         arr[[0, 1, 2, 4, 5]] = fixed
-        arr[3] = 0.0 if flags["all_greedy"] else counter_uniforms(seeds, sample_indices, steps)
+        arr[3] = 0.0 if flags["all_greedy"] else counter_uniforms(seeds, sample_indices, steps, keys)
         buf = torch.from_numpy(arr)
         if torch.device(device).type != "cpu":
             buf = buf.to(device, non_blocking=True)

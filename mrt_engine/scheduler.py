@@ -15,10 +15,11 @@ leader sequence, and when the prompt is done its n samples are drawn from the le
 samples 1..n-1 become sequences forked from the leader (full blocks shared, the partial tail block
 copied). Their tail copies are reserved when the completing chunk is scheduled: `schedule` keeps
 one block budget for the whole step (the pool's count does not know the reservations, so it is
-read once and then only decreased), so forking in `update` never runs out of blocks. A leader
-whose n samples cannot run together (more tail copies than an idle engine has blocks, or n above
-max_num_seqs) has its samples queued as sequences of their own instead (`_split`), as vLLM runs
-an n > 1 request as n child requests: OutOfBlocks then means a single sequence cannot fit.
+read after the decode rows take their blocks and then only decreased), so forking in `update`
+never runs out of blocks. A leader whose n samples cannot run together (more tail copies than an
+idle engine has blocks, or n above max_num_seqs) has its samples queued as sequences of their own
+instead (`_split`), as vLLM runs an n > 1 request as n child requests: OutOfBlocks then means a
+single sequence cannot fit.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_id = 0
+        self._tables: dict[int, list[int]] = {}   # seq id -> its block table at its last decode step
         self.stats = dict(num_preemptions=0, prefix_cache_hit_tokens=0, prefill_tokens=0,
                           decode_tokens=0, peak_used_blocks=0, num_steps=0)
 
@@ -104,24 +106,37 @@ class Scheduler:
         kv, batch = self.kv, ScheduledBatch()
         budget = self.max_num_batched_tokens
 
-        # 1. decode rows; preempt the newest sequences until their blocks fit
-        avail = kv.num_available_blocks()
+        # 1. decode rows; preempt the newest sequences until their blocks fit. append_decode is all
+        # or nothing (OutOfBlocks when they do not fit): tried first, so a step whose rows fit, the
+        # usual one, asks for no per-sequence block counts; the allocation took exactly what they need
+        decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
+        decodes = decodes[:budget]
         preempted = False
-        while True:
-            decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
-            decodes = decodes[:budget]
+        slots = None
+        if decodes:
+            try:
+                slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
+            except OutOfBlocks:
+                pass
+        avail = kv.num_available_blocks()
+        while slots is None and decodes:
             need = sum(kv.blocks_needed(s.seq_id, 1) for s in decodes)
-            if need <= avail or len(self.running) <= 1:
+            if need <= avail:
+                slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
+                avail = kv.num_available_blocks()
+                break
+            if len(self.running) <= 1:
                 break
             self._preempt(self.running[-1])
             preempted = True
             avail = kv.num_available_blocks()
-        if decodes and need <= avail:
-            batch.decode_slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
+            decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
+            decodes = decodes[:budget]
+        if slots is not None:
+            batch.decode_slots = slots
             batch.decodes = decodes
-            batch.decode_block_tables = [kv.block_table(s.seq_id) for s in decodes]
+            batch.decode_block_tables = self._decode_tables(decodes, slots)
             budget -= len(decodes)
-            avail -= need
 
         # 2. running sequences mid-prefill continue
         for s in self.running:
@@ -172,6 +187,20 @@ class Scheduler:
             avail -= need
         return batch
 
+    def _decode_tables(self, decodes: list[Sequence], slots: list[int]) -> list[list[int]]:
+        """The decode rows' block tables after their append. A decode token lands in its table's
+        last block; when that is the block of the table this sequence had at its last decode
+        step (kept in _tables), the table is unchanged and that list is reused (the step's
+        consumers only read it); a new block or a copied-on-write tail is fetched. Any other
+        change to a sequence's blocks (prefill, preemption, finishing) drops its entry first."""
+        kv, bs, tables, out = self.kv, self.block_size, self._tables, []
+        for s, slot in zip(decodes, slots):
+            t = tables.get(s.seq_id)
+            if t is None or t[-1] != slot // bs:
+                t = tables[s.seq_id] = kv.block_table(s.seq_id)
+            out.append(t)
+        return out
+
     def _admit(self, s: Sequence) -> int | None:
         """Put a waiting sequence in the KV cache, sharing what is already there; returns the
         tokens it got without computing them (None: no block for a fork's tail copy)."""
@@ -214,6 +243,7 @@ class Scheduler:
         return blocks
 
     def _schedule_prefill(self, batch: ScheduledBatch, s: Sequence, n: int) -> None:
+        self._tables.pop(s.seq_id, None)
         start = s.num_computed
         slots = self.kv.append_tokens(s.seq_id, s.token_ids[start:start + n])
         batch.prefills.append((s, start, n, slots, self.kv.block_table(s.seq_id)))
@@ -235,6 +265,7 @@ class Scheduler:
             self.waiting.insert(at, child)
 
     def _preempt(self, s: Sequence) -> None:
+        self._tables.pop(s.seq_id, None)
         self.kv.free_sequence(s.seq_id)
         self.running.remove(s)
         s.num_computed = 0
@@ -275,6 +306,7 @@ class Scheduler:
                     t.logprobs.append(logprobs[i])
                 i += 1
                 if stop_checker(t, tok):
+                    self._tables.pop(t.seq_id, None)
                     t.status = Status.FINISHED
                     t.request.num_finished += 1
                     finished.append(t)
@@ -306,3 +338,6 @@ class Scheduler:
                 s.status = Status.FINISHED
         self.waiting = deque(s for s in self.waiting if id(s) not in dead)
         self.running = [s for s in self.running if id(s) not in dead]
+        for s in seqs:
+            if s is not None:
+                self._tables.pop(s.seq_id, None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mrt_engine import sampling_cpu
-from mrt_engine.sampling import Sampler, SamplingParams, SamplingTensors, counter_uniforms
+from mrt_engine.sampling import Sampler, SamplingParams, SamplingTensors, counter_keys, counter_uniforms
 
 
 @pytest.fixture(autouse=True, params=["cpp", "pytorch"])
@@ -211,6 +211,19 @@ def test_counter_uniforms_pure_and_spread():
     assert ((u >= 0) & (u < 1)).all()
     assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
     assert counter_uniforms([-1], [0], [0])[0] == counter_uniforms([2**64 - 1], [0], [0])[0]
+
+
+def test_counter_keys_kept_across_steps_give_the_same_uniforms():
+    """A caller keeps counter_keys of its rows and passes each step's counters (a numpy array,
+    as the runner's decode steps do): the same uniforms as from the seeds and sample indices."""
+    seeds, idx = [3, 3, 9, -5], [0, 1, 0, 2]
+    keys = counter_keys(seeds, idx)
+    for step in range(4):
+        steps = [step, step + 1, 0, 7 * step]
+        want = counter_uniforms(seeds, idx, steps)
+        assert np.array_equal(counter_uniforms(None, None, np.array(steps, dtype=np.int64), keys), want)
+    assert not np.array_equal(counter_uniforms(None, None, [0, 1, 0, 0], keys),
+                              counter_uniforms(None, None, [1, 1, 0, 0], keys))
 
 
 def test_shared_logits_rows():

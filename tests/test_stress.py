@@ -86,6 +86,36 @@ class _FailureProbe:
             raise
 
 
+class _ReuseChecks:
+    """On the tight engine, every step: the decode block tables the scheduler reuses from earlier
+    steps equal the KV manager's, and the runner's reused decode groups equal a fresh plan."""
+
+    def __init__(self, llm):
+        from mrt_engine.kv.step_plan import plan_decode_groups
+
+        sched, runner = llm.scheduler, llm.runner
+        self.tables_reused = self.groups_reused = 0
+        real_tables, real_groups = sched._decode_tables, runner._decode_groups
+        prev = {}
+
+        def tables(decodes, slots):
+            out = real_tables(decodes, slots)
+            for s, t in zip(decodes, out):
+                assert t == llm.kv.block_table(s.seq_id)
+                self.tables_reused += t is prev.get(s.seq_id)
+                prev[s.seq_id] = t
+            return out
+
+        def groups(tabs, ctx):
+            memo = runner._groups_memo
+            out = real_groups(tabs, ctx)
+            assert out == plan_decode_groups(tabs, ctx, BS)
+            self.groups_reused += memo is not None and out is memo[2]
+            return out
+
+        sched._decode_tables, runner._decode_groups = tables, groups
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
     rng = random.Random(seed)
@@ -95,6 +125,7 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
     roomy = LLM(tiny_llama_dir, dtype="float32", block_size=BS, max_model_len=MAX_LEN, num_blocks=1024,
                 enable_prefix_caching=rng.random() < 0.5)
     probe = _FailureProbe(tight)
+    reuse = _ReuseChecks(tight)
     bases = [[rng.randrange(256) for _ in range(rng.randint(5, 60))] for _ in range(3)]
     kept = []          # (tight handle, roomy handle)
     failures = 0
@@ -133,6 +164,7 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
             # the call freed everything it held: only the kept handles pin blocks now
             assert set(tight.kv.sequence_ids()) == kept_ids
         else:
+            assert tight.scheduler._tables == {}          # a finished call leaves no table behind
             outs_r = roomy.generate(prompts_r, params, keep=keep)
             for a, b in zip(outs_t, outs_r):
                 _same_output(a, b)
@@ -155,6 +187,7 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
     print(f"seed {seed}: {failures} OutOfBlocks, {st['num_preemptions']} preemptions, {st['num_steps']} steps "
           f"(roomy {roomy.kv_stats()['num_steps']})")
     assert st["num_preemptions"] > 0
+    assert reuse.tables_reused > 0 and reuse.groups_reused > 0
 
 
 def test_out_of_blocks_only_when_kept_handles_pin_everything(tiny_llama_dir):

@@ -18,7 +18,7 @@ Rotation is the "rotate half" (non-interleaved) layout of Hugging Face Llama che
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,8 +31,35 @@ class Rope:
     attention_scaling: float = 1.0    # multiplies cos and sin (yarn)
     max_exact_positions: int | None = None  # positions beyond this differ from transformers (dynamic)
 
+    # per dtype: (cos [P, Dh], sin [P, Dh], the inv_freq they were made from); see _tables
+    _tables_by_dtype: dict = field(default_factory=dict, repr=False, compare=False)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [N, 1, Dh] for integer positions [N], cast to the activations' dtype."""
+        """cos, sin of shape [N, 1, Dh] for integer positions [N], cast to the activations' dtype.
+
+        On a CPU the rows come from tables of positions 0..P-1 made once (the values `_compute` gives
+        for the same positions): a step gathers its rows instead of running ~8 small ops over them,
+        and a position's values no longer depend on where in the batch it sits. On a GPU they are
+        computed per step (reading the largest position back would synchronize the step)."""
+        if positions.device.type != "cpu" or positions.numel() == 0:
+            return self._compute(positions, dtype)
+        lo, hi = (int(v) for v in positions.aminmax())
+        if lo < 0:
+            raise ValueError(f"positions must be >= 0, got {lo}")
+        cos, sin = self._tables(hi + 1, dtype)
+        return cos.index_select(0, positions)[:, None, :], sin.index_select(0, positions)[:, None, :]
+
+    def _tables(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [P, Dh] in `dtype` for positions 0..P-1, P >= n (a power of two, at least 1024):
+        made again when a longer context or a new inv_freq (`to`, a reloaded config) needs it."""
+        t = self._tables_by_dtype.get(dtype)
+        if t is None or t[0].shape[0] < n or t[2] is not self.inv_freq:
+            p = max(1024, 1 << (n - 1).bit_length())
+            cos, sin = self._compute(torch.arange(p, device=self.inv_freq.device), dtype)
+            t = self._tables_by_dtype[dtype] = (cos[:, 0], sin[:, 0], self.inv_freq)
+        return t[0], t[1]
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]   # [N, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
