@@ -325,3 +325,26 @@ def test_bad_dtype(tiny_llama_dir):
         load_model(tiny_llama_dir, "float8", "cpu")
     with pytest.raises(ValueError, match="dtype"):
         load_model(tiny_llama_dir, torch.int32, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_give_the_computed_values(dtype):
+    """On a CPU cos_sin gathers rows of per-dtype tables: the same values as computing them for the
+    step's positions, in any batch (a position's row does not depend on its neighbours); the tables
+    grow for a longer context and are made again for a new inv_freq."""
+    from mrt_engine.models.rope import Rope
+
+    rope = Rope(1.0 / 10000 ** (torch.arange(0, 24, 2, dtype=torch.float32) / 24), attention_scaling=1.1)
+    for positions in ([0, 5, 1023, 3], [7], list(range(33)), [5000, 2, 9]):
+        pos = torch.tensor(positions)
+        got, want = rope.cos_sin(pos, dtype), rope._compute(pos, dtype)
+        assert got[0].shape == (len(positions), 1, 24) and got[0].is_contiguous()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert rope._tables_by_dtype[dtype][0].shape[0] == 8192          # grown to hold position 5000
+    one = rope.cos_sin(torch.tensor([9]), dtype)[0]
+    assert torch.equal(rope.cos_sin(torch.tensor([1, 9, 2]), dtype)[0][1], one[0])
+    rope.inv_freq = rope.inv_freq * 0.5
+    assert torch.equal(rope.cos_sin(torch.tensor([9]), dtype)[0], rope._compute(torch.tensor([9]), dtype)[0])
+    assert not torch.equal(rope.cos_sin(torch.tensor([9]), dtype)[0], one)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        rope.cos_sin(torch.tensor([3, -1]), dtype)
