@@ -210,6 +210,8 @@ class SamplingTensors:
     # host copies of each row's knobs (temperature, top_k, top_p, min_p): the sampler routes rows
     # by them without a device sync
     host: tuple = ()
+    # float32 1/T per row (1 for greedy rows), made with the knobs; None: the sampler computes it
+    inv_temperature: torch.Tensor | None = None
 
     @property
     def truncates(self) -> list[bool]:
@@ -230,21 +232,26 @@ class SamplingTensors:
             any_top_k=not all_greedy and any(k != -1 for k in top_k),
             any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
             any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
-            all_unit_temperature=all(t == 1.0 for t in temps), host=(temps, top_k, top_p, min_p))
+            all_unit_temperature=all(t == 1.0 for t in temps), host=(temps, top_k, top_p, min_p),
+            inv_temperature=None if self.inv_temperature is None else self.inv_temperature.index_select(0, i))
 
     @staticmethod
     def knobs(rows, params) -> tuple:
         """What build() reads from the rows' params (and logits rows), not from their step counters:
-        (host knobs, [5, R] float32 array of temperature, top_p, min_p, top_k, logits row, the step's
-        flags). A caller that samples the same rows again passes it back to build() instead of the
+        (host knobs, [6, R] float32 array of temperature, top_p, min_p, top_k, logits row, 1/T (1 for
+        greedy rows), the step's flags). A caller that samples the same rows again passes it back to build() instead of the
         params."""
         temps = [p.temperature for p in params]
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         min_p = [p.min_p for p in params]
         # ids and top-k are exact in float32
-        fixed = np.array([temps, top_p, min_p, top_k, rows if rows is not None else [0] * len(params)],
+        fixed = np.array([temps, top_p, min_p, top_k, rows if rows is not None else [0] * len(params), temps],
                          dtype=np.float32)
+        # 1/T as the sampler computed it in float32 (a correctly rounded division of the clamped T)
+        t = fixed[0]
+        fixed[5] = 1.0
+        np.divide(np.float32(1.0), np.maximum(t, np.float32(1e-30)), out=fixed[5], where=t != 0)
         all_greedy = all(t == 0.0 for t in temps)
         flags = dict(all_greedy=all_greedy, any_greedy=any(t == 0.0 for t in temps),
                      any_top_k=not all_greedy and any(k != -1 for k in top_k),
@@ -259,9 +266,9 @@ class SamplingTensors:
         SamplingParams per row (unused when `knobs`, from knobs(rows, params), is given); keys:
         counter_keys(seeds, sample_indices), when the caller kept it (then those are not read)."""
         host, fixed, flags = knobs if knobs is not None else cls.knobs(rows, params)
-        # one [6, R] float32 buffer, one host-to-device copy
-        arr = np.empty((6, fixed.shape[1]), dtype=np.float32)
-        arr[[0, 1, 2, 4, 5]] = fixed
+        # one [7, R] float32 buffer, one host-to-device copy
+        arr = np.empty((7, fixed.shape[1]), dtype=np.float32)
+        arr[[0, 1, 2, 4, 5, 6]] = fixed
         arr[3] = 0.0 if flags["all_greedy"] else counter_uniforms(seeds, sample_indices, steps, keys)
         buf = torch.from_numpy(arr)
         if torch.device(device).type != "cpu":
@@ -274,6 +281,7 @@ class SamplingTensors:
             min_p=buf[2],
             uniform=buf[3],
             host=host,
+            inv_temperature=buf[6],
             **flags,
         )
 
@@ -373,8 +381,10 @@ class Sampler:
         m_rows, V = logits.shape
         rows = st.logit_rows                                   # sample row -> logits row (None: same)
         # 1/T per logits row (rows sharing a logits row share their request's T); greedy: 1
-        inv_t = torch.where(st.temperature == 0, torch.ones_like(st.temperature),
-                            1.0 / st.temperature.clamp(min=1e-30))
+        inv_t = st.inv_temperature
+        if inv_t is None:
+            inv_t = torch.where(st.temperature == 0, torch.ones_like(st.temperature),
+                                1.0 / st.temperature.clamp(min=1e-30))
         if rows is not None:
             inv_t = torch.ones(m_rows, dtype=inv_t.dtype, device=inv_t.device).index_copy_(0, rows, inv_t)
         if sampling_cpu.usable(logits):

@@ -377,3 +377,14 @@ def test_cpp_sampler_checks_its_inputs(sampler_path):
         sampling_cpu.sample_full(logits.t().contiguous().t(), **ok)
     with pytest.raises(ValueError, match="contiguous rows"):
         sampling_cpu.sample_full(logits.double(), **ok)
+
+
+def test_inverse_temperature_knob_equals_the_samplers_own():
+    """The 1/T row made with the knobs (numpy) is bit for bit what the sampler computed in torch,
+    greedy rows 1; a row subset keeps its rows' values."""
+    temps = [0.0, 1.0, 0.7, 1.3, 1e-31, 1e-30, 3e-7, 2.5, 1e10, 0.1]
+    st = _st([SamplingParams(temperature=t) for t in temps])
+    t = st.temperature
+    want = torch.where(t == 0, torch.ones_like(t), 1.0 / t.clamp(min=1e-30))
+    assert st.inv_temperature.dtype == torch.float32 and torch.equal(st.inv_temperature, want)
+    assert torch.equal(st.select([2, 0, 9]).inv_temperature, want[[2, 0, 9]])
