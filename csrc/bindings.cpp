@@ -193,12 +193,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "store_kv_rows",
       [](uintptr_t k, int64_t k_stride, uintptr_t v, int64_t v_stride, uintptr_t k_cache, uintptr_t v_cache,
-         uintptr_t slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots) {
+         uintptr_t slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots, int num_threads) {
         py::gil_scoped_release release;
         mrt::store_kv_rows(reinterpret_cast<const void*>(k), k_stride, reinterpret_cast<const void*>(v), v_stride,
                            reinterpret_cast<void*>(k_cache), reinterpret_cast<void*>(v_cache),
-                           reinterpret_cast<const int64_t*>(slots), n, row, elem_size, num_slots);
+                           reinterpret_cast<const int64_t*>(slots), n, row, elem_size, num_slots, num_threads);
       },
       py::arg("k"), py::arg("k_stride"), py::arg("v"), py::arg("v_stride"), py::arg("k_cache"), py::arg("v_cache"),
-      py::arg("slots"), py::arg("n"), py::arg("row"), py::arg("elem_size"), py::arg("num_slots"));
+      py::arg("slots"), py::arg("n"), py::arg("row"), py::arg("elem_size"), py::arg("num_slots"),
+      py::arg("num_threads") = 1);
 }

@@ -212,19 +212,34 @@ void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, voi
 }
 
 void store_kv_rows(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
-                   const int64_t* slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots) {
+                   const int64_t* slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots,
+                   int num_threads) {
   if (n < 0 || row <= 0 || elem_size <= 0 || k_stride < row || v_stride < row)
     throw std::invalid_argument("store_kv_rows: need row > 0 and row strides >= row");
   for (int64_t i = 0; i < n; ++i)
     if (slots[i] < 0 || slots[i] >= num_slots)
       throw std::invalid_argument("store_kv_rows: slot " + std::to_string(slots[i]) + " outside the cache");
   const int64_t bytes = row * elem_size;
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(static_cast<char*>(k_cache) + slots[i] * bytes, static_cast<const char*>(k) + i * k_stride * elem_size,
-                bytes);
-    std::memcpy(static_cast<char*>(v_cache) + slots[i] * bytes, static_cast<const char*>(v) + i * v_stride * elem_size,
-                bytes);
-  }
+  // the cache lines written are cold (a decode row's slot was last touched a step ago, if ever):
+  // each write waits for its line, so the rows are split over the threads and the lines a few rows
+  // ahead are asked for (for writing) before their turn
+  constexpr int64_t kAhead = 8;
+  auto prefetch_row = [&](int64_t i) {
+    for (int64_t off = 0; off < bytes; off += 64) {
+      __builtin_prefetch(static_cast<char*>(k_cache) + slots[i] * bytes + off, 1);
+      __builtin_prefetch(static_cast<char*>(v_cache) + slots[i] * bytes + off, 1);
+    }
+  };
+  cpu::parallel_ranges(n, n * bytes < (1 << 15) ? 1 : std::max(1, num_threads), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < std::min(r1, r0 + kAhead); ++i) prefetch_row(i);
+    for (int64_t i = r0; i < r1; ++i) {
+      if (i + kAhead < r1) prefetch_row(i + kAhead);
+      std::memcpy(static_cast<char*>(k_cache) + slots[i] * bytes,
+                  static_cast<const char*>(k) + i * k_stride * elem_size, bytes);
+      std::memcpy(static_cast<char*>(v_cache) + slots[i] * bytes,
+                  static_cast<const char*>(v) + i * v_stride * elem_size, bytes);
+    }
+  });
 }
 
 void rms_norm(const void* x, int64_t x_stride, const void* w, void* out, int64_t out_stride, int64_t rows,

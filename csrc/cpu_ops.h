@@ -26,9 +26,11 @@ void rope(const void* x, int64_t x_stride, const void* cos, const void* sin, voi
           int64_t heads, int64_t dh, bool bf16, int num_threads);
 
 // Copies row i of k and v ([n, row] elements of `elem_size` bytes, row strides k_stride/v_stride)
-// into row slots[i] of k_cache / v_cache ([num_slots, row], contiguous). Throws on a bad slot.
+// into row slots[i] of k_cache / v_cache ([num_slots, row], contiguous), rows split over up to
+// num_threads threads. Throws on a bad slot (before writing anything).
 void store_kv_rows(const void* k, int64_t k_stride, const void* v, int64_t v_stride, void* k_cache, void* v_cache,
-                   const int64_t* slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots);
+                   const int64_t* slots, int64_t n, int64_t row, int64_t elem_size, int64_t num_slots,
+                   int num_threads = 1);
 
 bool cpu_ops_available();
 

@@ -323,3 +323,23 @@ def test_store_kv_rows_equals_index_copy(dtype):
         cpu_kernel.store_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2, 3, 4, 5, 30]))
     with pytest.raises(ValueError, match="store_kv expects"):
         cpu_kernel.store_kv(k.float() if dtype != torch.float32 else k.double(), v, k_cache, v_cache, slots)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_store_kv_rows_split_over_threads(threads):
+    """Enough rows for the store to split them over threads (and ask for lines ahead): the same
+    cache as index_copy_, whatever the thread count; untouched slots stay as they were."""
+    from mrt_engine import _C
+
+    torch.manual_seed(threads)
+    n, hkv, dh, blocks, bs = 333, 2, 64, 40, 16
+    k_cache, v_cache = torch.randn(blocks, bs, hkv, dh), torch.randn(blocks, bs, hkv, dh)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(n, 6, dh)
+    k, v = qkv[:, 2:4], qkv[:, 4:6]
+    slots = torch.randperm(blocks * bs)[:n]
+    _C.store_kv_rows(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                     slots.data_ptr(), n, hkv * dh, 4, blocks * bs, threads)
+    ref_k.view(-1, hkv, dh).index_copy_(0, slots, k)
+    ref_v.view(-1, hkv, dh).index_copy_(0, slots, v)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)

@@ -120,4 +120,5 @@ def store_kv(k, v, k_cache, v_cache, slots) -> None:
                          "contiguous caches and int64 slots [N]")
     row = k.shape[1] * k.shape[2]
     _store(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-           slots.data_ptr(), k.shape[0], row, k.element_size(), k_cache.shape[0] * k_cache.shape[1])
+           slots.data_ptr(), k.shape[0], row, k.element_size(), k_cache.shape[0] * k_cache.shape[1],
+           torch.get_num_threads())

@@ -146,7 +146,8 @@ def _forward_f32(model, h, cos, sin, meta, kv_caches):
         with section("layer_other"):
             _C.rope(qkvp, n_qkv, st.cos_p, st.sin_p, qkp, n, hq + hkv, dh, False, threads)
         with section("attn_store"):
-            cpu_kernel._store(k_ptr, k_stride, v_ptr, n_qkv, kc, vc, st.slots, n, kv_size, f4, st.total_slots)
+            cpu_kernel._store(k_ptr, k_stride, v_ptr, n_qkv, kc, vc, st.slots, n, kv_size, f4, st.total_slots,
+                              threads)
         with section("attn_decode"):
             st.run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 0, st.scale, threads, True, True, False)
         with section("gemm"):
@@ -186,7 +187,7 @@ def _forward_bf16(model, h, cos, sin, meta, kv_caches):
             _C.rope(qkvp, ld, st.cos_p, st.sin_p, qkp, n, hq + hkv, dh, True, threads)
         with section("attn_store"):
             cpu_kernel._store(k_ptr, k_stride, qkvp + (q_size + kv_size) * b2, ld, kc, vc, st.slots, n, kv_size, b2,
-                              st.total_slots)
+                              st.total_slots, threads)
         with section("attn_decode"):
             st.run(qkp, (hq + hkv) * dh, dh, kc, vc, attp, 1, st.scale, threads, True, True, True)
         with section("gemm"):
