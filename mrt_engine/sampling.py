@@ -239,8 +239,8 @@ class SamplingTensors:
     def knobs(rows, params) -> tuple:
         """What build() reads from the rows' params (and logits rows), not from their step counters:
         (host knobs, [6, R] float32 array of temperature, top_p, min_p, top_k, logits row, 1/T (1 for
-        greedy rows), the step's flags). A caller that samples the same rows again passes it back to build() instead of the
-        params."""
+        greedy rows), the step's flags). A caller that samples the same rows again passes it back to
+        build() instead of the params."""
         temps = [p.temperature for p in params]
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
