@@ -286,6 +286,25 @@ class Scheduler:
                stop_checker) -> list[Sequence]:
         """Record the sampled tokens (one per sample, in sample_rows order); returns the sequences
         that finished this step (freed, or left pinned when their request keeps them)."""
+        finished = []
+        if not batch.prefills:
+            # a decode-only step: its sample rows are its decode rows, one sample each; one pass
+            # over the sequences (after the forward pass each one is a cache miss)
+            lps = logprobs if logprobs is not None else (None,) * len(tokens)
+            for s, tok, lp in zip(batch.decodes, tokens, lps):
+                s.num_computed += 1
+                s.token_ids.append(tok)
+                if logprobs is not None:
+                    s.logprobs.append(lp)
+                if stop_checker(s, tok):
+                    self._finish(s, finished)
+        else:
+            self._update_mixed(batch, tokens, logprobs, stop_checker, finished)
+        if finished:
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
+        return finished
+
+    def _update_mixed(self, batch, tokens, logprobs, stop_checker, finished) -> None:
         kv = self.kv
         for s, start, n, _, _ in batch.prefills:
             s.num_computed = start + n
@@ -293,7 +312,7 @@ class Scheduler:
                 kv.cache_sequence(s.seq_id)
         for s in batch.decodes:
             s.num_computed += 1
-        finished, i = [], 0
+        i = 0
         for s, k in batch.sample_seqs:
             targets = [s]
             if k > 1:
@@ -306,15 +325,15 @@ class Scheduler:
                     t.logprobs.append(logprobs[i])
                 i += 1
                 if stop_checker(t, tok):
-                    self._tables.pop(t.seq_id, None)
-                    t.status = Status.FINISHED
-                    t.request.num_finished += 1
-                    finished.append(t)
-                    if not t.request.keep:
-                        kv.free_sequence(t.seq_id)
-        if finished:
-            self.running = [s for s in self.running if s.status is Status.RUNNING]
-        return finished
+                    self._finish(t, finished)
+
+    def _finish(self, t: Sequence, finished: list[Sequence]) -> None:
+        self._tables.pop(t.seq_id, None)
+        t.status = Status.FINISHED
+        t.request.num_finished += 1
+        finished.append(t)
+        if not t.request.keep:
+            self.kv.free_sequence(t.seq_id)
 
     def _spawn(self, leader: Sequence, j: int) -> Sequence:
         child = Sequence(self.new_seq_id(), leader.request, j, leader.token_ids)
