@@ -348,3 +348,9 @@ def test_rope_tables_give_the_computed_values(dtype):
     assert not torch.equal(rope.cos_sin(torch.tensor([9]), dtype)[0], one)
     with pytest.raises(ValueError, match="positions must be >= 0"):
         rope.cos_sin(torch.tensor([3, -1]), dtype)
+    from mrt_engine.models import rope as rope_mod
+
+    size = rope._tables_by_dtype[dtype][0].shape[0]
+    far = torch.tensor([5, rope_mod._TABLE_POSITIONS])          # past the tables: computed, not grown
+    assert torch.equal(rope.cos_sin(far, dtype)[0], rope._compute(far, dtype)[0])
+    assert rope._tables_by_dtype[dtype][0].shape[0] == size < rope_mod._TABLE_POSITIONS

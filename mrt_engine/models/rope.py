@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+# Rope.cos_sin's CPU tables cover positions below this (at most 32 MiB for head_dim 128 in float32);
+# a step with a later position computes its rows instead
+_TABLE_POSITIONS = 1 << 15
 
 
 @dataclass
@@ -39,13 +42,16 @@ class Rope:
 
         On a CPU the rows come from tables of positions 0..P-1 made once (the values `_compute` gives
         for the same positions): a step gathers its rows instead of running ~8 small ops over them,
-        and a position's values no longer depend on where in the batch it sits. On a GPU they are
-        computed per step (reading the largest position back would synchronize the step)."""
+        and a position's values no longer depend on where in the batch it sits. On a GPU, or past
+        _TABLE_POSITIONS, they are computed per step (on a GPU reading the largest position back
+        would synchronize the step)."""
         if positions.device.type != "cpu" or positions.numel() == 0:
             return self._compute(positions, dtype)
         lo, hi = (int(v) for v in positions.aminmax())
         if lo < 0:
             raise ValueError(f"positions must be >= 0, got {lo}")
+        if hi >= _TABLE_POSITIONS:
+            return self._compute(positions, dtype)
         cos, sin = self._tables(hi + 1, dtype)
         return cos.index_select(0, positions)[:, None, :], sin.index_select(0, positions)[:, None, :]
 
