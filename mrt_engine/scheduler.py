@@ -56,7 +56,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._next_id = 0
-        self._tables: dict[int, list[int]] = {}   # seq id -> its block table at its last decode step
+        self._tables: dict[int, list[int]] = {}   # the last step's decode rows: seq id -> block table
         self.stats = dict(num_preemptions=0, prefix_cache_hit_tokens=0, prefill_tokens=0,
                           decode_tokens=0, peak_used_blocks=0, num_steps=0)
 
@@ -106,37 +106,29 @@ class Scheduler:
         kv, batch = self.kv, ScheduledBatch()
         budget = self.max_num_batched_tokens
 
-        # 1. decode rows; preempt the newest sequences until their blocks fit. append_decode is all
-        # or nothing (OutOfBlocks when they do not fit): tried first, so a step whose rows fit, the
-        # usual one, asks for no per-sequence block counts; the allocation took exactly what they need
-        decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
-        decodes = decodes[:budget]
+        # 1. decode rows; preempt the newest sequences until their blocks fit (append_decode is all
+        # or nothing: OutOfBlocks, before any change, when they do not)
         preempted = False
-        slots = None
-        if decodes:
-            try:
-                slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
-            except OutOfBlocks:
-                pass
-        avail = kv.num_available_blocks()
-        while slots is None and decodes:
-            need = sum(kv.blocks_needed(s.seq_id, 1) for s in decodes)
-            if need <= avail:
-                slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
-                avail = kv.num_available_blocks()
-                break
-            if len(self.running) <= 1:
+        while True:
+            decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
+            decodes = decodes[:budget]
+            slots = None
+            if decodes:
+                try:
+                    slots = kv.append_decode([s.seq_id for s in decodes], [s.token_ids[-1] for s in decodes])
+                except OutOfBlocks:
+                    pass
+            if slots is not None or not decodes or len(self.running) <= 1:
                 break
             self._preempt(self.running[-1])
             preempted = True
-            avail = kv.num_available_blocks()
-            decodes = [s for s in self.running if s.spawn == 1 and s.num_computed == len(s.token_ids) - 1]
-            decodes = decodes[:budget]
+        prev, self._tables = self._tables, {}
         if slots is not None:
             batch.decode_slots = slots
             batch.decodes = decodes
-            batch.decode_block_tables = self._decode_tables(decodes, slots)
+            batch.decode_block_tables = self._decode_tables(decodes, slots, prev)
             budget -= len(decodes)
+        avail = kv.num_available_blocks()
 
         # 2. running sequences mid-prefill continue
         for s in self.running:
@@ -187,17 +179,20 @@ class Scheduler:
             avail -= need
         return batch
 
-    def _decode_tables(self, decodes: list[Sequence], slots: list[int]) -> list[list[int]]:
-        """The decode rows' block tables after their append. A decode token lands in its table's
-        last block; when that is the block of the table this sequence had at its last decode
-        step (kept in _tables), the table is unchanged and that list is reused (the step's
-        consumers only read it); a new block or a copied-on-write tail is fetched. Any other
-        change to a sequence's blocks (prefill, preemption, finishing) drops its entry first."""
-        kv, bs, tables, out = self.kv, self.block_size, self._tables, []
+    def _decode_tables(self, decodes: list[Sequence], slots: list[int], prev: dict) -> list[list[int]]:
+        """The decode rows' block tables after their append, kept (in _tables) for the next step
+        only. Between two steps that decode a sequence nothing but its own decode appends changes
+        its blocks (preemption, prefill, finishing or forking it all take it out of the decode rows
+        of at least the step in between, which starts _tables afresh), and a decode token lands in
+        its table's last block: so when that is the last block of the table from the step before
+        (`prev`), the table is unchanged and the same list is handed out (its consumers only read
+        it); a new block or a copied-on-write tail is fetched."""
+        kv, bs, out = self.kv, self.block_size, []
         for s, slot in zip(decodes, slots):
-            t = tables.get(s.seq_id)
+            t = prev.get(s.seq_id)
             if t is None or t[-1] != slot // bs:
-                t = tables[s.seq_id] = kv.block_table(s.seq_id)
+                t = kv.block_table(s.seq_id)
+            self._tables[s.seq_id] = t
             out.append(t)
         return out
 
@@ -243,7 +238,6 @@ class Scheduler:
         return blocks
 
     def _schedule_prefill(self, batch: ScheduledBatch, s: Sequence, n: int) -> None:
-        self._tables.pop(s.seq_id, None)
         start = s.num_computed
         slots = self.kv.append_tokens(s.seq_id, s.token_ids[start:start + n])
         batch.prefills.append((s, start, n, slots, self.kv.block_table(s.seq_id)))
@@ -265,7 +259,6 @@ class Scheduler:
             self.waiting.insert(at, child)
 
     def _preempt(self, s: Sequence) -> None:
-        self._tables.pop(s.seq_id, None)
         self.kv.free_sequence(s.seq_id)
         self.running.remove(s)
         s.num_computed = 0
@@ -286,25 +279,6 @@ class Scheduler:
                stop_checker) -> list[Sequence]:
         """Record the sampled tokens (one per sample, in sample_rows order); returns the sequences
         that finished this step (freed, or left pinned when their request keeps them)."""
-        finished = []
-        if not batch.prefills:
-            # a decode-only step: its sample rows are its decode rows, one sample each; one pass
-            # over the sequences (after the forward pass each one is a cache miss)
-            lps = logprobs if logprobs is not None else (None,) * len(tokens)
-            for s, tok, lp in zip(batch.decodes, tokens, lps):
-                s.num_computed += 1
-                s.token_ids.append(tok)
-                if logprobs is not None:
-                    s.logprobs.append(lp)
-                if stop_checker(s, tok):
-                    self._finish(s, finished)
-        else:
-            self._update_mixed(batch, tokens, logprobs, stop_checker, finished)
-        if finished:
-            self.running = [s for s in self.running if s.status is Status.RUNNING]
-        return finished
-
-    def _update_mixed(self, batch, tokens, logprobs, stop_checker, finished) -> None:
         kv = self.kv
         for s, start, n, _, _ in batch.prefills:
             s.num_computed = start + n
@@ -312,7 +286,7 @@ class Scheduler:
                 kv.cache_sequence(s.seq_id)
         for s in batch.decodes:
             s.num_computed += 1
-        i = 0
+        finished, i = [], 0
         for s, k in batch.sample_seqs:
             targets = [s]
             if k > 1:
@@ -325,15 +299,14 @@ class Scheduler:
                     t.logprobs.append(logprobs[i])
                 i += 1
                 if stop_checker(t, tok):
-                    self._finish(t, finished)
-
-    def _finish(self, t: Sequence, finished: list[Sequence]) -> None:
-        self._tables.pop(t.seq_id, None)
-        t.status = Status.FINISHED
-        t.request.num_finished += 1
-        finished.append(t)
-        if not t.request.keep:
-            self.kv.free_sequence(t.seq_id)
+                    t.status = Status.FINISHED
+                    t.request.num_finished += 1
+                    finished.append(t)
+                    if not t.request.keep:
+                        kv.free_sequence(t.seq_id)
+        if finished:
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
+        return finished
 
     def _spawn(self, leader: Sequence, j: int) -> Sequence:
         child = Sequence(self.new_seq_id(), leader.request, j, leader.token_ids)
@@ -357,6 +330,3 @@ class Scheduler:
                 s.status = Status.FINISHED
         self.waiting = deque(s for s in self.waiting if id(s) not in dead)
         self.running = [s for s in self.running if id(s) not in dead]
-        for s in seqs:
-            if s is not None:
-                self._tables.pop(s.seq_id, None)

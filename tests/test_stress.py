@@ -87,8 +87,9 @@ class _FailureProbe:
 
 
 class _ReuseChecks:
-    """On the tight engine, every step: the decode block tables the scheduler reuses from earlier
-    steps equal the KV manager's, and the runner's reused decode groups equal a fresh plan."""
+    """On the tight engine, every step: the decode block tables the scheduler reuses from the step
+    before equal the KV manager's, it keeps only this step's decode rows' tables, and the runner's
+    reused decode groups equal a fresh plan."""
 
     def __init__(self, llm):
         from mrt_engine.kv.step_plan import plan_decode_groups
@@ -98,13 +99,18 @@ class _ReuseChecks:
         real_tables, real_groups = sched._decode_tables, runner._decode_groups
         prev = {}
 
-        def tables(decodes, slots):
-            out = real_tables(decodes, slots)
+        def tables(decodes, slots, last):
+            out = real_tables(decodes, slots, last)
             for s, t in zip(decodes, out):
                 assert t == llm.kv.block_table(s.seq_id)
                 self.tables_reused += t is prev.get(s.seq_id)
                 prev[s.seq_id] = t
             return out
+
+        def try_schedule():
+            batch = real_try()
+            assert set(sched._tables) == {s.seq_id for s in batch.decodes}   # this step's rows only
+            return batch
 
         def groups(tabs, ctx):
             memo = runner._groups_memo
@@ -113,7 +119,8 @@ class _ReuseChecks:
             self.groups_reused += memo is not None and out is memo[2]
             return out
 
-        sched._decode_tables, runner._decode_groups = tables, groups
+        real_try = sched._try_schedule
+        sched._decode_tables, runner._decode_groups, sched._try_schedule = tables, groups, try_schedule
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -164,7 +171,6 @@ def test_tight_engine_equals_roomy_engine(tiny_llama_dir, seed):
             # the call freed everything it held: only the kept handles pin blocks now
             assert set(tight.kv.sequence_ids()) == kept_ids
         else:
-            assert tight.scheduler._tables == {}          # a finished call leaves no table behind
             outs_r = roomy.generate(prompts_r, params, keep=keep)
             for a, b in zip(outs_t, outs_r):
                 _same_output(a, b)
