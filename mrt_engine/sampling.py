@@ -192,6 +192,16 @@ def counter_uniforms(seeds: list[int], sample_indices: list[int], steps, keys: n
     return (h >> np.uint64(41)).astype(np.float64) * (1.0 / (1 << 23))
 
 
+def _flags(temps, top_k, top_p, min_p) -> dict:
+    """A step's routing flags from its rows' knobs (host lists)."""
+    all_greedy = all(t == 0.0 for t in temps)
+    return dict(all_greedy=all_greedy, any_greedy=any(t == 0.0 for t in temps),
+                any_top_k=not all_greedy and any(k != -1 for k in top_k),
+                any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
+                any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
+                all_unit_temperature=all(t == 1.0 for t in temps))
+
+
 @dataclass
 class SamplingTensors:
     """Per-row sampling inputs for one step, all [R] on the logits' device."""
@@ -201,6 +211,7 @@ class SamplingTensors:
     top_k: torch.Tensor               # int64, -1 = off
     min_p: torch.Tensor               # float32
     uniform: torch.Tensor             # float32 in [0, 1)
+    inv_temperature: torch.Tensor     # float32 1/T (1 for greedy rows), the sampler's logit scale
     all_greedy: bool
     any_greedy: bool
     any_top_k: bool
@@ -210,8 +221,6 @@ class SamplingTensors:
     # host copies of each row's knobs (temperature, top_k, top_p, min_p): the sampler routes rows
     # by them without a device sync
     host: tuple = ()
-    # float32 1/T per row (1 for greedy rows), made with the knobs; None: the sampler computes it
-    inv_temperature: torch.Tensor | None = None
 
     @property
     def truncates(self) -> list[bool]:
@@ -221,44 +230,33 @@ class SamplingTensors:
     def select(self, idx: list[int]) -> "SamplingTensors":
         """The rows `idx`, as their own step (flags recomputed from those rows only)."""
         i = torch.tensor(idx, dtype=torch.long, device=self.temperature.device)
-        temps, top_k, top_p, min_p = ([v[j] for j in idx] for v in self.host)
-        all_greedy = all(t == 0.0 for t in temps)
+        host = tuple([v[j] for j in idx] for v in self.host)
         return SamplingTensors(
             logit_rows=i if self.logit_rows is None else self.logit_rows.index_select(0, i),
             temperature=self.temperature.index_select(0, i), top_p=self.top_p.index_select(0, i),
             top_k=self.top_k.index_select(0, i), min_p=self.min_p.index_select(0, i),
-            uniform=self.uniform.index_select(0, i), all_greedy=all_greedy,
-            any_greedy=any(t == 0.0 for t in temps),
-            any_top_k=not all_greedy and any(k != -1 for k in top_k),
-            any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
-            any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
-            all_unit_temperature=all(t == 1.0 for t in temps), host=(temps, top_k, top_p, min_p),
-            inv_temperature=None if self.inv_temperature is None else self.inv_temperature.index_select(0, i))
+            uniform=self.uniform.index_select(0, i), inv_temperature=self.inv_temperature.index_select(0, i),
+            host=host, **_flags(*host))
 
     @staticmethod
     def knobs(rows, params) -> tuple:
         """What build() reads from the rows' params (and logits rows), not from their step counters:
-        (host knobs, [6, R] float32 array of temperature, top_p, min_p, top_k, logits row, 1/T (1 for
-        greedy rows), the step's flags). A caller that samples the same rows again passes it back to
-        build() instead of the params."""
-        temps = [p.temperature for p in params]
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        # ids and top-k are exact in float32
-        fixed = np.array([temps, top_p, min_p, top_k, rows if rows is not None else [0] * len(params), temps],
-                         dtype=np.float32)
-        # 1/T as the sampler computed it in float32 (a correctly rounded division of the clamped T)
+        (host knobs, the step's [7, R] float32 buffer but for its uniforms (row 3), the step's flags).
+        A caller that samples the same rows again passes it back to build() instead of the params."""
+        host = tuple([getattr(p, name) for p in params] for name in ("temperature", "top_k", "top_p", "min_p"))
+        temps, top_k, top_p, min_p = host
+        # rows: temperature, top_p, min_p, (uniform), top_k, logits row, 1/T; ids and top-k are
+        # exact in float32
+        fixed = np.zeros((7, len(params)), dtype=np.float32)
+        fixed[0], fixed[1], fixed[2], fixed[4] = temps, top_p, min_p, top_k
+        if rows is not None:
+            fixed[5] = rows
+        # 1/T as the sampler computed it in float32 (a correctly rounded division of the clamped
+        # T), 1 for greedy rows
         t = fixed[0]
-        fixed[5] = 1.0
-        np.divide(np.float32(1.0), np.maximum(t, np.float32(1e-30)), out=fixed[5], where=t != 0)
-        all_greedy = all(t == 0.0 for t in temps)
-        flags = dict(all_greedy=all_greedy, any_greedy=any(t == 0.0 for t in temps),
-                     any_top_k=not all_greedy and any(k != -1 for k in top_k),
-                     any_top_p=not all_greedy and any(p < 1.0 for p in top_p),
-                     any_min_p=not all_greedy and any(m > 0.0 for m in min_p),
-                     all_unit_temperature=all(t == 1.0 for t in temps))
-        return (temps, top_k, top_p, min_p), fixed, flags
+        fixed[6] = 1.0
+        np.divide(np.float32(1.0), np.maximum(t, np.float32(1e-30)), out=fixed[6], where=t != 0)
+        return host, fixed, _flags(*host)
 
     @classmethod
     def build(cls, rows, params, seeds, sample_indices, steps, device, knobs=None, keys=None) -> "SamplingTensors":
@@ -267,9 +265,9 @@ class SamplingTensors:
         counter_keys(seeds, sample_indices), when the caller kept it (then those are not read)."""
         host, fixed, flags = knobs if knobs is not None else cls.knobs(rows, params)
         # one [7, R] float32 buffer, one host-to-device copy
-        arr = np.empty((7, fixed.shape[1]), dtype=np.float32)
-        arr[[0, 1, 2, 4, 5, 6]] = fixed
-        arr[3] = 0.0 if flags["all_greedy"] else counter_uniforms(seeds, sample_indices, steps, keys)
+        arr = fixed.copy()
+        if not flags["all_greedy"]:
+            arr[3] = counter_uniforms(seeds, sample_indices, steps, keys)
         buf = torch.from_numpy(arr)
         if torch.device(device).type != "cpu":
             buf = buf.to(device, non_blocking=True)
@@ -280,8 +278,8 @@ class SamplingTensors:
             top_k=buf[4].long(),
             min_p=buf[2],
             uniform=buf[3],
-            host=host,
             inv_temperature=buf[6],
+            host=host,
             **flags,
         )
 
@@ -361,7 +359,7 @@ class Sampler:
         if st.all_unit_temperature:   # x * 1.0 == x exactly: skip a vocab-sized multiply
             probs = torch.softmax(x, dim=-1)                           # [R, V]
         else:
-            inv_t = torch.where(greedy, torch.ones_like(st.temperature), 1.0 / st.temperature.clamp(min=1e-30))
+            inv_t = st.inv_temperature
             # the max subtracted before scaling, as in _sample_full (accurate at a small T)
             x = x - x.amax(dim=-1, keepdim=True)
             probs = torch.softmax(x.mul_(inv_t[:, None]), dim=-1)      # [R, V]
@@ -382,9 +380,6 @@ class Sampler:
         rows = st.logit_rows                                   # sample row -> logits row (None: same)
         # 1/T per logits row (rows sharing a logits row share their request's T); greedy: 1
         inv_t = st.inv_temperature
-        if inv_t is None:
-            inv_t = torch.where(st.temperature == 0, torch.ones_like(st.temperature),
-                                1.0 / st.temperature.clamp(min=1e-30))
         if rows is not None:
             inv_t = torch.ones(m_rows, dtype=inv_t.dtype, device=inv_t.device).index_copy_(0, rows, inv_t)
         if sampling_cpu.usable(logits):

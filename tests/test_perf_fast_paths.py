@@ -130,4 +130,5 @@ def test_the_step_cache_does_not_outlive_a_generate_call(tiny_llama_dir):
     llm.runner._sampling_tensors = spy
     llm.generate([[1, 2, 3, 4]], SamplingParams(n=2, max_tokens=5, temperature=0, ignore_eos=True))
     assert any(seen)                               # the decode steps kept it ...
-    assert llm.runner._st_cache is None            # ... and the call's end dropped it
+    assert llm.runner._st_cache is None            # ... and the call's end dropped it (and the
+    assert llm.runner._groups_memo is None         # decode groups, which hold the step's tables)
