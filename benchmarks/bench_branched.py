@@ -19,7 +19,9 @@ branched.png under --out-dir and ends with `fork-phase speedup vs transformers: 
         --vllm-python /work/vllm-venv/bin/python   # Qwen2.5-0.5B's shape, random weights
 
 (a) also gets a per-step time breakdown (GEMMs, attention parts, sampler, casts, step tensors,
-scheduler + Python) from one extra profiled repetition (mrt_engine.profiling), unless --no-profile.
+scheduler + Python) from one extra profiled repetition (mrt_engine.profiling), unless --no-profile,
+and, unless --no-attention-probe, one more whose CPU decode-attention calls each run twice (as the
+step meets them, then again at once): how much of attention waits on memory (`bounds`).
 With --hf-forks N transformers runs only N of the forks (the ones nearest the mean fork length)
 and its figures are marked as a subset; its wall time is then extrapolated by fork count.
 """
@@ -99,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-rep", choices=("extra", "last"), default="extra",
                    help="profile one extra repetition (default) or the last timed one (slow shapes, "
                    "where the timers' cost is noise)")
+    p.add_argument("--attention-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="one more repetition of (a) whose CPU decode-attention calls each run twice: "
+                   "as the step meets them, then again at once with their data in cache (default on)")
     p.add_argument("--light-warmup", action="store_true",
                    help="engine and vLLM warm-up on one trace's forks instead of the whole fork workload")
     p.add_argument("--no-sharing-mode", choices=("branch", "fork"), default="branch",

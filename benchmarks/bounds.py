@@ -92,6 +92,11 @@ def bounds(config: dict, w: Workload, ours: dict, vllm_wall: float | None, mm_gf
            "attention_gflop_per_s": round(attn / ours_attn / 1e9, 1) if ours_attn else None,
            "how": "floor = (GEMM + attention flops) / the best matmul rate seen in this run (a 2048^3 "
                   "torch.mm, or the profiled GEMMs if faster); rate_used is that best"}
+    probe = ours.get("attention_probe")
+    if probe:
+        # what decode attention waits on memory, from the probe's repetition (another call than
+        # the profiled one: compare the two figures with each other, not with ours_profiled_s)
+        out["attention_probe"] = {k: probe[k] for k in ("calls", "in_place_s", "again_at_once_s", "ratio")}
     if vllm_wall:
         out["vllm_wall_s"] = vllm_wall
         out["ceiling_vs_vllm"] = round(vllm_wall / (gemm_floor + attn_floor), 2)
@@ -106,6 +111,10 @@ def print_bounds(b: dict) -> None:
     o = b["ours_profiled_s"]
     print(f"  ours (profiled): GEMMs {o['gemm']} s, attention {o['attention']} s "
           f"({b['attention_gflop_per_s']} GFLOP/s), rest {o['rest']} s, wall {o['wall']} s")
+    if "attention_probe" in b:
+        p = b["attention_probe"]
+        print(f"  decode attention, {p['calls']} calls of one more repetition: {p['in_place_s']} s as the steps "
+              f"met them, {p['again_at_once_s']} s run again at once with their data in cache ({p['ratio']}x)")
     if "ceiling_vs_vllm" in b:
         budget = ", ".join(f"{k}: {v} s" for k, v in b["budget_beside_gemm_s"].items())
         print(f"  vLLM {b['vllm_wall_s']} s: no engine can beat it by more than {b['ceiling_vs_vllm']}x here; "

@@ -167,6 +167,30 @@ def profiled_call(llm, w: Workload, run_call, rep: int) -> dict:
                       "one of the timed repetitions)")
 
 
+def attention_probe_call(llm, w: Workload, run_call, rep: int) -> dict | None:
+    """One more repetition with mrt_engine.profiling's attention probe on: every decode-attention
+    call of the CPU lean step timed as the step meets it, then run again at once (its data in
+    cache). None where no call went through that step (a GPU, or a kernel not usable here)."""
+    from mrt_engine import profiling
+
+    vocab = llm_vocab(llm)
+    gc.collect()
+    profiling.probe_attention(True)
+    try:
+        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
+        rep_ = profiling.attention_probe_report()
+    finally:
+        profiling.probe_attention(False)
+    _check_and_release(llm, outs, w, w.traces)
+    if not rep_["calls"]:
+        return None
+    again = rep_["again_at_once_s"]
+    return {**rep_, "ratio": round(rep_["in_place_s"] / again, 3) if again > 0 else None,
+            "how": "each decode-attention call of one extra repetition timed as the step met it, then "
+                   "run again at once with the same inputs (its K/V and scratch then in cache): the "
+                   "difference is the time the call waits on memory"}
+
+
 def _breakdown(wall: float, sections: dict, steps: int, how: str) -> dict:
     """Per-category seconds, shares and ms per step; what no section covers is scheduler_python."""
     covered = sum(v["s"] for v in sections.values())
@@ -182,7 +206,7 @@ def _breakdown(wall: float, sections: dict, steps: int, how: str) -> dict:
 
 
 def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=False, profile_rep="extra",
-                after_rep=None):
+                after_rep=None, attention_probe=False):
     """Warm-up, then `reps` timed calls, and the breakdown when `profile`: from one extra call
     (profile_rep "extra"), or from the last timed call itself ("last": for slow shapes, where
     the timers' ~1 ms per step is noise); returns the result dict (without the trace phase).
@@ -231,6 +255,7 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=F
     counter.close()
     if profile and profile_rep == "extra":
         breakdown = profiled_call(llm, w, run_call, reps)
+    probe = attention_probe_call(llm, w, run_call, reps + 1) if attention_probe else None
     med = sorted(runs, key=lambda r: r["wall"])[reps // 2]
     st = med["stats"]
     peak = max(r["stats"].get("peak_used_blocks", blocks_in_use(r["stats"])) for r in runs)
@@ -240,7 +265,8 @@ def _time_forks(llm, w, reps, kv_block_bytes, warmup_traces, run_call, profile=F
             "preemptions": st.get("num_preemptions"), "steps": st.get("num_steps"),
             "peak_kv_blocks": peak, "peak_kv_bytes": peak * kv_block_bytes,
             "kv_blocks_after_call": blocks_in_use(st), "distinct_branches": med["distinct"],
-            **({"breakdown": breakdown} if breakdown else {})}
+            **({"breakdown": breakdown} if breakdown else {}),
+            **({"attention_probe": probe} if probe else {})}
 
 
 def llm_vocab(llm) -> int:
@@ -300,7 +326,8 @@ def run_engines(model_dir: str, w: Workload, args, kv_bytes_token: int, paired=N
             r = _time_forks(llm, w, args.reps, kv_block_bytes, warmup,
                             lambda suffix, rep, nt: _fork_call(llm, handles[:nt], w, suffix, w.seed + 1000 + rep),
                             profile=getattr(args, "profile", False),
-                            profile_rep=getattr(args, "profile_rep", "extra"), after_rep=after_rep)
+                            profile_rep=getattr(args, "profile_rep", "extra"), after_rep=after_rep,
+                            attention_probe=getattr(args, "attention_probe", False))
         except BaseException:
             if finish:
                 finish(ok=False)

@@ -18,6 +18,12 @@ prompt position of the requests that ask), step_build (integer step tensors
 and sampling inputs), kv_copy (fork tail / copy-on-write block copies), embed, runner_other
 (the rest of ModelRunner.execute).
 
+The attention probe (`probe_attention`) is separate: it times each CPU decode-attention call of the
+lean decode step and then runs the same call again at once, so the first time is the call as the
+step met it (its K/V and scratch wherever the layers before left them) and the second the same
+work with its data in cache. The difference is what the call waits on memory. It doubles that
+attention's work, so it runs in its own repetition, never in a timed or a profiled one.
+
 Off, a section is one global read and a shared no-op context manager, and the model carries no
 hooks, so the normal path pays (almost) nothing. CPU ops are synchronous, so wall time around an
 op is its cost; on CUDA the numbers would need a synchronize and are not meaningful as is.
@@ -26,7 +32,8 @@ from __future__ import annotations
 
 import time
 
-__all__ = ["enable", "disable", "enabled", "reset", "report", "section"]
+__all__ = ["enable", "disable", "enabled", "reset", "report", "section", "probe_attention", "probed",
+           "attention_probe_report"]
 
 
 class _Off:
@@ -139,3 +146,45 @@ def report() -> dict[str, dict]:
     """{category: {"s": exclusive seconds, "calls": count}}, largest first."""
     return {k: {"s": round(v, 4), "calls": _P.calls[k]}
             for k, v in sorted(_P.totals.items(), key=lambda kv: -kv[1])}
+
+
+class _AttentionProbe:
+    def __init__(self):
+        self.on = False
+        self.first = self.again = 0.0
+        self.calls = 0
+
+
+_PROBE = _AttentionProbe()
+
+
+def probe_attention(on: bool = True) -> None:
+    """Turns the attention probe on (totals reset) or off (see the module docstring)."""
+    _PROBE.on = bool(on)
+    _PROBE.first = _PROBE.again = 0.0
+    _PROBE.calls = 0
+
+
+def probed(run):
+    """`run` (a decode-attention plan's run) itself, or while the probe is on a wrapper that times
+    it, runs it again with the same arguments and times that too. A run writes its output from its
+    inputs alone, so the second leaves the same result."""
+    if not _PROBE.on:
+        return run
+
+    def twice(*args):
+        t0 = time.perf_counter()
+        run(*args)
+        t1 = time.perf_counter()
+        run(*args)
+        t2 = time.perf_counter()
+        _PROBE.first += t1 - t0
+        _PROBE.again += t2 - t1
+        _PROBE.calls += 1
+
+    return twice
+
+
+def attention_probe_report() -> dict:
+    """{"calls", "in_place_s", "again_at_once_s"} since `probe_attention(True)`."""
+    return {"calls": _PROBE.calls, "in_place_s": round(_PROBE.first, 6), "again_at_once_s": round(_PROBE.again, 6)}

@@ -244,6 +244,25 @@ def test_quick_bounds_follow_from_the_report(quick_run):
     assert "ceiling_vs_vllm" not in b          # no vLLM in the quick run
 
 
+def test_quick_attention_probe_counts_every_decode_attention_call(quick_run):
+    """The probe's repetition: where the lean CPU decode step runs, one attention call per layer
+    per decode step, both timings present, and the bounds carry them; elsewhere no probe."""
+    _, report, _ = quick_run
+    a = report["results"]["mrt_engine"]
+    from mrt_engine.attention import cpu_kernel
+    from mrt_engine.models import cpu_ops
+
+    if not (cpu_kernel.simd_available() and cpu_ops._ok):
+        assert "attention_probe" not in a
+        return
+    p = a["attention_probe"]
+    layers = int(report["workload"]["model"].split("layers=")[1].split()[0])
+    # every step but the first (the forks' suffix prefill) is a decode step on the lean path
+    assert p["calls"] == layers * (a["steps"] - 1)
+    assert p["in_place_s"] > 0 and p["again_at_once_s"] > 0
+    assert report["bounds"]["attention_probe"] == {k: p[k] for k in ("calls", "in_place_s", "again_at_once_s", "ratio")}
+
+
 def _fake_vllm_python(tmp_path) -> str:
     """An 'interpreter' that runs tests/fake_vllm_runner.py with the runner's arguments."""
     exe = tmp_path / "fake-vllm-python"

@@ -125,3 +125,26 @@ def test_steps_the_lean_path_does_not_take(tiny_llama_dir, model_dir, lean_steps
     llm = LLM(model_dir, dtype="float32", block_size=8, num_blocks=128, max_num_seqs=4)
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1, ignore_eos=True))
     assert lean_steps["n"] == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_probe_runs_each_call_twice_and_changes_nothing(model_dir, dtype, lean_steps):
+    """profiling.probe_attention: every lean step's attention call runs twice (timed both times),
+    one call per layer and step; the outputs stay bit for bit those of a run without it."""
+    from mrt_engine import profiling
+
+    plain = _fork_workload(LLM(model_dir, dtype=dtype, block_size=8, num_blocks=512, seed=0))
+    steps = lean_steps["n"]
+    run = object()
+    assert profiling.probed(run) is run          # off: the plan's own run, nothing wrapped
+    profiling.probe_attention(True)
+    try:
+        probed = _fork_workload(LLM(model_dir, dtype=dtype, block_size=8, num_blocks=512, seed=0))
+        rep = profiling.attention_probe_report()
+    finally:
+        profiling.probe_attention(False)
+    assert probed == plain
+    assert lean_steps["n"] == 2 * steps > 0
+    assert rep["calls"] == 3 * steps            # 3 layers
+    assert rep["in_place_s"] > 0 and rep["again_at_once_s"] > 0
+    assert profiling.attention_probe_report()["calls"] == 0    # turning it off resets it

@@ -26,6 +26,7 @@ import torch
 from mrt_engine.attention import cpu_kernel
 from mrt_engine.models import cpu_ops, triton_ops
 from mrt_engine.models.packed_linear import Fp32Panels
+from mrt_engine import profiling
 from mrt_engine.profiling import section
 
 ENV = "MRT_ENGINE_LEAN_DECODE"
@@ -101,7 +102,7 @@ class _Step:
         self.eps, self.scale = float(s.rms_norm_eps), float(s.scale)
         k0 = kv_caches[0][0]
         with section("attn_plan"):
-            self.run = cpu_decode_plan(meta, self.n, self.hq, k0)._plan.run
+            self.run = profiling.probed(cpu_decode_plan(meta, self.n, self.hq, k0)._plan.run)
         self.cos_p, self.sin_p = cos.data_ptr(), sin.data_ptr()   # contiguous (rope_usable), alive in forward
         self.slots = meta.slot_mapping.data_ptr()
         self.total_slots = k0.shape[0] * k0.shape[1]
