@@ -23,10 +23,10 @@ import os
 
 import torch
 
+from mrt_engine import profiling
 from mrt_engine.attention import cpu_kernel
 from mrt_engine.models import cpu_ops, triton_ops
 from mrt_engine.models.packed_linear import Fp32Panels
-from mrt_engine import profiling
 from mrt_engine.profiling import section
 
 ENV = "MRT_ENGINE_LEAN_DECODE"
