@@ -144,25 +144,33 @@ def _engine_model(llm):
     return model
 
 
+def _extra_call(llm, w: Workload, run_call, rep: int, start, stop, read):
+    """One more repetition outside the timed ones, run between start() and stop() (an
+    instrument); returns (wall, read() taken before stop, steps)."""
+    vocab = llm_vocab(llm)
+    gc.collect()
+    llm.reset_stats()
+    start()
+    try:
+        t0 = time.perf_counter()
+        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
+        wall = time.perf_counter() - t0
+        got = read()
+    finally:
+        stop()
+    steps = llm.kv_stats().get("num_steps") or 0
+    _check_and_release(llm, outs, w, w.traces)
+    return wall, got, steps
+
+
 def profiled_call(llm, w: Workload, run_call, rep: int) -> dict:
     """One extra, untimed-for-the-median repetition with mrt_engine.profiling on: the per-step
     time breakdown. Categories are exclusive wall times; what no section covers inside the call
     (the scheduler, request bookkeeping, Python glue) is `scheduler_python`."""
     from mrt_engine import profiling
 
-    vocab = llm_vocab(llm)
-    gc.collect()
-    llm.reset_stats()
-    profiling.enable(_engine_model(llm))
-    try:
-        t0 = time.perf_counter()
-        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
-        wall = time.perf_counter() - t0
-        sections = profiling.report()
-    finally:
-        profiling.disable()
-    steps = llm.kv_stats().get("num_steps") or 0
-    _check_and_release(llm, outs, w, w.traces)
+    wall, sections, steps = _extra_call(llm, w, run_call, rep, lambda: profiling.enable(_engine_model(llm)),
+                                        profiling.disable, profiling.report)
     return _breakdown(wall, sections, steps, "one extra repetition with mrt_engine.profiling on (not "
                       "one of the timed repetitions)")
 
@@ -173,19 +181,12 @@ def attention_probe_call(llm, w: Workload, run_call, rep: int) -> dict | None:
     cache). None where no call went through that step (a GPU, or a kernel not usable here)."""
     from mrt_engine import profiling
 
-    vocab = llm_vocab(llm)
-    gc.collect()
-    profiling.probe_attention(True)
-    try:
-        outs = run_call(suffix_ids(w, vocab, rep), rep, w.traces)
-        rep_ = profiling.attention_probe_report()
-    finally:
-        profiling.probe_attention(False)
-    _check_and_release(llm, outs, w, w.traces)
-    if not rep_["calls"]:
+    _, probe, _ = _extra_call(llm, w, run_call, rep, profiling.probe_attention,
+                              lambda: profiling.probe_attention(False), profiling.attention_probe_report)
+    if not probe["calls"]:
         return None
-    again = rep_["again_at_once_s"]
-    return {**rep_, "ratio": round(rep_["in_place_s"] / again, 3) if again > 0 else None,
+    again = probe["again_at_once_s"]
+    return {**probe, "ratio": round(probe["in_place_s"] / again, 3) if again > 0 else None,
             "how": "each decode-attention call of one extra repetition timed as the step met it, then "
                    "run again at once with the same inputs (its K/V and scratch then in cache): the "
                    "difference is the time the call waits on memory"}
